@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DIGITS := examples/data/digits.csv
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+# torch first and pinned: the CPU wheel of 2.13 is what we test on; a looser pin pulled in
+# transitively can fetch a multi-GB CUDA build instead.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "torch==2.13.*"
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+$(DIGITS): | $(STAMP)
+	$(PY) scripts/make_digits_csv.py --out $(DIGITS)
+
+demo: $(STAMP) $(DIGITS)
+	$(PY) scripts/local_swarm.py --peers 3 --job examples/digits-mlp.yaml --out out/demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,158 @@
+"""Thin glue onto hivemind's ``DecentralizedAverager``: one averaging group per job and round.
+
+hivemind forms groups by a DHT key ``<prefix>.0b<bits>``. We put the round number into the bits,
+so a peer still finishing round 4 can never be matched with peers already averaging round 5, and
+we tell the averager the round's expected group size (known from the round's roster), so the
+leader starts the all-reduce as soon as everyone is in instead of waiting out the matchmaking
+window.
+
+The tensors hivemind averages live in shared CPU memory; the model may live on a GPU. ``merge``
+copies the model's parameters in, runs the weighted all-reduce and copies the result back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import hivemind
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+from hivemind.averaging.partition import BannedException
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto import averaging_pb2
+from hivemind.utils import get_dht_time
+from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
+from hivemind.utils.mpfuture import MPFuture
+
+ROUND_BITS = 24  # rounds up to 16.7M; the bits are just a namespace inside the job's prefix
+
+
+class ExactAllReduceRunner(AllReduceRunner):
+    """hivemind's butterfly all-reduce, returning the averaged parts themselves instead of deltas.
+
+    Upstream, the reducer of each part sends every member ``average - member's part`` and the
+    member adds it back; in floating point ``part + (average - part)`` differs from ``average``
+    by an ulp here and there, so group members end a round with models that hash differently.
+    Here the reducer sends ``average`` and members copy it: the whole group ends bit-identical,
+    which is what lets a round's model be named by one hash (checkpoints, results, provenance).
+    Only the two places that form the delta differ from upstream.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tensor_part_container.return_deltas = False  # a failed part falls back to the local part
+
+    async def _communicate_with_peer(self, peer_id):
+        if peer_id != self.peer_id:
+            return await super()._communicate_with_peer(peer_id)
+        peer_index = self.ordered_peer_ids.index(peer_id)
+        sender_index = self.sender_peer_ids.index(peer_id)
+        for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
+            averaged_part = await self.tensor_part_reducer.accumulate_part(
+                sender_index, part_index, tensor_part, weight=self.weight
+            )
+            self.tensor_part_container.register_processed_part(peer_index, part_index, averaged_part)
+
+    async def _accumulate_parts_streaming(self, stream, sender_index: int):
+        part_index = 0
+        try:
+            async for tensor_part, weight, part_compression in amap_in_executor(
+                lambda msg: (deserialize_torch_tensor(msg.tensor_part), msg.weight, msg.tensor_part.compression),
+                stream,
+                max_prefetch=self.tensor_part_container.prefetch,
+            ):
+                try:
+                    averaged_part = await self.tensor_part_reducer.accumulate_part(
+                        sender_index, part_index, tensor_part, weight=weight
+                    )
+                    part_index += 1
+                except BannedException:
+                    break
+                serialized = serialize_torch_tensor(averaged_part, part_compression)
+                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized)
+        finally:
+            if part_index != self.tensor_part_reducer.num_parts:
+                await self._ban_sender(self.sender_peer_ids[sender_index])
+
+
+class RoundAverager(DecentralizedAverager):
+    """A ``DecentralizedAverager`` whose group key and target size are set per round."""
+
+    def __init__(self, model: torch.nn.Module, dht: hivemind.DHT, *, job_id: str, max_peers: int, **kwargs):
+        self._params = [p for p in model.parameters()]
+        tensors = [p.detach().to("cpu", torch.float32, copy=True) for p in self._params]
+        kwargs.setdefault("min_matchmaking_time", 2.0)
+        kwargs.setdefault("request_timeout", 1.0)
+        kwargs.setdefault("allreduce_timeout", 120.0)
+        kwargs.setdefault("next_chunk_timeout", 30.0)
+        super().__init__(
+            tensors,
+            dht,
+            prefix=f"gpuflex_{job_id}",
+            target_group_size=max_peers,
+            min_group_size=2,
+            initial_group_bits=format(0, f"0{ROUND_BITS}b"),
+            start=True,
+            **kwargs,
+        )
+
+    def prepare_round(self, round_no: int, expected_group_size: int) -> None:
+        """Route matchmaking to this round's group key and expect this many peers in it."""
+        future = MPFuture()
+        self._outer_pipe.send(("_prepare_round", [], dict(round_no=round_no, size=expected_group_size, future=future)))
+        future.result()
+
+    async def _prepare_round(self, round_no: int, size: int, future: MPFuture) -> None:
+        try:
+            self._matchmaking.group_key_manager.group_bits = format(round_no, f"0{ROUND_BITS}b")
+            self._matchmaking.target_group_size = size
+            self._matchmaking.potential_leaders.target_group_size = size
+            self._matchmaking.group_key_manager.target_group_size = size
+            future.set_result(None)
+        except Exception as e:
+            future.set_exception(e)
+
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+        """As upstream, with ``ExactAllReduceRunner`` and ``copy_`` instead of ``add_``."""
+        group_id = group_info.group_id if group_id is None else group_id
+        runner = ExactAllReduceRunner(
+            p2p=self._p2p,
+            servicer_type=type(self),
+            prefix=self.prefix,
+            tensors=tensors,
+            group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids,
+            **kwargs,
+        )
+        self._running_groups[group_id].set_result(runner)
+        if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
+            async for _ in runner:
+                raise ValueError("aux peers should not receive averaged tensors")
+            return
+        async for tensor, averaged in azip(as_aiter(*tensors), runner):
+            tensor.copy_(averaged)
+            self.last_updated = get_dht_time()
+            self._state_updated.set()
+
+    @torch.no_grad()
+    def merge(self, *, weight: float, gather: Mapping[str, Any], timeout: float) -> dict[str, Any] | None:
+        """Weighted all-reduce of the model's parameters with this round's group.
+
+        Returns ``{peer_id: gathered metadata}`` for the group on success (the model then holds
+        the group's weighted mean) or None when no group could be formed in time (the model is
+        left untouched).
+        """
+        with self.get_tensors() as shared:
+            for dst, src in zip(shared, self._params):
+                dst.copy_(src.detach().to("cpu", torch.float32))
+        try:
+            gathered = self.step(gather=dict(gather), weight=float(weight), timeout=timeout, allow_retries=False)
+        except Exception:
+            gathered = None  # hivemind raises on a failed group; the caller decides what to do
+        if not gathered:
+            return None
+        with self.get_tensors() as shared:
+            for dst, src in zip(self._params, shared):
+                dst.copy_(src.to(dst.device, dst.dtype))
+        return {str(peer): data for peer, data in gathered.items()}

@@ -1,0 +1,164 @@
+"""The key schema and the typed records GPUFlex keeps in the DHT.
+
+Every record is an *envelope* ``{"gpuflex": 1, "kind": ..., "key": ..., "body": {...}}`` stored
+under a subkey that carries its author's ``[owner:...]`` tag, so hivemind's
+``RSASignatureValidator`` only accepts it when signed by that author. The envelope repeats the
+DHT key it was written under: hivemind only sees a hash of the key, and the repetition lets a
+validator bind a record to its key, so a valid record cannot be replayed under another key
+(say, one job's lease under another job).
+
+The record kinds and their keys:
+
+==========  ===========================================  ====================================
+kind        key                                          one subkey per
+==========  ===========================================  ====================================
+peer        ``gpuflex.peers``                            peer (heartbeat, short expiry)
+job         ``gpuflex.jobs``                             job (author: the peer that took it)
+lease       ``gpuflex.job.<id>.leases.<round>``          peer: the shards it trains this round
+progress    ``gpuflex.job.<id>.round.<round>``           peer: joined / trained / merged
+result      ``gpuflex.job.<id>.result``                  peer: final model and report ids
+provider    ``gpuflex.blob.<sha256>``                    peer that serves this blob
+==========  ===========================================  ====================================
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ENVELOPE_VERSION = 1
+SHA256_HEX = r"^[0-9a-f]{64}$"
+JOB_ID_PATTERN = r"^[0-9a-f]{24}$"
+
+PEERS_KEY = "gpuflex.peers"
+JOBS_KEY = "gpuflex.jobs"
+
+
+def leases_key(job_id: str, round_no: int) -> str:
+    return f"gpuflex.job.{job_id}.leases.{round_no}"
+
+
+def progress_key(job_id: str, round_no: int) -> str:
+    return f"gpuflex.job.{job_id}.round.{round_no}"
+
+
+def result_key(job_id: str) -> str:
+    return f"gpuflex.job.{job_id}.result"
+
+
+def provider_key(blob_id: str) -> str:
+    return f"gpuflex.blob.{blob_id}"
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    peer_id: str  # the author's libp2p id; checked against the key that signed the record
+
+
+class PeerRecord(_Body):
+    maddrs: list[str]
+    device: str  # "cuda" | "mps" | "cpu"
+    device_name: str
+    samples_per_sec: float = Field(ge=0)
+    version: str
+    jobs: list[str] = []
+    started_at: float
+
+
+class JobRecord(_Body):
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+    spec: dict[str, Any]
+    dataset_id: str = Field(pattern=SHA256_HEX)
+    submitted_at: float
+
+
+class LeaseRecord(_Body):
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+    round: int = Field(ge=1)
+    shards: list[str]
+
+
+class ProgressRecord(_Body):
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+    round: int = Field(ge=1)
+    phase: Literal["joined", "trained", "merged"]
+    samples: int = Field(default=0, ge=0)
+    train_loss: float | None = None
+    base_model_id: str | None = None
+    model_id: str | None = None  # the merged model after this round (a blob this peer serves)
+    group: list[str] = []  # peer ids that took part in this peer's all-reduce
+    shards: list[str] = []  # the training shards this peer used this round
+    val_rows: int = Field(default=0, ge=0)
+    val_loss_sum: float = 0.0
+    val_correct: int = Field(default=0, ge=0)  # classification
+    val_sq_error_sum: float = 0.0  # regression
+    val_abs_error_sum: float = 0.0  # regression
+    seconds_training: float = 0.0
+    seconds_merging: float = 0.0
+    time: float = 0.0
+
+
+class ResultRecord(_Body):
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+    rounds_completed: int = Field(ge=1)
+    model_id: str = Field(pattern=SHA256_HEX)
+    report_id: str = Field(pattern=SHA256_HEX)
+
+
+class ProviderRecord(_Body):
+    blob_id: str = Field(pattern=SHA256_HEX)
+    maddrs: list[str]
+    size: int = Field(ge=0)
+
+
+RECORD_KINDS: dict[str, type[_Body]] = {
+    "peer": PeerRecord,
+    "job": JobRecord,
+    "lease": LeaseRecord,
+    "progress": ProgressRecord,
+    "result": ResultRecord,
+    "provider": ProviderRecord,
+}
+KIND_OF = {cls: kind for kind, cls in RECORD_KINDS.items()}
+
+_KEY_PATTERNS = {
+    "peer": re.compile(re.escape(PEERS_KEY) + "$"),
+    "job": re.compile(re.escape(JOBS_KEY) + "$"),
+    "lease": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.leases\.[0-9]+$"),
+    "progress": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.round\.[0-9]+$"),
+    "result": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.result$"),
+    "provider": re.compile(r"gpuflex\.blob\.[0-9a-f]{64}$"),
+}
+
+
+class MalformedRecord(ValueError):
+    """A value under a GPUFlex key that is not a well-formed record of the kind the key holds."""
+
+
+def is_envelope(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("gpuflex") == ENVELOPE_VERSION
+
+
+def make_envelope(key: str, body: _Body) -> dict:
+    return {"gpuflex": ENVELOPE_VERSION, "kind": KIND_OF[type(body)], "key": key, "body": body.model_dump()}
+
+
+def parse_envelope(value: Any, expected_key: str | None = None) -> tuple[str, _Body]:
+    """Check an envelope's shape, kind, key and body; return (key, typed body)."""
+    if not is_envelope(value) or set(value) != {"gpuflex", "kind", "key", "body"}:
+        raise MalformedRecord("not a gpuflex record envelope")
+    kind, key, body = value["kind"], value["key"], value["body"]
+    if kind not in RECORD_KINDS or not isinstance(key, str) or not _KEY_PATTERNS[kind].match(key):
+        raise MalformedRecord(f"kind {kind!r} cannot live under key {key!r}")
+    if expected_key is not None and key != expected_key:
+        raise MalformedRecord(f"record for key {key!r} found under {expected_key!r}")
+    try:
+        parsed = RECORD_KINDS[kind].model_validate(body, strict=False)
+    except ValidationError as e:
+        raise MalformedRecord(f"invalid {kind} record: {e.errors()[0]['msg']}") from None
+    body_job = getattr(parsed, "job_id", None)
+    if body_job is not None and ".job." in key and f".job.{body_job}." not in key + ".":
+        raise MalformedRecord(f"record of job {body_job} under another job's key {key!r}")
+    return key, parsed

@@ -1,0 +1,123 @@
+"""Receiving a job from a consumer: spec, manifest and shards arrive over one P2P stream.
+
+The receiving peer trusts nothing it is sent: it re-validates the spec, checks that the manifest
+hashes to the dataset id and that every shard hashes to an id the manifest lists, stores the
+shards, announces itself as their first provider and only then publishes the signed job record.
+If anything is off, nothing is published and the consumer gets one line saying what.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from typing import AsyncIterator
+
+from google.protobuf.wrappers_pb2 import BytesValue
+from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.utils import MSGPackSerializer
+
+from dht.errors import GPUFlexError
+from dht.records import JOBS_KEY, JobRecord
+from dht.store import RecordStore
+from peer.blobs import BlobStore
+from swarm.shards import DatasetManifest
+from swarm.spec import JobSpec
+
+JOB_SUBMIT = "gpuflex.job.submit.v1"
+JOB_TTL = 7 * 24 * 3600.0
+CHUNK_BYTES = 1 << 20
+
+
+class JobRejected(GPUFlexError):
+    """The receiving peer refused a submitted job (the message says why)."""
+
+
+def job_id_for(spec: dict, dataset_id: str, submitted_at: float, peer_id: str) -> str:
+    canonical = json.dumps([spec, dataset_id, submitted_at, peer_id], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:24]
+
+
+def submission_messages(spec: dict, manifest_bytes: bytes, blobs: dict[str, bytes]):
+    """What a consumer sends: a header, then every shard in chunks."""
+    yield BytesValue(value=MSGPackSerializer.dumps({"spec": spec, "manifest": manifest_bytes}))
+    for blob_id, data in blobs.items():
+        for offset in range(0, max(len(data), 1), CHUNK_BYTES):
+            last = offset + CHUNK_BYTES >= len(data)
+            chunk = {"blob": blob_id, "data": data[offset : offset + CHUNK_BYTES], "last": last}
+            yield BytesValue(value=MSGPackSerializer.dumps(chunk))
+
+
+async def send_submission(p2p: P2P, peer_id: str, spec: dict, manifest_bytes: bytes, blobs: dict[str, bytes]) -> str:
+    async def requests():
+        for message in submission_messages(spec, manifest_bytes, blobs):
+            yield message
+
+    reply = await p2p.call_protobuf_handler(PeerID.from_base58(peer_id), JOB_SUBMIT, requests(), BytesValue)
+    answer = MSGPackSerializer.loads(reply.value)
+    if "error" in answer:
+        raise JobRejected(answer["error"])
+    return answer["job_id"]
+
+
+class JobIntake:
+    def __init__(self, p2p: P2P, blobs: BlobStore, records: RecordStore, announce):
+        self.p2p, self.blobs, self.records, self.announce = p2p, blobs, records, announce
+
+    async def start(self) -> None:
+        await self.p2p.add_protobuf_handler(JOB_SUBMIT, self._receive, BytesValue, stream_input=True)
+
+    async def _receive(self, requests: AsyncIterator[BytesValue], context: P2PContext) -> BytesValue:
+        try:
+            job_id = await self._accept(requests)
+            return BytesValue(value=MSGPackSerializer.dumps({"job_id": job_id}))
+        except (GPUFlexError, ValueError, KeyError, TypeError) as e:
+            return BytesValue(value=MSGPackSerializer.dumps({"error": str(e)}))
+
+    async def _accept(self, requests: AsyncIterator[BytesValue]) -> str:
+        header = None
+        partial: dict[str, list[bytes]] = {}
+        received: dict[str, bytes] = {}
+        async for message in requests:
+            item = MSGPackSerializer.loads(message.value)
+            if header is None:
+                header = item
+                manifest = DatasetManifest.from_bytes(header["manifest"])
+                spec = JobSpec.from_dict(header["spec"], source="submitted job")
+                wanted = {s.id for s in manifest.shards}
+                continue
+            blob_id = item["blob"]
+            if blob_id not in wanted:
+                raise JobRejected(f"shard {blob_id[:12]} is not listed in the dataset manifest")
+            partial.setdefault(blob_id, []).append(item["data"])
+            if item["last"]:
+                data = b"".join(partial.pop(blob_id))
+                if hashlib.sha256(data).hexdigest() != blob_id:
+                    raise JobRejected(f"shard {blob_id[:12]}: content hash mismatch — corrupted in transit")
+                received[blob_id] = data
+        if header is None:
+            raise JobRejected("empty submission")
+        missing = wanted - set(received)
+        if missing:
+            raise JobRejected(f"{len(missing)} of {len(wanted)} shards never arrived")
+        # everything checked: only now write anything (in a thread: DHT calls block)
+        return await asyncio.to_thread(self._publish, spec, manifest, header["manifest"], received)
+
+    def _publish(self, spec: JobSpec, manifest: DatasetManifest, manifest_bytes: bytes, received: dict) -> str:
+        stored = [self.blobs.put(data, expected_id=blob_id) for blob_id, data in received.items()]
+        stored.append(self.blobs.put(manifest_bytes))
+        submitted_at = time.time()
+        spec_dict = spec.to_dict()
+        job_id = job_id_for(spec_dict, manifest.dataset_id, submitted_at, self.records.peer_id)
+        self.announce(stored)
+        record = JobRecord(
+            peer_id=self.records.peer_id,
+            job_id=job_id,
+            spec=spec_dict,
+            dataset_id=manifest.dataset_id,
+            submitted_at=submitted_at,
+        )
+        if not self.records.publish(JOBS_KEY, record, ttl=JOB_TTL, subkey_prefix=job_id.encode() + b":"):
+            raise JobRejected("the DHT refused the job record")
+        return job_id

@@ -1,0 +1,237 @@
+"""One peer's part in one job, round after round. Reads top to bottom:
+
+    load the job -> find where the swarm is -> for each round:
+        join -> wait for the roster -> claim this round's shards -> train local_steps
+        -> wait for the roster to finish -> all-reduce -> evaluate -> publish progress
+    -> after the last round: store the model and the report, publish the result
+
+Every decision (where to enter, which shards, when to start the all-reduce) comes from
+``peer.schedule`` on records read from the DHT; this file only gathers them and acts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from aggregation.averaging import RoundAverager
+from dht.errors import GPUFlexError
+from dht.records import (
+    JobRecord,
+    LeaseRecord,
+    ProgressRecord,
+    ResultRecord,
+    leases_key,
+    progress_key,
+    result_key,
+)
+from peer import schedule
+from peer.local_training import Batches, evaluate, loss_fn, make_optimizer, round_generator, train_local
+from swarm.catalog import build_model
+from swarm.report import build_report, round_summary
+from swarm.shards import DatasetManifest, decode_shard
+from swarm.spec import JobSpec
+
+if TYPE_CHECKING:
+    from peer.runtime import Peer
+
+logger = logging.getLogger(__name__)
+
+RECORD_TTL = 7 * 24 * 3600.0  # progress and leases outlive the job: reports and audits read them
+POLL = 0.2  # seconds between DHT reads while waiting on a condition
+ROSTER_SETTLE = 1.5  # a roster must be unchanged this long before the round starts
+
+
+class JobStopped(GPUFlexError):
+    """The peer is shutting down, or the job can not continue here."""
+
+
+def model_to_bytes(model: torch.nn.Module) -> bytes:
+    return save_safetensors({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+
+
+def load_model_bytes(model: torch.nn.Module, data: bytes) -> None:
+    model.load_state_dict(load_safetensors(data))
+
+
+class JobRunner:
+    def __init__(self, peer: "Peer", job: JobRecord):
+        self.peer, self.job = peer, job
+        self.records, self.me = peer.records, peer.records.peer_id
+        self.spec = JobSpec.from_dict(job.spec, source=f"job {job.job_id}")
+        self.manifest = DatasetManifest.from_bytes(peer.blobs_service.fetch(job.dataset_id), job.dataset_id)
+        self.train_ids = [s.id for s in self.manifest.shards if s.split == "train"]
+        self.val_ids = [s.id for s in self.manifest.shards if s.split == "val"]
+        self.loss = loss_fn(self.manifest.task, self.manifest.target_mean, self.manifest.target_std)
+
+    # ---------------------------------------------------------------- the job, top to bottom
+    def run(self) -> None:
+        t, device = self.spec.training, self.peer.device
+        model = build_model(self.spec.model, self.manifest, seed=t.seed).to(device)
+        optimizer = make_optimizer(
+            t.optimizer, model.parameters(), lr=t.lr, weight_decay=t.weight_decay, momentum=t.momentum
+        )
+        averager = RoundAverager(model, self.peer.records.dht, job_id=self.job.job_id, max_peers=self.spec.swarm.max_peers)
+        try:
+            round_no, base_round = schedule.entry_round(self._rounds(range(1, t.rounds + 1)), t.rounds)
+            base_model_id = self._initial_model_id(model)
+            if base_round is not None:  # arriving late: start from the swarm's latest merged model
+                base_model_id = self._wait_for_merged_model(base_round)
+                load_model_bytes(model, self.peer.blobs_service.fetch(base_model_id))
+                logger.info(f"job {self.job.job_id}: joining at round {round_no} from round {base_round}'s model")
+            group: list[str] = []
+            while round_no <= t.rounds:
+                group, base_model_id = self._round(round_no, model, optimizer, averager, group, base_model_id)
+                round_no += 1
+            self._publish_result(model, base_model_id)
+        finally:
+            averager.shutdown()
+
+    def _round(self, r, model, optimizer, averager, previous_group, base_model_id):
+        t, swarm = self.spec.training, self.spec.swarm
+        self._publish_progress(r, "joined", base_model_id=base_model_id)
+        roster = self._wait_for_roster(r, previous_group, swarm.min_peers)
+
+        # claim this round's shards (the deal is the same on every peer) and fetch what is missing
+        mine = schedule.assign_shards(self.train_ids, roster, seed=t.seed, round_no=r).get(self.me, [])
+        self.peer.hold_lease(leases_key(self.job.job_id, r), LeaseRecord(
+            peer_id=self.me, job_id=self.job.job_id, round=r, shards=mine))  # renewed by the heartbeat
+        data = self._load_shards(mine)
+
+        started = time.time()
+        train_loss, samples = train_local(
+            model, optimizer, data, steps=t.local_steps, batch_size=t.batch_size,
+            generator=round_generator(t.seed, r, mine), loss=self.loss,
+        )
+        seconds_training = time.time() - started
+        self.peer.metrics_samples(samples, seconds_training)
+        self._publish_progress(
+            r, "trained", samples=samples, train_loss=train_loss, base_model_id=base_model_id, shards=mine
+        )
+
+        # all-reduce with everyone on the roster that is still alive and done training
+        trained = self._wait_for_trained(r, roster, deadline=time.time() + max(120.0, 20 * seconds_training))
+        merge_started = time.time()
+        group = self._merge(r, model, averager, trained, samples, base_model_id)
+        seconds_merging = time.time() - merge_started
+
+        # the merged model is this round's checkpoint: store it, serve it, evaluate it
+        model_id = self.peer.blobs.put(model_to_bytes(model))
+        self.peer.announce([model_id])
+        my_val = schedule.assign_shards(self.val_ids, group, seed=t.seed, round_no=r).get(self.me, [])
+        metrics = evaluate(model, self._load_shards(my_val), task=self.manifest.task, loss=self.loss)
+        self._publish_progress(
+            r, "merged", samples=samples, train_loss=train_loss, base_model_id=base_model_id, model_id=model_id,
+            group=group, shards=mine, seconds_training=seconds_training, seconds_merging=seconds_merging, **metrics,
+        )
+        self.peer.release_lease(leases_key(self.job.job_id, r))
+        self.peer.rounds_completed += 1
+        logger.info(f"job {self.job.job_id}: round {r}/{t.rounds} done, loss {train_loss:.4f}, group {len(group)}")
+        return group, model_id
+
+    # ---------------------------------------------------------------- merging
+    def _merge(self, r, model, averager: RoundAverager, trained: set[str], samples: int, base_model_id: str) -> list[str]:
+        if len(trained) < 2:
+            return [self.me]  # nobody to average with this round: the local model is the round's model
+        averager.prepare_round(r, len(trained))
+        gathered = averager.merge(weight=samples, gather={"round": r, "base": base_model_id}, timeout=60.0)
+        if gathered is not None:
+            return sorted(gathered)
+        # no group formed for us (a peer died mid-round, a timeout): adopt the model the others agreed on
+        logger.warning(f"job {self.job.job_id}: round {r} all-reduce failed here, adopting the swarm's model")
+        agreed = self._wait_for(lambda: schedule.majority_model(self._state(r).merged), timeout=60.0)
+        if agreed is None:
+            return [self.me]
+        load_model_bytes(model, self.peer.blobs_service.fetch(agreed))
+        return sorted(p for p, m in self._state(r).merged.items() if m == agreed)
+
+    # ---------------------------------------------------------------- the end of the job
+    def _publish_result(self, model, model_id: str) -> None:
+        t = self.spec.training
+        rounds = []
+        for r in range(1, t.rounds + 1):
+            progress = [s.body for s in self.records.read(progress_key(self.job.job_id, r), ProgressRecord)]
+            rounds.append(round_summary(r, progress, self.manifest.task))
+        report = build_report(self.job, self.manifest, rounds, model_id=model_id, finished_at=time.time())
+        report_id = self.peer.blobs.put(json.dumps(report, indent=2, sort_keys=True).encode())
+        self.peer.announce([model_id, report_id])
+        self.records.publish(result_key(self.job.job_id), ResultRecord(
+            peer_id=self.me, job_id=self.job.job_id, rounds_completed=t.rounds, model_id=model_id, report_id=report_id,
+        ), ttl=RECORD_TTL)
+        logger.info(f"job {self.job.job_id}: finished, model {model_id[:12]}, report {report_id[:12]}")
+
+    # ---------------------------------------------------------------- reading the swarm
+    def _state(self, r: int) -> schedule.RoundState:
+        progress = self.records.read(progress_key(self.job.job_id, r), ProgressRecord)
+        return schedule.RoundState(
+            joined=frozenset(p.author for p in progress),
+            trained=frozenset(p.author for p in progress if p.body.phase in ("trained", "merged")),
+            merged={p.author: p.body.model_id for p in progress if p.body.phase == "merged" and p.body.model_id},
+        )
+
+    def _rounds(self, rounds) -> dict[int, schedule.RoundState]:
+        states = {}
+        for r in rounds:
+            state = self._state(r)
+            if not state.joined:
+                break  # rounds run in order: nothing after an empty round
+            states[r] = state
+        return states
+
+    def _wait_for(self, condition: Callable[[], object], timeout: float | None):
+        """Poll ``condition`` until it returns something truthy, the peer stops, or ``timeout`` passes."""
+        deadline = None if timeout is None else time.time() + timeout
+        while not self.peer.stopping.is_set():
+            value = condition()
+            if value:
+                return value
+            if deadline is not None and time.time() > deadline:
+                return None
+            self.peer.stopping.wait(POLL)
+        raise JobStopped("peer is shutting down")
+
+    def _wait_for_roster(self, r: int, previous_group: list[str], min_peers: int) -> frozenset[str]:
+        """Wait until the round has enough peers, everyone from last round is back, and the set settles."""
+        seen = {"roster": None, "since": time.time()}
+
+        def settled():
+            joined = self._state(r).joined
+            if joined != seen["roster"]:
+                seen["roster"], seen["since"] = joined, time.time()
+            expected = [p for p in previous_group if p != self.me]
+            ready = schedule.roster_ready(joined, expected=expected, alive=self.peer.alive_peers(), min_peers=min_peers)
+            return joined if ready and time.time() - seen["since"] >= ROSTER_SETTLE else None
+
+        return self._wait_for(settled, timeout=None)  # a job short of min_peers waits until peers come
+
+    def _wait_for_trained(self, r: int, roster: frozenset[str], deadline: float) -> set[str]:
+        def done():
+            state = self._state(r)
+            return state if schedule.barrier_ready(roster, state.trained, self.peer.alive_peers()) else None
+
+        state = self._wait_for(done, timeout=max(0.0, deadline - time.time())) or self._state(r)
+        return set(state.trained & roster) | {self.me}
+
+    def _wait_for_merged_model(self, r: int) -> str:
+        return self._wait_for(lambda: schedule.majority_model(self._state(r).merged), timeout=None)
+
+    # ---------------------------------------------------------------- small helpers
+    def _initial_model_id(self, model) -> str:
+        return self.peer.blobs.put(model_to_bytes(model))
+
+    def _load_shards(self, shard_ids: list[str]) -> Batches:
+        parts = [decode_shard(self.peer.blobs_service.fetch(s), s) for s in shard_ids]
+        if parts:
+            self.peer.announce(shard_ids)  # we verified them: now we serve them too
+        return Batches.from_arrays(parts, self.peer.device)
+
+    def _publish_progress(self, r: int, phase: str, **fields) -> None:
+        record = ProgressRecord(peer_id=self.me, job_id=self.job.job_id, round=r, phase=phase, time=time.time(), **fields)
+        self.records.publish(progress_key(self.job.job_id, r), record, ttl=RECORD_TTL)
+

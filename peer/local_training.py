@@ -1,0 +1,102 @@
+"""The arithmetic of one peer's round, with no network: train ``local_steps``, evaluate.
+
+Kept apart from the runtime so it can be read top to bottom and tested on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Batches:
+    """Rows this peer trains on this round, already on the training device."""
+
+    features: torch.Tensor
+    targets: torch.Tensor
+
+    @classmethod
+    def from_arrays(cls, parts: list[tuple[np.ndarray, np.ndarray]], device: torch.device) -> "Batches":
+        x = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0,), np.float32)
+        y = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0,), np.int64)
+        return cls(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+def round_generator(seed: int, round_no: int, shard_ids: list[str]) -> torch.Generator:
+    """The batch order depends only on (job seed, round, shards), so another peer can re-run it."""
+    digest = hashlib.sha256(f"{seed}|{round_no}|{','.join(sorted(shard_ids))}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def loss_fn(task: str, target_mean: float | None, target_std: float | None):
+    if task == "classification":
+        return lambda out, y: F.cross_entropy(out, y)
+    # regression: compare on the standardised scale so the lr means the same for any target units
+    mean, std = target_mean or 0.0, target_std or 1.0
+    return lambda out, y: F.mse_loss((out.squeeze(-1) - mean) / std, (y - mean) / std)
+
+
+def train_local(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: Batches,
+    *,
+    steps: int,
+    batch_size: int,
+    generator: torch.Generator,
+    loss,
+) -> tuple[float, int]:
+    """Run ``steps`` optimizer steps on batches drawn without replacement (reshuffled per pass).
+
+    Returns (mean training loss, samples processed).
+    """
+    model.train()
+    order = torch.randperm(len(data), generator=generator)
+    cursor, total_loss, samples = 0, 0.0, 0
+    for _ in range(steps):
+        if cursor + batch_size > len(order):  # start a new pass over this peer's rows
+            order, cursor = torch.randperm(len(data), generator=generator), 0
+        index = order[cursor : cursor + batch_size].to(data.features.device)
+        cursor += batch_size
+        optimizer.zero_grad(set_to_none=True)
+        batch_loss = loss(model(data.features[index]), data.targets[index])
+        batch_loss.backward()
+        optimizer.step()
+        total_loss += batch_loss.item() * len(index)
+        samples += len(index)
+    return total_loss / max(samples, 1), samples
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: Batches, *, task: str, loss, batch_size: int = 1024) -> dict:
+    """Sums (not means) over the rows, so that peers' partial evaluations add up exactly."""
+    model.eval()
+    sums = dict(val_rows=0, val_loss_sum=0.0, val_correct=0, val_sq_error_sum=0.0, val_abs_error_sum=0.0)
+    for start in range(0, len(data), batch_size):
+        x, y = data.features[start : start + batch_size], data.targets[start : start + batch_size]
+        out = model(x)
+        sums["val_rows"] += len(y)
+        sums["val_loss_sum"] += loss(out, y).item() * len(y)
+        if task == "classification":
+            sums["val_correct"] += int((out.argmax(-1) == y).sum())
+        else:
+            err = out.squeeze(-1) - y
+            sums["val_sq_error_sum"] += float((err**2).sum())
+            sums["val_abs_error_sum"] += float(err.abs().sum())
+    return sums
+
+
+def make_optimizer(name: str, params, *, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum)

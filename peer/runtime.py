@@ -1,0 +1,189 @@
+"""``Peer``: the process a contributor runs. Starts the DHT node, serves blobs and job intake,
+advertises itself with a heartbeat, and schedules itself onto jobs it reads from the DHT.
+
+Threads: the main thread trains (one job at a time); an asyncio loop thread runs the P2P
+handlers; a heartbeat thread re-publishes the peer record and the leases it holds. hivemind's
+DHT and averager run in their own processes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dht.identity import load_or_create_identity
+from dht.records import (
+    JOBS_KEY,
+    PEERS_KEY,
+    JobRecord,
+    LeaseRecord,
+    PeerRecord,
+    ResultRecord,
+    result_key,
+)
+from dht.store import RecordStore
+from peer import schedule
+from peer.blobs import BlobStore
+from peer.device import device_name, measure_samples_per_sec, pick_device
+from peer.intake import JobIntake
+from peer.loop import LoopThread
+from peer.transfer import BlobService
+
+logger = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+HEARTBEAT_S = 3.0
+PEER_TTL = 12.0  # a peer missing four heartbeats is gone
+LEASE_TTL = 30.0  # a crashed peer's shards are free again after this long
+JOB_POLL_S = 1.0
+
+
+@dataclass
+class PeerConfig:
+    data_dir: Path
+    listen: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
+    initial_peers: list[str] = field(default_factory=list)
+    device: str | None = None
+
+
+class Peer:
+    def __init__(self, config: PeerConfig):
+        self.config = config
+        self.stopping = threading.Event()
+        self.rounds_completed = 0
+        self.samples_trained = 0
+        self.samples_per_sec = 0.0
+        self.current_job: str | None = None
+        self._leases: dict[str, LeaseRecord] = {}
+        self._lock = threading.Lock()
+        self._alive: tuple[float, frozenset[str]] = (0.0, frozenset())
+        self._finished_jobs: set[str] = set()
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> "Peer":
+        self.started_at = time.time()
+        data_dir = Path(self.config.data_dir).expanduser()
+        self.identity = load_or_create_identity(data_dir)
+        self.device = pick_device(self.config.device)
+        self.records = RecordStore.start(
+            self.identity, initial_peers=self.config.initial_peers, host_maddrs=self.config.listen
+        )
+        self.blobs = BlobStore(data_dir / "blobs")
+        self.loop = LoopThread()
+        p2p = self.loop.run(self.records.dht.replicate_p2p())
+        self.blobs_service = BlobService(p2p, self.blobs, self.records, self.loop)
+        self.loop.run(self.blobs_service.start())
+        self.loop.run(JobIntake(p2p, self.blobs, self.records, self.announce).start())
+        self.maddrs = self.records.visible_maddrs()
+        self.reference_samples_per_sec = measure_samples_per_sec(self.device)
+        self._heartbeat_once()
+        self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="gpuflex-heartbeat", daemon=True)
+        self._heartbeat.start()
+        return self
+
+    def shutdown(self) -> None:
+        self.stopping.set()
+        if hasattr(self, "_heartbeat"):
+            self._heartbeat.join(timeout=HEARTBEAT_S + 1)
+        if hasattr(self, "loop"):
+            self.loop.stop()
+        if hasattr(self, "records"):
+            self.records.shutdown()
+
+    # ---------------------------------------------------------------- what the peer does all day
+    def run_forever(self) -> None:
+        """Pick a job, work on it to the end, pick the next; until asked to stop."""
+        from peer.job_runner import JobRunner, JobStopped  # imports torch-heavy modules
+
+        while not self.stopping.is_set():
+            job = self._next_job()
+            if job is None:
+                self.stopping.wait(JOB_POLL_S)
+                continue
+            self.current_job = job.job_id
+            try:
+                JobRunner(self, job).run()
+                self._finished_jobs.add(job.job_id)
+            except JobStopped:
+                break
+            except Exception:
+                logger.exception(f"job {job.job_id} failed on this peer; will look for work again")
+                self.stopping.wait(JOB_POLL_S)
+            finally:
+                self.current_job = None
+
+    def _next_job(self) -> JobRecord | None:
+        jobs = {s.body.job_id: s.body for s in self.records.read(JOBS_KEY, JobRecord)}
+        staffing = Counter(job for s in self.records.read(PEERS_KEY, PeerRecord) for job in s.body.jobs)
+        views = []
+        for job in jobs.values():
+            if job.job_id in self._finished_jobs:
+                continue
+            if self.records.read(result_key(job.job_id), ResultRecord):
+                self._finished_jobs.add(job.job_id)
+                continue
+            swarm = job.spec.get("swarm", {})
+            views.append(schedule.JobView(
+                job_id=job.job_id, submitted_at=job.submitted_at, min_peers=swarm.get("min_peers", 1),
+                max_peers=swarm.get("max_peers", 8), active_peers=staffing[job.job_id], finished=False,
+            ))
+        chosen = schedule.choose_job(views, self.current_job)
+        return jobs.get(chosen) if chosen else None
+
+    # ---------------------------------------------------------------- used by the job runner
+    def alive_peers(self) -> frozenset[str]:
+        """Peers whose heartbeat is live (cached for a second: every wait loop asks)."""
+        with self._lock:
+            fetched_at, alive = self._alive
+            if time.time() - fetched_at < 1.0:
+                return alive
+        alive = frozenset(s.author for s in self.records.read(PEERS_KEY, PeerRecord)) | {self.records.peer_id}
+        with self._lock:
+            self._alive = (time.time(), alive)
+        return alive
+
+    def announce(self, blob_ids: list[str]) -> None:
+        self.blobs_service.announce(blob_ids, self.maddrs)
+
+    def hold_lease(self, key: str, lease: LeaseRecord) -> None:
+        with self._lock:
+            self._leases[key] = lease
+        self.records.publish(key, lease, ttl=LEASE_TTL)
+
+    def release_lease(self, key: str) -> None:
+        with self._lock:
+            self._leases.pop(key, None)
+
+    def metrics_samples(self, samples: int, seconds: float) -> None:
+        self.samples_trained += samples
+        if seconds > 0:
+            self.samples_per_sec = samples / seconds
+
+    # ---------------------------------------------------------------- heartbeat
+    def _heartbeat_loop(self) -> None:
+        while not self.stopping.wait(HEARTBEAT_S):
+            try:
+                self._heartbeat_once()
+            except Exception:
+                logger.exception("heartbeat failed")
+
+    def _heartbeat_once(self) -> None:
+        record = PeerRecord(
+            peer_id=self.records.peer_id,
+            maddrs=self.maddrs,
+            device=self.device.type,
+            device_name=device_name(self.device),
+            samples_per_sec=self.reference_samples_per_sec,
+            version=VERSION,
+            jobs=[self.current_job] if self.current_job else [],
+            started_at=self.started_at,
+        )
+        self.records.publish(PEERS_KEY, record, ttl=PEER_TTL)
+        with self._lock:
+            leases = dict(self._leases)
+        for key, lease in leases.items():
+            self.records.publish(key, lease, ttl=LEASE_TTL)

@@ -1,0 +1,119 @@
+"""Every scheduling decision a peer makes, as pure functions of what it read from the DHT.
+
+No I/O here: the runtime gathers a snapshot (jobs, rosters, progress, live peers), calls these,
+and acts on the answer. That is what lets many peers schedule themselves with no dispatcher and
+still agree: given the same records, every peer computes the same assignment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+
+def _rank(*parts: object) -> bytes:
+    return hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+
+
+def assign_shards(shard_ids: Sequence[str], roster: Iterable[str], *, seed: int, round_no: int) -> dict[str, list[str]]:
+    """Deal the shards to the roster for one round: balanced (counts differ by at most one) and
+    reshuffled every round, so that over the rounds every peer's data covers the whole dataset.
+
+    Deterministic in (shards, roster, seed, round): every peer computes the same deal.
+    """
+    peers = sorted(set(roster), key=lambda p: _rank(seed, round_no, "peer", p))
+    deal: dict[str, list[str]] = {p: [] for p in peers}
+    if not peers:
+        return deal
+    ordered = sorted(shard_ids, key=lambda s: _rank(seed, round_no, "shard", s))
+    for i, shard in enumerate(ordered):
+        deal[peers[i % len(peers)]].append(shard)
+    return deal
+
+
+@dataclass(frozen=True)
+class JobView:
+    """What a peer knows about one job when deciding where to work."""
+
+    job_id: str
+    submitted_at: float
+    min_peers: int
+    max_peers: int
+    active_peers: int  # peers that joined its latest round
+    finished: bool
+
+
+def choose_job(jobs: Sequence[JobView], current: str | None = None) -> str | None:
+    """The job this peer should work on next.
+
+    Stay with the current job while it runs (peers move only at job boundaries for now). Among the
+    others: never a finished or a full job; first the jobs still short of ``min_peers`` (so none
+    starves while another hoards peers), then the least staffed relative to ``max_peers``, then
+    the oldest.
+    """
+    open_jobs = [j for j in jobs if not j.finished]
+    if current is not None and any(j.job_id == current for j in open_jobs):
+        return current
+    candidates = [j for j in open_jobs if j.active_peers < j.max_peers]
+    if not candidates:
+        return None
+    best = min(
+        candidates,
+        key=lambda j: (j.active_peers >= j.min_peers, j.active_peers / j.max_peers, j.submitted_at, j.job_id),
+    )
+    return best.job_id
+
+
+@dataclass(frozen=True)
+class RoundState:
+    """The progress records of one round, reduced to who is where."""
+
+    joined: frozenset[str] = frozenset()
+    trained: frozenset[str] = frozenset()
+    merged: Mapping[str, str] = None  # peer -> model id it ended the round with
+
+    @property
+    def started(self) -> bool:
+        return bool(self.trained or self.merged)
+
+
+def majority_model(merged: Mapping[str, str] | None) -> str | None:
+    """The model id a strict majority of a round's merged records agree on (ties: None)."""
+    if not merged:
+        return None
+    (model_id, votes), *rest = Counter(merged.values()).most_common()
+    if rest and rest[0][1] == votes:
+        return None
+    return model_id if votes * 2 > len(merged) else None
+
+
+def entry_round(rounds: Mapping[int, RoundState], total_rounds: int) -> tuple[int, int | None]:
+    """Where a peer that arrives now joins: ``(round to join, round whose model to start from)``.
+
+    The latest round with an agreed merged model is the base. If the round after it is already
+    under way, the newcomer cannot take part in it any more (its roster and shards are dealt), so
+    it joins the one after and starts from that round's model once it is merged.
+    """
+    finished = [r for r, state in rounds.items() if majority_model(state.merged)]
+    base = max(finished, default=0)
+    nxt = base + 1
+    if nxt <= total_rounds and nxt in rounds and rounds[nxt].started:
+        return nxt + 1, nxt
+    return nxt, (base or None)
+
+
+def roster_ready(
+    joined: frozenset[str], *, expected: Iterable[str], alive: Iterable[str], min_peers: int
+) -> bool:
+    """A round can start once it has ``min_peers`` and every live peer we expect has joined it."""
+    alive = set(alive)
+    waiting_for = {p for p in expected if p in alive} - joined
+    return len(joined) >= min_peers and not waiting_for
+
+
+def barrier_ready(roster: Iterable[str], trained: frozenset[str], alive: Iterable[str]) -> bool:
+    """All-reduce may begin once every roster peer that is still alive has finished training."""
+    alive = set(alive)
+    return all(p in trained or p not in alive for p in roster)

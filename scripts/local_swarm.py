@@ -1,0 +1,157 @@
+"""Run a local swarm: N real peers (separate processes, 127.0.0.1) train a job end to end.
+
+    python scripts/local_swarm.py --peers 3 --job examples/digits-mlp.yaml --out out/demo
+
+Peer 0 starts first; the others bootstrap from its multiaddr. The job is submitted through peer 0
+and the result fetched through the last peer, all with the `gpuflex` CLI, exactly as a user would.
+``LocalSwarm`` is also the launcher the multi-process tests use; it always reaps its children.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MADDR_LINE = re.compile(r"^listening on (/ip4/127\.0\.0\.1/\S+)$")
+
+
+def gpuflex_command() -> list[str]:
+    """The CLI of the interpreter running us (works in a venv without activating it)."""
+    return [sys.executable, "-m", "swarm.cli"]
+
+
+class LocalSwarm:
+    """Starts peers as child processes and reaps them on exit, whatever happens."""
+
+    def __init__(self, root: str | os.PathLike | None = None, *, env: dict | None = None):
+        self.root = Path(root or tempfile.mkdtemp(prefix="gpuflex-swarm-"))
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.procs: list[subprocess.Popen] = []
+        self.maddrs: list[str] = []
+
+    def __enter__(self) -> "LocalSwarm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start_peer(self, *extra: str, timeout: float = 90.0) -> str:
+        """Start one more peer (bootstrapped from peer 0) and return its multiaddr."""
+        index = len(self.procs)
+        data_dir = self.root / f"peer{index}"
+        args = [*gpuflex_command(), "peer", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir", str(data_dir)]
+        if self.maddrs:
+            args += ["--initial-peers", self.maddrs[0]]
+        log = open(self.root / f"peer{index}.log", "w")
+        proc = subprocess.Popen([*args, *extra], stdout=subprocess.PIPE, stderr=log, text=True, env=self.env)
+        self.procs.append(proc)
+        deadline = time.time() + timeout
+        for line in proc.stdout:  # the peer prints its addresses once it is up
+            match = MADDR_LINE.match(line.strip())
+            if match:
+                self.maddrs.append(match.group(1))
+                break
+            if time.time() > deadline:
+                break
+        else:
+            raise RuntimeError(f"peer {index} exited before listening; see {self.root}/peer{index}.log")
+        if len(self.maddrs) != index + 1:
+            raise RuntimeError(f"peer {index} did not report an address within {timeout:.0f}s")
+        return self.maddrs[-1]
+
+    def kill_peer(self, index: int, sig: int = signal.SIGKILL) -> None:
+        self.procs[index].send_signal(sig)
+        self.procs[index].wait(timeout=30)
+
+    def cli(self, *args: str, timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            [*gpuflex_command(), *args], capture_output=True, text=True, env=self.env, timeout=timeout
+        )
+        if check and done.returncode != 0:
+            raise RuntimeError(f"gpuflex {' '.join(args)} failed ({done.returncode}): {done.stderr.strip()}")
+        return done
+
+    def status(self, job_id: str, via: int = 0) -> dict:
+        return json.loads(self.cli("job", "status", job_id, "--peer", self.maddrs[via], "--json").stdout)
+
+    def wait_for(self, condition, *, timeout: float, what: str, poll: float = 1.0):
+        """Poll ``condition`` until truthy or fail after ``timeout`` with what we were waiting for."""
+        deadline = time.time() + timeout
+        while True:
+            value = condition()
+            if value:
+                return value
+            dead = [i for i, p in enumerate(self.procs) if p.poll() is not None and p.returncode not in (0, -9, -15)]
+            if dead:
+                raise RuntimeError(f"peer(s) {dead} crashed while waiting for {what}; logs in {self.root}")
+            if time.time() > deadline:
+                raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}; logs in {self.root}")
+            time.sleep(poll)  # polling an external condition, not synchronising on time
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.time() + 15
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout:
+                proc.stdout.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peers", type=int, default=3)
+    parser.add_argument("--job", default="examples/digits-mlp.yaml")
+    parser.add_argument("--out", default="out/demo")
+    parser.add_argument("--timeout", type=float, default=900.0)
+    args = parser.parse_args()
+
+    root = Path(args.out).resolve() / "swarm"
+    shutil.rmtree(root, ignore_errors=True)
+    with LocalSwarm(root) as swarm:
+        print(f"starting {args.peers} peers (logs in {root})")
+        for i in range(args.peers):
+            print(f"  peer {i}: {swarm.start_peer()}")
+        print(f"$ gpuflex job submit {args.job} --peer <peer 0>")
+        job_id = swarm.cli("job", "submit", args.job, "--peer", swarm.maddrs[0]).stdout.strip()
+        print(f"  job {job_id}")
+        last_round = [-1]
+
+        def finished():
+            status = swarm.status(job_id, via=len(swarm.maddrs) - 1)
+            if status["rounds_done"] != last_round[0]:
+                last_round[0] = status["rounds_done"]
+                acc = status.get("val_accuracy")
+                extra = f", val accuracy {acc:.3f}" if acc is not None else ""
+                loss = status["train_loss"]
+                print(
+                    f"  {status['state']}: round {status['rounds_done']}/{status['rounds']}"
+                    f"{f', train loss {loss:.4f}' if loss is not None else ''}{extra}, "
+                    f"{len(status['peers_done'])}/{len(status['peers'])} peers done"
+                )
+            return status["state"] == "finished"
+
+        swarm.wait_for(finished, timeout=args.timeout, what=f"job {job_id} to finish")
+        out = Path(args.out).resolve() / "result"
+        print(f"$ gpuflex job result {job_id} --peer <peer {args.peers - 1}> -o {out}")
+        print(swarm.cli("job", "result", job_id, "--peer", swarm.maddrs[-1], "-o", str(out)).stdout.rstrip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

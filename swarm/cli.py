@@ -1,0 +1,146 @@
+"""``gpuflex``: the one command. ``gpuflex peer`` runs a contributor's peer; ``gpuflex job ...`` is
+the consumer's side. Every ``GPUFlexError`` becomes one line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+# hivemind reads its log level once, at import: keep consumer commands quiet (the peer raises it)
+os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
+
+from dht.errors import GPUFlexError  # noqa: E402
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="GPUFlex: peer-to-peer swarm training.")
+job_app = typer.Typer(no_args_is_help=True, help="Submit, follow and collect training jobs.")
+app.add_typer(job_app, name="job")
+
+PeerOption = typer.Option(..., "--peer", help="Multiaddr of any peer of the swarm (as `gpuflex peer` prints it).")
+
+
+def _fail(error: GPUFlexError) -> None:
+    typer.echo(f"error: {error}", err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def peer(
+    listen: List[str] = typer.Option(["/ip4/0.0.0.0/tcp/0"], "--listen", help="Multiaddr(s) to listen on."),
+    initial_peers: List[str] = typer.Option([], "--initial-peers", help="Multiaddr(s) of peers to join through."),
+    data_dir: Path = typer.Option(Path("~/.gpuflex/peer"), "--data-dir", help="Identity key, blobs, state."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, mps or cpu (default: best available)."),
+    log_level: str = typer.Option("INFO", "--log-level"),
+) -> None:
+    """Run a peer: join the swarm, advertise this box, and train the jobs it picks."""
+    logging.getLogger("hivemind").setLevel(logging.WARNING)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from peer.runtime import Peer, PeerConfig
+
+    node = Peer(PeerConfig(data_dir=data_dir.expanduser(), listen=listen, initial_peers=initial_peers, device=device))
+    # SIGTERM and Ctrl-C stop the peer between steps instead of killing it mid-write
+    signal.signal(signal.SIGTERM, lambda *_: node.stopping.set())
+    try:
+        node.start()
+        typer.echo(f"peer {node.records.peer_id} on {node.device} ({node.reference_samples_per_sec:,.0f} ref samples/s)")
+        for maddr in node.maddrs:
+            typer.echo(f"listening on {maddr}")
+        sys.stdout.flush()
+        node.run_forever()
+    except GPUFlexError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        node.shutdown()
+
+
+@job_app.command("submit")
+def job_submit(job_file: Path = typer.Argument(..., help="The job's YAML file."), peer: str = PeerOption) -> None:
+    """Validate the job file, shard the dataset, hand it to a peer; prints the job id."""
+    from swarm.spec import load_job_file
+
+    try:
+        spec = load_job_file(job_file)  # fail on bad input before touching the network
+        from swarm.client import Client
+
+        with Client(peer) as client:
+            job = client.submit(spec)
+    except GPUFlexError as e:
+        _fail(e)
+    typer.echo(job.job_id)
+
+
+@job_app.command("status")
+def job_status(
+    job_id: str,
+    peer: str = PeerOption,
+    as_json: bool = typer.Option(False, "--json", help="Print the status as one JSON object."),
+) -> None:
+    """State, round, loss, validation metrics and peers of a job."""
+    from swarm.client import Client
+
+    try:
+        with Client(peer) as client:
+            status = client.status(job_id)
+    except GPUFlexError as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps(status, sort_keys=True))
+        return
+    typer.echo(f"job {status['job_id']} ({status['name']}): {status['state']}")
+    typer.echo(f"  round {status['round']}/{status['rounds']} ({status['rounds_done']} done)")
+    if status["train_loss"] is not None:
+        typer.echo(f"  train loss {status['train_loss']:.4f}")
+    for key in sorted(k for k in status if k.startswith("val_")):
+        typer.echo(f"  {key.replace('_', ' ')} {status[key]:.4f}")
+    typer.echo(f"  peers {len(status['peers_done'])}/{len(status['peers'])} done this round (min {status['min_peers']})")
+
+
+@job_app.command("result")
+def job_result(
+    job_id: str,
+    peer: str = PeerOption,
+    out: Path = typer.Option(Path("out"), "-o", "--out", help="Folder for model.safetensors and report.json."),
+) -> None:
+    """Download the final model and report, verified against the swarm's signed records."""
+    from swarm.client import Client
+
+    try:
+        with Client(peer) as client:
+            files = client.result(job_id, out)
+    except GPUFlexError as e:
+        _fail(e)
+    report = json.loads(files.report.read_text())
+    typer.echo(f"model   {files.model}  (sha256 {files.model_id[:16]}…, verified)")
+    typer.echo(f"report  {files.report}")
+    for key, value in sorted(report.get("final", {}).items()):
+        typer.echo(f"  {key} {value:.4f}" if isinstance(value, float) else f"  {key} {value}")
+
+
+@job_app.command("list")
+def job_list(peer: str = PeerOption) -> None:
+    """Jobs the swarm knows."""
+    from swarm.client import Client
+
+    try:
+        with Client(peer) as client:
+            for job in client.jobs():
+                typer.echo(f"{job.job_id}  {job.spec['name']}  rounds {job.spec['training']['rounds']}")
+    except GPUFlexError as e:
+        _fail(e)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""The consumer's side: submit a job through any peer, follow it, fetch a verified result.
+
+A ``Client`` is a short-lived DHT node in client mode. It hands the job and its shards to one
+peer, but it reads the job's progress and results from the DHT itself and checks every byte it
+downloads against hashes signed by the peers that did the work, so the peer named by ``--peer``
+does not have to be trusted, and does not have to be the one that took the job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from dht.errors import GPUFlexError
+from dht.identity import load_or_create_identity
+from dht.records import JOBS_KEY, PEERS_KEY, JobRecord, PeerRecord, ProgressRecord, ProviderRecord, ResultRecord
+from dht.records import progress_key, provider_key, result_key
+from dht.store import RecordStore
+from peer.intake import send_submission
+from peer.loop import LoopThread
+from peer.transfer import BlobUnavailable, download_blob
+from swarm.report import job_status, round_summary
+from swarm.spec import JobSpec, load_job_file
+
+
+class JobNotFound(GPUFlexError):
+    """No live job record with this id in the swarm."""
+
+
+class ResultNotReady(GPUFlexError):
+    """The job has not finished (or its result could not be verified yet)."""
+
+
+class ResultUnverified(GPUFlexError):
+    """The downloaded result does not match what the swarm's signed records say."""
+
+
+class BadPeerAddress(GPUFlexError):
+    """``--peer`` is not a multiaddr with a /p2p/<peer id> part."""
+
+
+def peer_id_from_maddr(maddr: str) -> str:
+    if "/p2p/" not in maddr:
+        raise BadPeerAddress(f"--peer {maddr!r}: expected a multiaddr ending in /p2p/<peer id>, as `gpuflex peer` prints")
+    return maddr.rsplit("/p2p/", 1)[1].strip("/")
+
+
+@dataclass
+class ResultFiles:
+    out_dir: Path
+    model: Path
+    report: Path
+    model_id: str
+    verified: bool
+
+
+class Client:
+    def __init__(self, peer: str):
+        self.peer = peer
+        self.peer_id = peer_id_from_maddr(peer)
+        # a throwaway identity: the consumer's wallet key arrives with the ledger
+        self._home = tempfile.mkdtemp(prefix="gpuflex-client-")
+        self.records = RecordStore.start(load_or_create_identity(self._home), initial_peers=[peer], client_mode=True)
+        self.loop = LoopThread("gpuflex-client")
+        self.p2p = self.loop.run(self.records.dht.replicate_p2p())
+
+    def close(self) -> None:
+        self.loop.run(self.p2p.shutdown(), timeout=10)  # closes our connection; the daemon belongs to the DHT
+        self.loop.stop()
+        self.records.shutdown()
+        shutil.rmtree(self._home, ignore_errors=True)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- submit
+    def submit(self, job: str | os.PathLike | JobSpec) -> "Job":
+        """Cut the dataset into shards, hand everything to the peer, return once the job is published."""
+        from swarm.datasets import load_dataset
+        from swarm.shards import shard_dataset
+
+        spec = job if isinstance(job, JobSpec) else load_job_file(job)
+        dataset = load_dataset(spec.data, spec.task)
+        manifest, blobs = shard_dataset(dataset, spec)
+        public = spec.to_dict()
+        public["data"]["path"] = Path(spec.data.path).name  # the consumer's directory layout stays private
+        job_id = self.loop.run(send_submission(self.p2p, self.peer_id, public, manifest.to_bytes(), blobs), timeout=600)
+        self._wait(lambda: self._job(job_id, missing_ok=True), timeout=30, what=f"job {job_id} to appear in the DHT")
+        return Job(self, job_id)
+
+    # ---------------------------------------------------------------- status
+    def jobs(self) -> list[JobRecord]:
+        return sorted((s.body for s in self.records.read(JOBS_KEY, JobRecord)), key=lambda j: j.submitted_at)
+
+    def status(self, job_id: str) -> dict:
+        job = self._job(job_id)
+        rounds = []
+        for r in range(1, job.spec["training"]["rounds"] + 1):
+            progress = [s.body for s in self.records.read(progress_key(job_id, r), ProgressRecord)]
+            if not progress:
+                break
+            rounds.append(round_summary(r, progress, job.spec["task"]))
+        results = [s.body for s in self.records.read(result_key(job_id), ResultRecord)]
+        live = len(self.records.read(PEERS_KEY, PeerRecord))
+        return job_status(job, rounds, results, live)
+
+    # ---------------------------------------------------------------- result
+    def result(self, job_id: str, out_dir: str | os.PathLike) -> ResultFiles:
+        """Download the final model and report, verified against the final round's signed records."""
+        job = self._job(job_id)
+        final_round = job.spec["training"]["rounds"]
+        results = [s.body for s in self.records.read(result_key(job_id), ResultRecord)]
+        if not results:
+            raise ResultNotReady(f"job {job_id} has no result yet (see `gpuflex job status {job_id}`)")
+        # the model the final round's group agreed on, by their own signed progress records
+        merged = [s.body for s in self.records.read(progress_key(job_id, final_round), ProgressRecord)]
+        votes = Counter(p.model_id for p in merged if p.phase == "merged" and p.model_id)
+        if not votes:
+            raise ResultNotReady(f"job {job_id}: the final round's records are not readable yet")
+        model_id, count = votes.most_common(1)[0]
+        if count * 2 <= sum(votes.values()):
+            raise ResultUnverified(f"job {job_id}: the final round's peers disagree on the model ({dict(votes)})")
+        candidates = [r for r in results if r.model_id == model_id]
+        if not candidates:
+            raise ResultUnverified(f"job {job_id}: no result record names the model the final round agreed on")
+        model_bytes = self._download(model_id)
+        for result in candidates:
+            try:
+                report_bytes = self._download(result.report_id)
+            except BlobUnavailable:
+                continue
+            report = json.loads(report_bytes)
+            if report.get("model_id") != model_id or report.get("job_id") != job_id:
+                continue  # a report that describes another model is not this job's report
+            break
+        else:
+            raise ResultUnverified(f"job {job_id}: no report matching model {model_id[:12]} could be fetched")
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "model.safetensors").write_bytes(model_bytes)
+        (out / "report.json").write_bytes(report_bytes)
+        return ResultFiles(out, out / "model.safetensors", out / "report.json", model_id, verified=True)
+
+    # ---------------------------------------------------------------- helpers
+    def _job(self, job_id: str, missing_ok: bool = False) -> JobRecord | None:
+        for signed in self.records.read(JOBS_KEY, JobRecord):
+            if signed.body.job_id == job_id:
+                return signed.body
+        if missing_ok:
+            return None
+        raise JobNotFound(f"no job {job_id!r} in the swarm reachable via {self.peer}")
+
+    def _download(self, blob_id: str) -> bytes:
+        providers = [s.author for s in self.records.read(provider_key(blob_id), ProviderRecord)]
+        failures = []
+        for provider in providers:
+            try:
+                return self.loop.run(download_blob(self.p2p, provider, blob_id), timeout=300)
+            except Exception as e:
+                failures.append(f"{provider[:12]}: {e}")
+        raise BlobUnavailable(f"blob {blob_id[:12]}: no provider could serve it ({'; '.join(failures) or 'none'})")
+
+    @staticmethod
+    def _wait(condition, *, timeout: float, what: str):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            value = condition()
+            if value:
+                return value
+            time.sleep(0.2)  # polling the DHT for a condition, not synchronising on time
+        raise GPUFlexError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+class Job:
+    """A handle on a submitted job: ``status()``, ``wait()``, ``download(out_dir)``."""
+
+    def __init__(self, client: Client, job_id: str):
+        self.client, self.job_id = client, job_id
+
+    def status(self) -> dict:
+        return self.client.status(self.job_id)
+
+    def wait(self, timeout: float | None = None, poll: float = 1.0) -> dict:
+        deadline = None if timeout is None else time.time() + timeout
+        while True:
+            status = self.status()
+            if status["state"] == "finished":
+                return status
+            if deadline is not None and time.time() > deadline:
+                raise ResultNotReady(f"job {self.job_id} still {status['state']} after {timeout:.0f}s")
+            time.sleep(poll)
+
+    def download(self, out_dir: str | os.PathLike) -> ResultFiles:
+        return self.client.result(self.job_id, out_dir)

@@ -1,0 +1,107 @@
+"""Turning the swarm's progress records into what a consumer reads: job status and the report.
+
+Pure functions over records: the peers that write the final report and the CLI that shows a
+job's status compute the same numbers from the same records.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterable
+
+from dht.records import JobRecord, ProgressRecord, ResultRecord
+from peer.schedule import majority_model
+
+
+def val_metrics(task: str, records: Iterable[ProgressRecord]) -> dict:
+    """Validation metrics of a round, from the partial sums each peer computed on its share."""
+    merged = [p for p in records if p.phase == "merged"]
+    rows = sum(p.val_rows for p in merged)
+    if rows == 0:
+        return {}
+    metrics = {"val_rows": rows, "val_loss": sum(p.val_loss_sum for p in merged) / rows}
+    if task == "classification":
+        metrics["val_accuracy"] = sum(p.val_correct for p in merged) / rows
+    else:
+        metrics["val_mse"] = sum(p.val_sq_error_sum for p in merged) / rows
+        metrics["val_mae"] = sum(p.val_abs_error_sum for p in merged) / rows
+    return metrics
+
+
+def round_summary(round_no: int, progress: list[ProgressRecord], task: str) -> dict:
+    worked = [p for p in progress if p.phase in ("trained", "merged")]
+    samples = sum(p.samples for p in worked)
+    losses = [(p.train_loss, p.samples) for p in worked if p.train_loss is not None and p.samples]
+    merged = {p.peer_id: p.model_id for p in progress if p.phase == "merged" and p.model_id}
+    return {
+        "round": round_no,
+        "peers_joined": sorted(p.peer_id for p in progress),
+        "peers_done": sorted(merged),
+        "samples": samples,
+        "train_loss": sum(loss * n for loss, n in losses) / sum(n for _, n in losses) if losses else None,
+        "model_id": majority_model(merged),
+        "shards": {p.peer_id: len(p.shards) for p in worked},
+        "samples_by_peer": {p.peer_id: p.samples for p in worked},
+        "seconds_training": max((p.seconds_training for p in progress), default=0.0),
+        "seconds_merging": max((p.seconds_merging for p in progress), default=0.0),
+        "finished_at": max((p.time for p in progress if p.phase == "merged"), default=None),
+        **val_metrics(task, progress),
+    }
+
+
+def build_report(job: JobRecord, manifest, rounds: list[dict], *, model_id: str, finished_at: float) -> dict:
+    participants: dict[str, dict] = {}
+    for summary in rounds:
+        for peer, samples in summary["samples_by_peer"].items():
+            entry = participants.setdefault(peer, {"rounds": 0, "samples": 0, "shard_rounds": 0})
+            entry["rounds"] += 1
+            entry["samples"] += samples
+            entry["shard_rounds"] += summary["shards"].get(peer, 0)
+    final = next((r for r in reversed(rounds) if "val_rows" in r), {})
+    return {
+        "job_id": job.job_id,
+        "name": job.spec["name"],
+        "task": job.spec["task"],
+        "model": job.spec["model"],
+        "training": job.spec["training"],
+        "dataset_id": job.dataset_id,
+        "dataset": {"train_rows": manifest.train_rows, "val_rows": manifest.val_rows, "shards": len(manifest.shards)},
+        "model_id": model_id,
+        "final": {k: v for k, v in final.items() if k.startswith("val_")},
+        "rounds": rounds,
+        "participants": participants,
+        "submitted_at": job.submitted_at,
+        "finished_at": finished_at,
+        "wall_time_s": finished_at - job.submitted_at,
+    }
+
+
+def job_status(job: JobRecord, rounds: list[dict], results: list[ResultRecord], live_peers: int) -> dict:
+    """What ``gpuflex job status`` shows: state, round r/R, loss, validation metrics, peers."""
+    total = job.spec["training"]["rounds"]
+    agreed = Counter(r.model_id for r in results).most_common(1)
+    started = [r for r in rounds if r["peers_joined"]]
+    current = started[-1] if started else None
+    done = [r for r in rounds if r["peers_done"]]
+    if agreed:
+        state = "finished"
+    elif current is None:
+        state = "waiting for peers"
+    else:
+        state = "running"
+    last = done[-1] if done else {}
+    return {
+        "job_id": job.job_id,
+        "name": job.spec["name"],
+        "state": state,
+        "round": current["round"] if current else 0,
+        "rounds": total,
+        "rounds_done": len(done),
+        "train_loss": last.get("train_loss"),
+        **{k: v for k, v in last.items() if k.startswith("val_") and k != "val_rows"},
+        "peers": current["peers_joined"] if current else [],
+        "peers_done": current["peers_done"] if current else [],
+        "min_peers": job.spec["swarm"]["min_peers"],
+        "live_peers": live_peers,
+        "model_id": agreed[0][0] if agreed else None,
+    }

@@ -1,0 +1,263 @@
+"""The job file: what a consumer asks the swarm to train, as typed, validated pydantic models.
+
+A job file is YAML (or a dict built in code through :meth:`JobSpec.from_dict`)::
+
+    name: digits-mlp
+    task: classification              # or regression
+    model: {catalog: mlp, hidden: [128, 64]}     # or {custom: "pkg.module:build_fn"}
+    data: {path: data/digits.csv, format: csv, label_column: label, validation_fraction: 0.2}
+    training: {rounds: 10, local_steps: 20, batch_size: 32, optimizer: adam, lr: 0.001, seed: 0}
+    swarm: {min_peers: 2, max_peers: 8}
+
+Everything a peer or the CLI relies on is checked here, at the edge, so that no later stage has to
+re-validate: unknown fields are rejected (a typo must not silently fall back to a default), and
+every failure becomes one :class:`JobSpecError` line that names the file and the dotted field path.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+from dht.errors import GPUFlexError
+from swarm.datasets import DatasetError, inspect_columns
+
+__all__ = [
+    "DataSpec",
+    "JobSpec",
+    "JobSpecError",
+    "ModelSpec",
+    "SwarmSpec",
+    "TrainingSpec",
+    "load_job_file",
+]
+
+# ``module.path:function`` — dotted Python identifiers, then one identifier after the colon.
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+CUSTOM_MODEL_PATTERN = rf"^{_IDENT}(\.{_IDENT})*:{_IDENT}$"
+
+
+class JobSpecError(GPUFlexError):
+    """A job file (or dict) that is not a valid job; the message is one line naming file and field."""
+
+
+class _FieldError(ValueError):
+    """A cross-field check failure that knows which field it is about.
+
+    Pydantic reports errors raised in a model validator at the model's own location; raising this
+    instead lets :func:`_format_validation_error` extend the location with ``field`` so the user
+    is pointed at ``swarm.max_peers`` rather than at ``swarm``.
+    """
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+class ModelSpec(BaseModel):
+    """Which network to train: one catalog architecture, or a user build function."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    catalog: Literal["mlp", "cnn", "transformer"] | None = None
+    custom: str | None = Field(default=None, pattern=CUSTOM_MODEL_PATTERN)
+    hidden: list[PositiveInt] = Field(default_factory=lambda: [128, 64])  # mlp
+    channels: list[PositiveInt] = Field(default_factory=lambda: [16, 32])  # cnn
+    # Reshape the flat features before the network, e.g. [1, 8, 8] to run a cnn on 64 pixels.
+    # The product must equal the feature count; that needs the data, so it is checked at build time.
+    input_shape: list[PositiveInt] | None = None
+    d_model: PositiveInt = 64  # transformer
+    layers: PositiveInt = 2  # transformer
+    heads: PositiveInt = 4  # transformer
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    options: dict[str, Any] = Field(default_factory=dict)  # kwargs for a custom build function
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if self.catalog is None and self.custom is None:
+            raise ValueError("set one of 'catalog' (mlp | cnn | transformer) or 'custom' ('module.path:function')")
+        if self.catalog is not None and self.custom is not None:
+            raise _FieldError("custom", f"cannot be combined with 'catalog: {self.catalog}'; set only one of them")
+        if self.d_model % self.heads != 0:
+            raise _FieldError("heads", f"d_model ({self.d_model}) must be divisible by heads ({self.heads})")
+        if self.options and self.custom is None:
+            raise _FieldError("options", "only used with a 'custom' build function")
+        return self
+
+
+class DataSpec(BaseModel):
+    """Where the training data is and how to read it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1)
+    format: Literal["csv", "npz", "image_folder"]
+    # The label column (csv) or label array (npz); image_folder takes labels from sub-folder names.
+    label_column: str | None = None
+    validation_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    shard_rows: PositiveInt = 128
+    image_size: tuple[PositiveInt, PositiveInt] = (32, 32)  # (height, width), image_folder only
+    grayscale: bool = False  # image_folder only
+
+    @model_validator(mode="after")
+    def _check(self) -> DataSpec:
+        if self.format in ("csv", "npz") and not self.label_column:
+            raise _FieldError("label_column", f"required for format '{self.format}'")
+        if self.format == "image_folder" and self.label_column is not None:
+            raise _FieldError("label_column", "not used with format 'image_folder' (labels are the sub-folder names)")
+        return self
+
+
+class TrainingSpec(BaseModel):
+    """How each peer trains and how many merge rounds the job runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rounds: PositiveInt
+    local_steps: PositiveInt  # inner optimizer steps per peer between merges
+    batch_size: PositiveInt
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(gt=0.0)
+    seed: int = Field(default=0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    momentum: float = Field(default=0.0, ge=0.0, lt=1.0)  # sgd only
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainingSpec:
+        if not math.isfinite(self.lr) or not math.isfinite(self.weight_decay):
+            raise _FieldError("lr" if not math.isfinite(self.lr) else "weight_decay", "must be finite")
+        if self.momentum and self.optimizer != "sgd":
+            raise _FieldError("momentum", f"only used by optimizer 'sgd' (optimizer is '{self.optimizer}')")
+        return self
+
+
+class SwarmSpec(BaseModel):
+    """How many peers the job wants in each round."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_peers: PositiveInt = 1
+    max_peers: PositiveInt = 8
+
+    @model_validator(mode="after")
+    def _check(self) -> SwarmSpec:
+        if self.max_peers < self.min_peers:
+            raise _FieldError("max_peers", f"must be >= min_peers ({self.min_peers}), got {self.max_peers}")
+        return self
+
+
+class JobSpec(BaseModel):
+    """A whole job. Build it with :func:`load_job_file` or :meth:`JobSpec.from_dict`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    task: Literal["classification", "regression"]
+    model: ModelSpec
+    data: DataSpec
+    training: TrainingSpec
+    swarm: SwarmSpec = Field(default_factory=SwarmSpec)
+
+    @model_validator(mode="after")
+    def _check(self) -> JobSpec:
+        if self.data.format == "image_folder" and self.task != "classification":
+            raise _FieldError("data.format", "'image_folder' supports task 'classification' only")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "<sdk>") -> JobSpec:
+        """Validate a plain dict (as parsed from YAML or JSON); errors name ``source`` and the field.
+
+        This does not touch the file system: ``data.path`` is kept as given. Use
+        :func:`load_job_file` to also resolve and check the data.
+        """
+        if not isinstance(d, dict):
+            raise JobSpecError(f"{source}: expected a mapping of job fields at the top level, got {type(d).__name__}")
+        try:
+            return cls.model_validate(d)
+        except ValidationError as e:
+            raise JobSpecError(f"{source}: {_format_validation_error(e)}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict that :meth:`from_dict` turns back into an equal spec."""
+        return self.model_dump(mode="json")
+
+
+def load_job_file(path: str | Path) -> JobSpec:
+    """Read, validate and check a YAML job file against its data.
+
+    A relative ``data.path`` is resolved against the job file's folder (not the working
+    directory, so a job file means the same thing wherever it is run from) and stored back as an
+    absolute path. The data is then inspected cheaply (header / array names / class folders) so
+    that a wrong label column fails here, before anything is sharded or paid for.
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise JobSpecError(f"{source}: job file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise JobSpecError(f"{source}: cannot read job file ({_one_line(e)})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = ""
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise JobSpecError(f"{source}: invalid YAML{where}: {_one_line(problem)}") from None
+
+    spec = JobSpec.from_dict(raw, source=source)
+
+    data_path = Path(spec.data.path).expanduser()
+    if not data_path.is_absolute():
+        data_path = path.parent.resolve() / data_path
+    data_path = data_path.resolve()
+    if not data_path.exists():
+        raise JobSpecError(f"{source}: data.path: {spec.data.path!r} not found (looked for {data_path})")
+    spec = spec.model_copy(update={"data": spec.data.model_copy(update={"path": str(data_path)})})
+
+    try:
+        inspect_columns(spec.data)
+    except DatasetError as e:
+        raise JobSpecError(f"{source}: {e}") from None
+    return spec
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    """The first pydantic error as ``dotted.field.path: message`` on one line."""
+    first = error.errors()[0]
+    loc: list[str] = []
+    for part in first["loc"]:
+        if isinstance(part, int) and loc:
+            loc[-1] += f"[{part}]"
+        else:
+            loc.append(str(part))
+    kind = first["type"]
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, _FieldError):
+        loc.extend(cause.field.split("."))
+        message = str(cause)
+    elif kind == "extra_forbidden":
+        message = "unknown field"
+    elif kind == "missing":
+        message = "required field is missing"
+    else:
+        message = first["msg"]
+        for prefix in ("Value error, ", "Assertion failed, "):
+            message = message.removeprefix(prefix)
+        value = first.get("input")
+        if kind != "value_error" and isinstance(value, (str, int, float, bool)) and value is not None:
+            message += f" (got {value!r})"
+    field = ".".join(loc) if loc else "<top level>"
+    return f"{field}: {_one_line(message)}"
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split())
