@@ -21,5 +21,19 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def stop(self) -> None:
+        """Cancel what is still running (closing its streams while the loop can), then stop."""
+        if not self._thread.is_alive():
+            return
+
+        async def cancel_pending():
+            pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+        try:
+            self.run(cancel_pending(), timeout=5)
+        except Exception:
+            pass  # stopping anyway
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)

@@ -74,10 +74,10 @@ class Peer:
         )
         self.blobs = BlobStore(data_dir / "blobs")
         self.loop = LoopThread()
-        p2p = self.loop.run(self.records.dht.replicate_p2p())
-        self.blobs_service = BlobService(p2p, self.blobs, self.records, self.loop)
+        self.p2p = self.loop.run(self.records.dht.replicate_p2p())
+        self.blobs_service = BlobService(self.p2p, self.blobs, self.records, self.loop)
         self.loop.run(self.blobs_service.start())
-        self.loop.run(JobIntake(p2p, self.blobs, self.records, self.announce).start())
+        self.loop.run(JobIntake(self.p2p, self.blobs, self.records, self.announce).start())
         self.maddrs = self.records.visible_maddrs()
         self.reference_samples_per_sec = measure_samples_per_sec(self.device)
         self._heartbeat_once()
@@ -90,6 +90,8 @@ class Peer:
         if hasattr(self, "_heartbeat"):
             self._heartbeat.join(timeout=HEARTBEAT_S + 1)
         if hasattr(self, "loop"):
+            if hasattr(self, "p2p"):
+                self.loop.run(self.p2p.shutdown(), timeout=10)
             self.loop.stop()
         if hasattr(self, "records"):
             self.records.shutdown()

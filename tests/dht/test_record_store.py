@@ -1,0 +1,75 @@
+"""Signed records over real hivemind DHT nodes (each node is its own process, on 127.0.0.1)."""
+
+import time
+
+import pytest
+from hivemind.utils import get_dht_time
+
+from dht.identity import load_or_create_identity
+from dht.records import PEERS_KEY, PeerRecord, ProgressRecord, make_envelope, progress_key
+from dht.store import RecordStore, SwarmUnreachable
+
+pytestmark = pytest.mark.timeout(120)
+
+JOB = "c" * 24
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    alice = RecordStore.start(load_or_create_identity(tmp_path_factory.mktemp("alice")))
+    bob = RecordStore.start(load_or_create_identity(tmp_path_factory.mktemp("bob")), initial_peers=alice.visible_maddrs())
+    yield alice, bob
+    bob.shutdown()
+    alice.shutdown()
+
+
+def _peer_record(store, name="box"):
+    return PeerRecord(peer_id=store.peer_id, maddrs=[], device="cpu", device_name=name, samples_per_sec=1.0,
+                      version="test", started_at=time.time())
+
+
+def test_records_published_by_one_peer_are_read_by_another(two_nodes):
+    alice, bob = two_nodes
+    assert alice.publish(PEERS_KEY, _peer_record(alice), ttl=30)
+    [record] = [r for r in bob.read(PEERS_KEY, PeerRecord) if r.author == alice.peer_id]
+    assert record.body.device_name == "box"
+
+
+def test_a_peer_can_not_overwrite_or_forge_another_peers_record(two_nodes):
+    alice, bob = two_nodes
+    alice.publish(progress_key(JOB, 1), ProgressRecord(peer_id=alice.peer_id, job_id=JOB, round=1, phase="joined"), ttl=30)
+    forged = ProgressRecord(peer_id=alice.peer_id, job_id=JOB, round=1, phase="merged", model_id="f" * 64)
+    key = progress_key(JOB, 1)
+    # under alice's owner tag: bob cannot produce alice's signature, every node refuses the store
+    assert not bob.dht.store(key, make_envelope(key, forged), get_dht_time() + 30, subkey=alice.identity.owner_marker)
+    # under bob's own tag but claiming to be alice: the schema validator refuses it
+    assert not bob.dht.store(key, make_envelope(key, forged), get_dht_time() + 30, subkey=bob.identity.owner_marker)
+    phases = {r.author: r.body.phase for r in alice.read(key, ProgressRecord)}
+    assert phases == {alice.peer_id: "joined"}
+
+
+def test_unsigned_values_under_our_keys_are_dropped_and_counted(two_nodes):
+    alice, bob = two_nodes
+    key = progress_key(JOB, 2)
+    # values that are not our envelopes pass hivemind's validators (they may belong to someone
+    # else's protocol) but a reader of a GPUFlex key drops them and counts them
+    assert bob.dht.store(key, {"phase": "merged"}, get_dht_time() + 30, subkey=b"anonymous")
+    before = alice.rejected
+    assert alice.read(key, ProgressRecord) == []
+    assert alice.rejected == before + 1
+
+
+def test_reading_a_record_of_the_wrong_kind_is_rejected(two_nodes):
+    alice, _ = two_nodes
+    alice.publish(PEERS_KEY, _peer_record(alice), ttl=30)
+    before = alice.rejected
+    assert alice.read(PEERS_KEY, ProgressRecord) == []
+    assert alice.rejected > before
+
+
+def test_joining_through_a_dead_address_fails_clearly(tmp_path):
+    with pytest.raises(SwarmUnreachable, match="could not start a DHT node"):
+        RecordStore.start(
+            load_or_create_identity(tmp_path),
+            initial_peers=["/ip4/127.0.0.1/tcp/9/p2p/QmVHZkVXSzmbzfGKx5LSe1gv3YzcxWuqezpKDr5FTwF7cK"],
+        )

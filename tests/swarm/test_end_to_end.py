@@ -1,0 +1,116 @@
+"""Real peers in separate processes on 127.0.0.1 train real jobs end to end, through the CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from swarm.catalog import build_model
+from swarm.datasets import load_dataset
+from swarm.shards import decode_shard, shard_dataset
+from swarm.spec import load_job_file
+
+pytestmark = [pytest.mark.swarm, pytest.mark.timeout(420)]
+
+
+def write_job(tmp_path, digits_csv, **overrides) -> str:
+    job = {
+        "name": "digits-mlp",
+        "task": "classification",
+        "model": {"catalog": "mlp", "hidden": [128, 64]},
+        "data": {"path": str(digits_csv), "format": "csv", "label_column": "label", "validation_fraction": 0.2},
+        "training": {"rounds": 10, "local_steps": 20, "batch_size": 32, "optimizer": "adam", "lr": 0.001, "seed": 0},
+        "swarm": {"min_peers": 2, "max_peers": 8},
+    }
+    for section, values in overrides.items():
+        job[section] = {**job[section], **values} if isinstance(values, dict) else values
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return str(path)
+
+
+def validation_accuracy(job_file: str, model_file) -> float:
+    """Re-derive the validation split from the job file and score the downloaded model on it."""
+    spec = load_job_file(job_file)
+    manifest, blobs = shard_dataset(load_dataset(spec.data, spec.task), spec)
+    model = build_model(spec.model, manifest, seed=spec.training.seed)
+    model.load_state_dict(load_file(str(model_file)))
+    model.eval()
+    correct = rows = 0
+    with torch.no_grad():
+        for shard in manifest.shards:
+            if shard.split == "val":
+                x, y = decode_shard(blobs[shard.id], shard.id)
+                correct += int((model(torch.from_numpy(x)).argmax(-1) == torch.from_numpy(y)).sum())
+                rows += len(y)
+    return correct / rows
+
+
+def test_three_peers_train_digits_submitted_via_one_peer_fetched_via_another(local_swarm, digits_csv, tmp_path):
+    for _ in range(3):
+        local_swarm.start_peer()
+    job_file = write_job(tmp_path, digits_csv)
+
+    submitted = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0])
+    job_id = submitted.stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{24}", job_id), submitted.stdout
+
+    local_swarm.wait_for(lambda: local_swarm.status(job_id, via=1)["state"] == "finished", timeout=300,
+                         what="the job to finish")
+    human = local_swarm.cli("job", "status", job_id, "--peer", local_swarm.maddrs[1]).stdout
+    assert "finished" in human and "round 10/10" in human
+
+    out = tmp_path / "out"
+    fetched = local_swarm.cli("job", "result", job_id, "--peer", local_swarm.maddrs[2], "-o", str(out)).stdout
+    assert "verified" in fetched
+    report = json.loads((out / "report.json").read_text())
+    assert report["job_id"] == job_id
+    assert report["final"]["val_accuracy"] >= 0.90
+    assert len(report["rounds"]) == 10
+    assert len(report["participants"]) == 3
+    assert all(len(r["peers_done"]) == 3 for r in report["rounds"])
+    # every training shard was dealt in every round, to exactly one peer
+    assert all(sum(r["shards"].values()) == report["dataset"]["shards"] - 3 for r in report["rounds"])
+    # the file we got is the model the report describes, and it really scores what the swarm said
+    assert validation_accuracy(job_file, out / "model.safetensors") == pytest.approx(
+        report["final"]["val_accuracy"], abs=1e-9
+    )
+
+
+def test_a_peer_joining_late_loads_the_swarms_model_and_trains_later_rounds(local_swarm, digits_csv, tmp_path):
+    from swarm.client import Client
+
+    local_swarm.start_peer()
+    local_swarm.start_peer()
+    job_file = write_job(tmp_path, digits_csv, training={"rounds": 14, "local_steps": 60})
+    with Client(local_swarm.maddrs[0]) as client:
+        job = client.submit(job_file)
+        local_swarm.wait_for(lambda: job.status()["rounds_done"] >= 2, timeout=180, what="round 2", poll=0.3)
+        late_peer = local_swarm.start_peer()
+        job.wait(timeout=300)
+        report = json.loads(job.download(tmp_path / "out").report.read_text())
+    late_id = late_peer.rsplit("/p2p/", 1)[1]
+    rounds_with_late_peer = [r["round"] for r in report["rounds"] if late_id in r["peers_done"]]
+    assert rounds_with_late_peer, "the late peer never took part"
+    first = rounds_with_late_peer[0]
+    assert first >= 3  # it arrived after round 2 had finished
+    assert rounds_with_late_peer == list(range(first, 15))  # and stayed to the end
+    assert report["final"]["val_accuracy"] >= 0.90
+
+
+def test_a_bad_job_file_is_one_clear_line_and_nothing_is_published(local_swarm, digits_csv, tmp_path):
+    maddr = local_swarm.start_peer()
+    bad = write_job(tmp_path, digits_csv, data={"label_column": "digit"})
+    done = local_swarm.cli("job", "submit", bad, "--peer", maddr, check=False)
+    assert done.returncode == 1
+    assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
+    assert "data.label_column" in done.stderr and "digit" in done.stderr
+    typo = write_job(tmp_path, digits_csv, training={"learning_rate": 0.1})
+    done = local_swarm.cli("job", "submit", typo, "--peer", maddr, check=False)
+    assert done.returncode == 1 and "training.learning_rate" in done.stderr
+    assert local_swarm.cli("job", "list", "--peer", maddr).stdout.strip() == ""

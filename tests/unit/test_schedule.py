@@ -1,0 +1,89 @@
+"""The pure scheduling functions every peer runs on its snapshot of the DHT."""
+
+
+import pytest
+
+from peer import schedule
+from peer.schedule import JobView, RoundState
+
+pytestmark = pytest.mark.timeout(30)
+
+SHARDS = [f"{i:064x}" for i in range(13)]
+
+
+def test_assign_shards_covers_every_shard_once_and_balances():
+    deal = schedule.assign_shards(SHARDS, ["a", "b", "c"], seed=0, round_no=1)
+    dealt = [s for shards in deal.values() for s in shards]
+    assert sorted(dealt) == sorted(SHARDS)
+    assert sorted(len(v) for v in deal.values()) == [4, 4, 5]
+
+
+def test_assign_shards_is_the_same_on_every_peer_and_changes_per_round():
+    one = schedule.assign_shards(SHARDS, ["a", "b", "c"], seed=7, round_no=3)
+    two = schedule.assign_shards(list(reversed(SHARDS)), ["c", "a", "b", "a"], seed=7, round_no=3)
+    assert one == two
+    assert schedule.assign_shards(SHARDS, ["a", "b", "c"], seed=7, round_no=4) != one
+
+
+def test_assign_shards_over_rounds_shows_each_peer_most_of_the_data():
+    seen = {p: set() for p in "abc"}
+    for r in range(1, 11):
+        for peer, shards in schedule.assign_shards(SHARDS, "abc", seed=0, round_no=r).items():
+            seen[peer].update(shards)
+    assert all(len(s) >= 10 for s in seen.values())
+
+
+def test_assign_shards_with_no_peers_is_empty():
+    assert schedule.assign_shards(SHARDS, [], seed=0, round_no=1) == {}
+
+
+def _job(job_id, active, min_peers=2, max_peers=4, submitted_at=0.0, finished=False):
+    return JobView(job_id, submitted_at, min_peers, max_peers, active, finished)
+
+
+def test_choose_job_fills_starving_jobs_first_then_oldest():
+    jobs = [_job("staffed", 3, submitted_at=0), _job("starving", 1, submitted_at=5), _job("new", 0, submitted_at=9)]
+    assert schedule.choose_job(jobs) == "new"  # 0/2 peers: the emptiest relative to max among the starving
+    jobs = [_job("a", 2, submitted_at=1), _job("b", 2, submitted_at=0)]
+    assert schedule.choose_job(jobs) == "b"
+
+
+def test_choose_job_skips_full_and_finished_and_sticks_to_current():
+    jobs = [_job("full", 4), _job("done", 0, finished=True), _job("mine", 3)]
+    assert schedule.choose_job(jobs) == "mine"
+    assert schedule.choose_job([_job("full", 4)], current="full") == "full"
+    assert schedule.choose_job([_job("full", 4)]) is None
+    assert schedule.choose_job([]) is None
+
+
+def test_majority_model_needs_a_strict_majority():
+    assert schedule.majority_model({"a": "m1", "b": "m1", "c": "m2"}) == "m1"
+    assert schedule.majority_model({"a": "m1", "b": "m2"}) is None
+    assert schedule.majority_model({"a": "m1"}) == "m1"
+    assert schedule.majority_model({}) is None
+
+
+def test_entry_round_for_a_new_job_and_for_a_late_peer():
+    assert schedule.entry_round({}, 10) == (1, None)
+    merged = RoundState(frozenset("ab"), frozenset("ab"), {"a": "m1", "b": "m1"})
+    running = RoundState(frozenset("ab"), frozenset("a"), {})
+    only_joined = RoundState(frozenset("ab"), frozenset(), {})
+    # round 2 is under way: its shards are dealt, so the newcomer waits for round 3 with round 2's model
+    assert schedule.entry_round({1: merged, 2: running}, 10) == (3, 2)
+    # round 2 has only been joined so far: the newcomer can still join it, from round 1's model
+    assert schedule.entry_round({1: merged, 2: only_joined}, 10) == (2, 1)
+    assert schedule.entry_round({1: merged}, 10) == (2, 1)
+
+
+def test_roster_ready_waits_for_min_peers_and_for_last_rounds_live_peers():
+    assert not schedule.roster_ready(frozenset("a"), expected=[], alive="ab", min_peers=2)
+    assert schedule.roster_ready(frozenset("ab"), expected=[], alive="ab", min_peers=2)
+    assert not schedule.roster_ready(frozenset("ab"), expected="abc", alive="abc", min_peers=2)
+    # c was in last round's group but its heartbeat is gone: do not wait for it
+    assert schedule.roster_ready(frozenset("ab"), expected="abc", alive="ab", min_peers=2)
+
+
+def test_barrier_waits_for_live_roster_peers_only():
+    assert not schedule.barrier_ready("abc", frozenset("ab"), alive="abc")
+    assert schedule.barrier_ready("abc", frozenset("ab"), alive="ab")
+    assert schedule.barrier_ready("ab", frozenset("abx"), alive="abx")
