@@ -84,6 +84,8 @@ class JobIntake:
             if header is None:
                 header = item
                 manifest = DatasetManifest.from_bytes(header["manifest"])
+                if hashlib.sha256(header["manifest"]).hexdigest() != manifest.dataset_id:
+                    raise JobRejected("the dataset manifest is not in canonical form (its hash is not its id)")
                 spec = JobSpec.from_dict(header["spec"], source="submitted job")
                 wanted = {s.id for s in manifest.shards}
                 continue

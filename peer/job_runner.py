@@ -110,7 +110,6 @@ class JobRunner:
             generator=round_generator(t.seed, r, mine), loss=self.loss,
         )
         seconds_training = time.time() - started
-        self.peer.metrics_samples(samples, seconds_training)
         self._publish_progress(
             r, "trained", samples=samples, train_loss=train_loss, base_model_id=base_model_id, shards=mine
         )
@@ -131,7 +130,6 @@ class JobRunner:
             group=group, shards=mine, seconds_training=seconds_training, seconds_merging=seconds_merging, **metrics,
         )
         self.peer.release_lease(leases_key(self.job.job_id, r))
-        self.peer.rounds_completed += 1
         logger.info(f"job {self.job.job_id}: round {r}/{t.rounds} done, loss {train_loss:.4f}, group {len(group)}")
         return group, model_id
 

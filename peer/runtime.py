@@ -31,7 +31,7 @@ from peer.blobs import BlobStore
 from peer.device import device_name, measure_samples_per_sec, pick_device
 from peer.intake import JobIntake
 from peer.loop import LoopThread
-from peer.transfer import BlobService
+from peer.transfer import PROVIDER_TTL, BlobService
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +54,13 @@ class Peer:
     def __init__(self, config: PeerConfig):
         self.config = config
         self.stopping = threading.Event()
-        self.rounds_completed = 0
-        self.samples_trained = 0
-        self.samples_per_sec = 0.0
         self.current_job: str | None = None
         self._leases: dict[str, LeaseRecord] = {}
         self._lock = threading.Lock()
         self._alive: tuple[float, frozenset[str]] = (0.0, frozenset())
         self._finished_jobs: set[str] = set()
+        self._served: set[str] = set()
+        self._announced_at = 0.0
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> "Peer":
@@ -79,8 +78,9 @@ class Peer:
         self.loop.run(self.blobs_service.start())
         self.loop.run(JobIntake(self.p2p, self.blobs, self.records, self.announce).start())
         self.maddrs = self.records.visible_maddrs()
+        self._served.update(self.blobs.ids())  # after a restart, what is on disk is served again
         self.reference_samples_per_sec = measure_samples_per_sec(self.device)
-        self._heartbeat_once()
+        self._publish_peer_record()  # visible at once; blobs are (re)announced by the heartbeat thread
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="gpuflex-heartbeat", daemon=True)
         self._heartbeat.start()
         return self
@@ -149,6 +149,9 @@ class Peer:
         return alive
 
     def announce(self, blob_ids: list[str]) -> None:
+        """Tell the swarm we serve these blobs; the heartbeat keeps telling it while we hold them."""
+        with self._lock:
+            self._served.update(blob_ids)
         self.blobs_service.announce(blob_ids, self.maddrs)
 
     def hold_lease(self, key: str, lease: LeaseRecord) -> None:
@@ -160,11 +163,6 @@ class Peer:
         with self._lock:
             self._leases.pop(key, None)
 
-    def metrics_samples(self, samples: int, seconds: float) -> None:
-        self.samples_trained += samples
-        if seconds > 0:
-            self.samples_per_sec = samples / seconds
-
     # ---------------------------------------------------------------- heartbeat
     def _heartbeat_loop(self) -> None:
         while not self.stopping.wait(HEARTBEAT_S):
@@ -174,6 +172,18 @@ class Peer:
                 logger.exception("heartbeat failed")
 
     def _heartbeat_once(self) -> None:
+        self._publish_peer_record()
+        with self._lock:
+            leases = dict(self._leases)
+        for key, lease in leases.items():
+            self.records.publish(key, lease, ttl=LEASE_TTL)
+        if time.time() - self._announced_at > PROVIDER_TTL / 3:  # provider records expire: renew them
+            self._announced_at = time.time()
+            with self._lock:
+                served = sorted(b for b in self._served if self.blobs.has(b))
+            self.blobs_service.announce(served, self.maddrs)
+
+    def _publish_peer_record(self) -> None:
         record = PeerRecord(
             peer_id=self.records.peer_id,
             maddrs=self.maddrs,
@@ -185,7 +195,3 @@ class Peer:
             started_at=self.started_at,
         )
         self.records.publish(PEERS_KEY, record, ttl=PEER_TTL)
-        with self._lock:
-            leases = dict(self._leases)
-        for key, lease in leases.items():
-            self.records.publish(key, lease, ttl=LEASE_TTL)
