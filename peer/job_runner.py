@@ -79,11 +79,14 @@ class JobRunner:
         )
         averager = RoundAverager(model, self.peer.records.dht, job_id=self.job.job_id, max_peers=self.spec.swarm.max_peers)
         try:
-            round_no, base_round = schedule.entry_round(self._rounds(range(1, t.rounds + 1)), t.rounds)
-            base_model_id = self._initial_model_id(model)
-            if base_round is not None:  # arriving late: start from the swarm's latest merged model
+            base_model_id, loaded_round = self._initial_model_id(model), None
+            while True:  # arriving late: start from the swarm's latest merged model
+                round_no, base_round = schedule.entry_round(self._rounds(range(1, t.rounds + 1)), t.rounds)
+                if base_round is None or base_round == loaded_round:
+                    break  # loading took a while: look again, the swarm may have moved on meanwhile
                 base_model_id = self._wait_for_merged_model(base_round)
                 load_model_bytes(model, self.peer.blobs_service.fetch(base_model_id))
+                loaded_round = base_round
                 logger.info(f"job {self.job.job_id}: joining at round {round_no} from round {base_round}'s model")
             group: list[str] = []
             while round_no <= t.rounds:
@@ -110,6 +113,7 @@ class JobRunner:
             generator=round_generator(t.seed, r, mine), loss=self.loss,
         )
         seconds_training = time.time() - started
+        train_loss = train_loss if samples else None  # more peers than shards: this one had no rows
         self._publish_progress(
             r, "trained", samples=samples, train_loss=train_loss, base_model_id=base_model_id, shards=mine
         )

@@ -59,6 +59,8 @@ def train_local(
     Returns (mean training loss, samples processed).
     """
     model.train()
+    if len(data) == 0:
+        return 0.0, 0
     order = torch.randperm(len(data), generator=generator)
     cursor, total_loss, samples = 0, 0.0, 0
     for _ in range(steps):

@@ -1,0 +1,74 @@
+"""One peer's round arithmetic, without a network."""
+
+import numpy as np
+import pytest
+import torch
+
+from peer.local_training import Batches, evaluate, loss_fn, make_optimizer, round_generator, train_local
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _data(n=96, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 5)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    return Batches.from_arrays([(x[: n // 2], y[: n // 2]), (x[n // 2 :], y[n // 2 :])], torch.device("cpu"))
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+
+
+def _train(shards):
+    model = _model()
+    opt = make_optimizer("adam", model.parameters(), lr=0.01, weight_decay=0.0, momentum=0.0)
+    loss, samples = train_local(model, opt, _data(), steps=7, batch_size=16,
+                                generator=round_generator(3, 2, shards), loss=loss_fn("classification", None, None))
+    return model, loss, samples
+
+
+def test_same_round_inputs_replay_bit_identically_whatever_the_shard_order():
+    a, loss_a, samples = _train(["s1", "s2"])
+    b, loss_b, _ = _train(["s2", "s1"])
+    assert samples == 7 * 16 and loss_a == loss_b
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_more_steps_than_rows_make_several_passes():
+    model = _model()
+    opt = make_optimizer("sgd", model.parameters(), lr=0.1, weight_decay=0.0, momentum=0.9)
+    _, samples = train_local(model, opt, _data(n=20), steps=5, batch_size=8,
+                             generator=torch.Generator().manual_seed(0), loss=loss_fn("classification", None, None))
+    assert samples == 40
+
+
+def test_a_peer_without_rows_trains_nothing():
+    model = _model()
+    before = [p.clone() for p in model.parameters()]
+    empty = Batches.from_arrays([], torch.device("cpu"))
+    opt = make_optimizer("adam", model.parameters(), lr=0.1, weight_decay=0.0, momentum=0.0)
+    assert train_local(model, opt, empty, steps=3, batch_size=4, generator=torch.Generator(),
+                       loss=loss_fn("classification", None, None)) == (0.0, 0)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_evaluation_returns_sums_that_add_up_across_peers():
+    model, data = _model(), _data()
+    loss = loss_fn("classification", None, None)
+    whole = evaluate(model, data, task="classification", loss=loss, batch_size=1000)
+    half = len(data) // 2
+    parts = [evaluate(model, Batches(data.features[s], data.targets[s]), task="classification", loss=loss, batch_size=7)
+             for s in (slice(0, half), slice(half, None))]
+    assert whole["val_rows"] == sum(p["val_rows"] for p in parts) == len(data)
+    assert whole["val_correct"] == sum(p["val_correct"] for p in parts)
+    assert whole["val_loss_sum"] == pytest.approx(sum(p["val_loss_sum"] for p in parts), rel=1e-5)
+
+
+def test_regression_loss_is_on_the_standardised_scale():
+    loss = loss_fn("regression", target_mean=100.0, target_std=10.0)
+    out, y = torch.tensor([[110.0], [90.0]]), torch.tensor([100.0, 100.0])
+    assert loss(out, y).item() == pytest.approx(1.0)
+    sums = evaluate(torch.nn.Identity(), Batches(out, y), task="regression", loss=loss)
+    assert sums["val_sq_error_sum"] == pytest.approx(200.0) and sums["val_abs_error_sum"] == pytest.approx(20.0)
