@@ -78,6 +78,7 @@ class LeaseRecord(_Body):
     job_id: str = Field(pattern=JOB_ID_PATTERN)
     round: int = Field(ge=1)
     shards: list[str]
+    roster: list[str] = []  # the peers the shards were dealt among: a peer not in it missed the round
 
 
 class ProgressRecord(_Body):

@@ -52,6 +52,10 @@ class JobStopped(GPUFlexError):
     """The peer is shutting down, or the job can not continue here."""
 
 
+class RoundMissed(Exception):
+    """The round's shards were dealt without this peer: it arrived (or fell) behind the swarm."""
+
+
 def model_to_bytes(model: torch.nn.Module) -> bytes:
     return save_safetensors({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
 
@@ -90,7 +94,15 @@ class JobRunner:
                 logger.info(f"job {self.job.job_id}: joining at round {round_no} from round {base_round}'s model")
             group: list[str] = []
             while round_no <= t.rounds:
-                group, base_model_id = self._round(round_no, model, optimizer, averager, group, base_model_id)
+                try:
+                    group, base_model_id = self._round(round_no, model, optimizer, averager, group, base_model_id)
+                except RoundMissed:
+                    # be on the next round's roster before it is dealt, and take this round's model
+                    logger.info(f"job {self.job.job_id}: round {round_no} went ahead without us, catching up")
+                    self._publish_progress(round_no + 1, "joined", base_model_id=base_model_id)
+                    base_model_id = self._wait_for_merged_model(round_no)
+                    load_model_bytes(model, self.peer.blobs_service.fetch(base_model_id))
+                    group = []
                 round_no += 1
             self._publish_result(model, base_model_id)
         finally:
@@ -100,11 +112,15 @@ class JobRunner:
         t, swarm = self.spec.training, self.spec.swarm
         self._publish_progress(r, "joined", base_model_id=base_model_id)
         roster = self._wait_for_roster(r, previous_group, swarm.min_peers)
+        leases = self.records.read(leases_key(self.job.job_id, r), LeaseRecord)
+        if schedule.missed_round(self.me, [lease.body.roster for lease in leases if lease.author != self.me]):
+            raise RoundMissed(r)
 
         # claim this round's shards (the deal is the same on every peer) and fetch what is missing
         mine = schedule.assign_shards(self.train_ids, roster, seed=t.seed, round_no=r).get(self.me, [])
         self.peer.hold_lease(leases_key(self.job.job_id, r), LeaseRecord(
-            peer_id=self.me, job_id=self.job.job_id, round=r, shards=mine))  # renewed by the heartbeat
+            peer_id=self.me, job_id=self.job.job_id, round=r, shards=mine, roster=sorted(roster),
+        ))  # renewed by the heartbeat
         data = self._load_shards(mine)
 
         started = time.time()
@@ -142,7 +158,7 @@ class JobRunner:
         if len(trained) < 2:
             return [self.me]  # nobody to average with this round: the local model is the round's model
         averager.prepare_round(r, len(trained))
-        gathered = averager.merge(weight=samples, gather={"round": r, "base": base_model_id}, timeout=60.0)
+        gathered = averager.merge(weight=samples, gather={"round": r, "base": base_model_id}, timeout=30.0)
         if gathered is not None:
             return sorted(gathered)
         # no group formed for us (a peer died mid-round, a timeout): adopt the model the others agreed on

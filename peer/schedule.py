@@ -104,6 +104,11 @@ def entry_round(rounds: Mapping[int, RoundState], total_rounds: int) -> tuple[in
     return nxt, (base or None)
 
 
+def missed_round(me: str, rosters_of_others: Iterable[Iterable[str]]) -> bool:
+    """Whether others already dealt this round's shards among a roster that leaves us out."""
+    return any(me not in set(roster) for roster in rosters_of_others)
+
+
 def roster_ready(
     joined: frozenset[str], *, expected: Iterable[str], alive: Iterable[str], min_peers: int
 ) -> bool:

@@ -87,3 +87,9 @@ def test_barrier_waits_for_live_roster_peers_only():
     assert not schedule.barrier_ready("abc", frozenset("ab"), alive="abc")
     assert schedule.barrier_ready("abc", frozenset("ab"), alive="ab")
     assert schedule.barrier_ready("ab", frozenset("abx"), alive="abx")
+
+
+def test_a_peer_left_out_of_a_dealt_roster_has_missed_the_round():
+    assert schedule.missed_round("c", [["a", "b"], ["a", "b"]])
+    assert not schedule.missed_round("c", [["a", "b", "c"]])
+    assert not schedule.missed_round("c", [])  # nobody dealt yet: we are in time

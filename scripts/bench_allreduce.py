@@ -1,0 +1,146 @@
+"""All-reduce of a large flat model among N peer processes on loopback: GPUFlex's round merge
+(hivemind's butterfly all-reduce through ``RoundAverager``, matchmaking included) against
+``torch.distributed`` gloo ``all_reduce`` on the same tensors, in the same run.
+
+    python scripts/bench_allreduce.py --params 10000000 --peers 2 4 --reps 5
+
+Prints a table and writes it, with this command, to docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gpuflex_worker(rank, peers, params, reps, maddrs, barrier, results):
+    os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
+    torch.set_num_threads(1)
+    import hivemind
+
+    from aggregation.averaging import RoundAverager
+
+    if rank == 0:
+        dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        maddrs.extend(str(m) for m in dht.get_visible_maddrs())
+    barrier.wait()
+    if rank != 0:
+        dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=list(maddrs))
+    model = torch.nn.Module()
+    model.weight = torch.nn.Parameter(torch.full((params,), float(rank)))
+    averager = RoundAverager(model, dht, job_id="b" * 24, max_peers=peers)
+    times = []
+    for rep in range(1, reps + 1):
+        barrier.wait()
+        start = time.perf_counter()
+        averager.prepare_round(rep, peers)
+        ok = averager.merge(weight=1.0, gather={}, timeout=300)
+        times.append(time.perf_counter() - start if ok else float("nan"))
+    expected = (peers - 1) / 2
+    correct = abs(model.weight[0].item() - expected) < 1e-5
+    results.put((rank, times, correct))
+    barrier.wait()
+    averager.shutdown()
+    dht.shutdown()
+
+
+def _gloo_worker(rank, peers, params, reps, port, results):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=peers, rank=rank)
+    tensor = torch.full((params,), float(rank))
+    times = []
+    for _ in range(reps):
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(tensor)
+        tensor /= peers
+        times.append(time.perf_counter() - start)
+    results.put((rank, times, True))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _run(target, peers, *args) -> list[float]:
+    ctx = mp.get_context("fork")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(rank, peers, *args, results)) for rank in range(peers)]
+    for p in procs:
+        p.start()
+    gathered = [results.get(timeout=900) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        if p.is_alive():
+            p.kill()
+    if not all(ok for _, _, ok in gathered):
+        raise RuntimeError(f"{target.__name__}: wrong average")
+    # a round ends when its slowest member is done: per repetition, the max over ranks
+    per_rep = [max(times[i] for _, times, _ in gathered) for i in range(len(gathered[0][1]))]
+    return per_rep[1:] if len(per_rep) > 1 else per_rep  # the first repetition warms connections up
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=int, default=10_000_000)
+    parser.add_argument("--peers", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--write", default=str(ROOT / "docs" / "benchmarks.md"))
+    args = parser.parse_args()
+
+    rows = []
+    for peers in args.peers:
+        manager = mp.get_context("fork").Manager()
+        ours = _run(_gpuflex_worker, peers, args.params, args.reps, manager.list(), manager.Barrier(peers))
+        manager.shutdown()
+        gloo = _run(_gloo_worker, peers, args.params, args.reps, _free_port())
+        rows.append((peers, statistics.median(ours), statistics.median(gloo)))
+        print(f"peers={peers}: gpuflex {rows[-1][1]:.3f}s  gloo {rows[-1][2]:.3f}s", flush=True)
+
+    mb = args.params * 4 / 1e6
+    table = [
+        f"All-reduce of {args.params:,} fp32 parameters ({mb:.0f} MB), median of {args.reps - 1} timed repetitions "
+        f"after one warm-up, slowest peer per repetition; {os.cpu_count()} CPU cores, loopback.",
+        "",
+        "| peers | gpuflex round merge (s) | gloo all_reduce (s) | ratio |",
+        "|---:|---:|---:|---:|",
+        *[f"| {p} | {ours:.3f} | {gloo:.3f} | {ours / gloo:.1f}x |" for p, ours, gloo in rows],
+    ]
+    print("\n".join(table))
+    command = "python scripts/bench_allreduce.py " + " ".join(sys.argv[1:])
+    _write_section(Path(args.write), "All-reduce vs gloo", command, table)
+    return 0
+
+
+def _write_section(path: Path, title: str, command: str, table: list[str]) -> None:
+    """Replace (or append) the section ``## title`` of docs/benchmarks.md."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    section = f"## {title}\n\n`{command.strip()}`\n\n" + "\n".join(table) + "\n"
+    head, marker, rest = text.partition(f"## {title}\n")
+    if marker:
+        tail = rest[rest.find("\n## ") + 1 :] if "\n## " in rest else ""
+        text = head + section + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
