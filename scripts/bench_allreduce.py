@@ -39,7 +39,7 @@ def _gpuflex_worker(rank, peers, params, reps, maddrs, barrier, results):
 
     if rank == 0:
         dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-        maddrs.extend(str(m) for m in dht.get_visible_maddrs())
+        maddrs.extend([str(m) for m in dht.get_visible_maddrs()])
     barrier.wait()
     if rank != 0:
         dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=list(maddrs))
@@ -85,7 +85,7 @@ def _run(target, peers, *args) -> list[float]:
     procs = [ctx.Process(target=target, args=(rank, peers, *args, results)) for rank in range(peers)]
     for p in procs:
         p.start()
-    gathered = [results.get(timeout=900) for _ in procs]
+    gathered = [results.get(timeout=300) for _ in procs]
     for p in procs:
         p.join(timeout=60)
         if p.is_alive():
