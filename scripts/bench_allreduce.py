@@ -30,7 +30,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _gpuflex_worker(rank, peers, params, reps, maddrs, barrier, results):
+def _gpuflex_worker(rank, peers, params, reps, part_bytes, maddrs, barrier, results):
     os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
     torch.set_num_threads(1)
     import hivemind
@@ -45,7 +45,7 @@ def _gpuflex_worker(rank, peers, params, reps, maddrs, barrier, results):
         dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=list(maddrs))
     model = torch.nn.Module()
     model.weight = torch.nn.Parameter(torch.full((params,), float(rank)))
-    averager = RoundAverager(model, dht, job_id="b" * 24, max_peers=peers)
+    averager = RoundAverager(model, dht, job_id="b" * 24, max_peers=peers, part_size_bytes=part_bytes)
     times = []
     for rep in range(1, reps + 1):
         barrier.wait()
@@ -102,13 +102,14 @@ def main() -> int:
     parser.add_argument("--params", type=int, default=10_000_000)
     parser.add_argument("--peers", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--part-bytes", type=int, default=2**19, help="hivemind's all-reduce part size")
     parser.add_argument("--write", default=str(ROOT / "docs" / "benchmarks.md"))
     args = parser.parse_args()
 
     rows = []
     for peers in args.peers:
         manager = mp.get_context("fork").Manager()
-        ours = _run(_gpuflex_worker, peers, args.params, args.reps, manager.list(), manager.Barrier(peers))
+        ours = _run(_gpuflex_worker, peers, args.params, args.reps, args.part_bytes, manager.list(), manager.Barrier(peers))
         manager.shutdown()
         gloo = _run(_gloo_worker, peers, args.params, args.reps, _free_port())
         rows.append((peers, statistics.median(ours), statistics.median(gloo)))

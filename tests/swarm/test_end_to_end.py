@@ -89,7 +89,7 @@ def test_a_peer_joining_late_loads_the_swarms_model_and_trains_later_rounds(loca
     local_swarm.start_peer()
     job_file = write_job(tmp_path, digits_csv, training={"rounds": 14, "local_steps": 60})
     with Client(local_swarm.maddrs[0]) as client:
-        job = client.submit(job_file)
+        job = client.submit(load_job_file(job_file))  # a JobSpec object, as the SDK example builds
         local_swarm.wait_for(lambda: job.status()["rounds_done"] >= 2, timeout=180, what="round 2", poll=0.3)
         late_peer = local_swarm.start_peer()
         job.wait(timeout=300)
