@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DIGITS := examples/data/digits.csv
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean prometheus
 
 setup: $(STAMP)
 
@@ -24,8 +24,15 @@ $(DIGITS): | $(STAMP)
 demo: $(STAMP) $(DIGITS)
 	$(PY) scripts/local_swarm.py --peers 3 --job examples/digits-mlp.yaml --out out/demo
 
-test: $(STAMP)
+test: $(STAMP) prometheus
 	$(PY) -m pytest
+
+# The Prometheus integration test scrapes a real server: Debian's package, installed when we are
+# root; otherwise that one test is skipped with its reason.
+prometheus:
+	@command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
+	  >/dev/null; } || echo "prometheus is not installed: its integration test will be skipped"
 
 clean:
 	rm -rf out .pytest_cache

@@ -130,25 +130,42 @@ class JobRunner:
         )
         seconds_training = time.time() - started
         train_loss = train_loss if samples else None  # more peers than shards: this one had no rows
+        metrics, job = self.peer.metrics, self.job.job_id
+        metrics.samples.labels(job).inc(samples)
+        if samples:
+            metrics.samples_per_second.set(samples / max(seconds_training, 1e-9))
+            metrics.train_loss.labels(job).set(train_loss)
         self._publish_progress(
             r, "trained", samples=samples, train_loss=train_loss, base_model_id=base_model_id, shards=mine
         )
 
         # all-reduce with everyone on the roster that is still alive and done training
+        wait_started = time.time()
         trained = self._wait_for_trained(r, roster, deadline=time.time() + max(120.0, 20 * seconds_training))
         merge_started = time.time()
+        metrics.barrier_seconds.observe(merge_started - wait_started)
         group = self._merge(r, model, averager, trained, samples, base_model_id)
         seconds_merging = time.time() - merge_started
+        if len(group) > 1:
+            metrics.allreduce_seconds.observe(seconds_merging)
+            # butterfly: send (n-1)/n of our tensors to their reducers, and as a reducer send our
+            # 1/n share of the average to the n-1 others; receiving mirrors it
+            moved = 2 * averager.total_size * 4 * (len(group) - 1) / len(group)
+            metrics.allreduce_bytes.labels("sent").inc(moved)
+            metrics.allreduce_bytes.labels("received").inc(moved)
 
         # the merged model is this round's checkpoint: store it, serve it, evaluate it
         model_id = self.peer.blobs.put(model_to_bytes(model))
         self.peer.announce([model_id])
         my_val = schedule.assign_shards(self.val_ids, group, seed=t.seed, round_no=r).get(self.me, [])
-        metrics = evaluate(model, self._load_shards(my_val), task=self.manifest.task, loss=self.loss)
+        sums = evaluate(model, self._load_shards(my_val), task=self.manifest.task, loss=self.loss)
         self._publish_progress(
             r, "merged", samples=samples, train_loss=train_loss, base_model_id=base_model_id, model_id=model_id,
-            group=group, shards=mine, seconds_training=seconds_training, seconds_merging=seconds_merging, **metrics,
+            group=group, shards=mine, seconds_training=seconds_training, seconds_merging=seconds_merging, **sums,
         )
+        metrics.rounds.labels(job).inc()
+        if sums["val_rows"] and self.manifest.task == "classification":
+            metrics.val_accuracy.labels(job).set(sums["val_correct"] / sums["val_rows"])
         self.peer.release_lease(leases_key(self.job.job_id, r))
         logger.info(f"job {self.job.job_id}: round {r}/{t.rounds} done, loss {train_loss:.4f}, group {len(group)}")
         return group, model_id

@@ -31,6 +31,7 @@ from peer.blobs import BlobStore
 from peer.device import device_name, measure_samples_per_sec, pick_device
 from peer.intake import JobIntake
 from peer.loop import LoopThread
+from peer.metrics import PeerMetrics
 from peer.transfer import PROVIDER_TTL, BlobService
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class PeerConfig:
     listen: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
     initial_peers: list[str] = field(default_factory=list)
     device: str | None = None
+    metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
 
 
 class Peer:
@@ -61,6 +63,9 @@ class Peer:
         self._finished_jobs: set[str] = set()
         self._served: set[str] = set()
         self._announced_at = 0.0
+        self.jobs_seen = 0
+        self.metrics = PeerMetrics(self)
+        self.metrics_url: str | None = None
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> "Peer":
@@ -81,12 +86,16 @@ class Peer:
         self._served.update(self.blobs.ids())  # after a restart, what is on disk is served again
         self.reference_samples_per_sec = measure_samples_per_sec(self.device)
         self._publish_peer_record()  # visible at once; blobs are (re)announced by the heartbeat thread
+        if self.config.metrics_port is not None:
+            port = self.metrics.serve(self.config.metrics_port)
+            self.metrics_url = f"http://127.0.0.1:{port}/metrics"
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="gpuflex-heartbeat", daemon=True)
         self._heartbeat.start()
         return self
 
     def shutdown(self) -> None:
         self.stopping.set()
+        self.metrics.stop()
         if hasattr(self, "_heartbeat"):
             self._heartbeat.join(timeout=HEARTBEAT_S + 1)
         if hasattr(self, "loop"):
@@ -120,6 +129,7 @@ class Peer:
 
     def _next_job(self) -> JobRecord | None:
         jobs = {s.body.job_id: s.body for s in self.records.read(JOBS_KEY, JobRecord)}
+        self.jobs_seen = len(jobs)
         staffing = Counter(job for s in self.records.read(PEERS_KEY, PeerRecord) for job in s.body.jobs)
         views = []
         for job in jobs.values():
@@ -158,6 +168,10 @@ class Peer:
         with self._lock:
             self._leases[key] = lease
         self.records.publish(key, lease, ttl=LEASE_TTL)
+
+    def leases_held(self) -> int:
+        with self._lock:
+            return len(self._leases)
 
     def release_lease(self, key: str) -> None:
         with self._lock:

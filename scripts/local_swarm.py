@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 MADDR_LINE = re.compile(r"^listening on (/ip4/127\.0\.0\.1/\S+)$")
+METRICS_LINE = re.compile(r"^metrics on (http://\S+)$")
 
 
 def gpuflex_command() -> list[str]:
@@ -38,6 +39,7 @@ class LocalSwarm:
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.procs: list[subprocess.Popen] = []
         self.maddrs: list[str] = []
+        self.metrics_urls: list[str] = []
 
     def __enter__(self) -> "LocalSwarm":
         return self
@@ -57,6 +59,8 @@ class LocalSwarm:
         self.procs.append(proc)
         deadline = time.time() + timeout
         for line in proc.stdout:  # the peer prints its addresses once it is up
+            if METRICS_LINE.match(line.strip()):
+                self.metrics_urls.append(METRICS_LINE.match(line.strip()).group(1))
             match = MADDR_LINE.match(line.strip())
             if match:
                 self.maddrs.append(match.group(1))

@@ -37,6 +37,7 @@ def peer(
     initial_peers: List[str] = typer.Option([], "--initial-peers", help="Multiaddr(s) of peers to join through."),
     data_dir: Path = typer.Option(Path("~/.gpuflex/peer"), "--data-dir", help="Identity key, blobs, state."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, mps or cpu (default: best available)."),
+    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics here (0: any)."),
     log_level: str = typer.Option("INFO", "--log-level"),
 ) -> None:
     """Run a peer: join the swarm, advertise this box, and train the jobs it picks."""
@@ -44,12 +45,17 @@ def peer(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from peer.runtime import Peer, PeerConfig
 
-    node = Peer(PeerConfig(data_dir=data_dir.expanduser(), listen=listen, initial_peers=initial_peers, device=device))
+    node = Peer(PeerConfig(
+        data_dir=data_dir.expanduser(), listen=listen, initial_peers=initial_peers, device=device,
+        metrics_port=metrics_port,
+    ))
     # SIGTERM and Ctrl-C stop the peer between steps instead of killing it mid-write
     signal.signal(signal.SIGTERM, lambda *_: node.stopping.set())
     try:
         node.start()
         typer.echo(f"peer {node.records.peer_id} on {node.device} ({node.reference_samples_per_sec:,.0f} ref samples/s)")
+        if node.metrics_url:
+            typer.echo(f"metrics on {node.metrics_url}")
         for maddr in node.maddrs:
             typer.echo(f"listening on {maddr}")
         sys.stdout.flush()

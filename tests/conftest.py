@@ -11,6 +11,7 @@ import os
 
 import psutil
 import pytest
+import yaml
 
 os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
 
@@ -44,3 +45,26 @@ def digits_csv(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "digits.csv"
     write_digits_csv(path)
     return path
+
+
+@pytest.fixture
+def digits_job(tmp_path, digits_csv):
+    """Writes the issue's digits job file (with ``section={field: value}`` overrides); returns its path."""
+
+    def write(**overrides) -> str:
+        job = {
+            "name": "digits-mlp",
+            "task": "classification",
+            "model": {"catalog": "mlp", "hidden": [128, 64]},
+            "data": {"path": str(digits_csv), "format": "csv", "label_column": "label", "validation_fraction": 0.2},
+            "training": {"rounds": 10, "local_steps": 20, "batch_size": 32, "optimizer": "adam", "lr": 0.001,
+                         "seed": 0},
+            "swarm": {"min_peers": 2, "max_peers": 8},
+        }
+        for section, values in overrides.items():
+            job[section] = {**job[section], **values} if isinstance(values, dict) else values
+        path = tmp_path / "job.yaml"
+        path.write_text(yaml.safe_dump(job))
+        return str(path)
+
+    return write

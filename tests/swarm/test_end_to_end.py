@@ -7,7 +7,6 @@ import re
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from swarm.catalog import build_model
@@ -16,22 +15,6 @@ from swarm.shards import decode_shard, shard_dataset
 from swarm.spec import load_job_file
 
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(420)]
-
-
-def write_job(tmp_path, digits_csv, **overrides) -> str:
-    job = {
-        "name": "digits-mlp",
-        "task": "classification",
-        "model": {"catalog": "mlp", "hidden": [128, 64]},
-        "data": {"path": str(digits_csv), "format": "csv", "label_column": "label", "validation_fraction": 0.2},
-        "training": {"rounds": 10, "local_steps": 20, "batch_size": 32, "optimizer": "adam", "lr": 0.001, "seed": 0},
-        "swarm": {"min_peers": 2, "max_peers": 8},
-    }
-    for section, values in overrides.items():
-        job[section] = {**job[section], **values} if isinstance(values, dict) else values
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    return str(path)
 
 
 def validation_accuracy(job_file: str, model_file) -> float:
@@ -51,10 +34,10 @@ def validation_accuracy(job_file: str, model_file) -> float:
     return correct / rows
 
 
-def test_three_peers_train_digits_submitted_via_one_peer_fetched_via_another(local_swarm, digits_csv, tmp_path):
+def test_three_peers_train_digits_submitted_via_one_peer_fetched_via_another(local_swarm, digits_job, tmp_path):
     for _ in range(3):
         local_swarm.start_peer()
-    job_file = write_job(tmp_path, digits_csv)
+    job_file = digits_job()
 
     submitted = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0])
     job_id = submitted.stdout.strip()
@@ -82,12 +65,12 @@ def test_three_peers_train_digits_submitted_via_one_peer_fetched_via_another(loc
     )
 
 
-def test_a_peer_joining_late_loads_the_swarms_model_and_trains_later_rounds(local_swarm, digits_csv, tmp_path):
+def test_a_peer_joining_late_loads_the_swarms_model_and_trains_later_rounds(local_swarm, digits_job, tmp_path):
     from swarm.client import Client
 
     local_swarm.start_peer()
     local_swarm.start_peer()
-    job_file = write_job(tmp_path, digits_csv, training={"rounds": 14, "local_steps": 60})
+    job_file = digits_job(training={"rounds": 14, "local_steps": 60})
     with Client(local_swarm.maddrs[0]) as client:
         job = client.submit(load_job_file(job_file))  # a JobSpec object, as the SDK example builds
         local_swarm.wait_for(lambda: job.status()["rounds_done"] >= 2, timeout=180, what="round 2", poll=0.3)
@@ -103,14 +86,14 @@ def test_a_peer_joining_late_loads_the_swarms_model_and_trains_later_rounds(loca
     assert report["final"]["val_accuracy"] >= 0.90
 
 
-def test_a_bad_job_file_is_one_clear_line_and_nothing_is_published(local_swarm, digits_csv, tmp_path):
+def test_a_bad_job_file_is_one_clear_line_and_nothing_is_published(local_swarm, digits_job, tmp_path):
     maddr = local_swarm.start_peer()
-    bad = write_job(tmp_path, digits_csv, data={"label_column": "digit"})
+    bad = digits_job(data={"label_column": "digit"})
     done = local_swarm.cli("job", "submit", bad, "--peer", maddr, check=False)
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
     assert "data.label_column" in done.stderr and "digit" in done.stderr
-    typo = write_job(tmp_path, digits_csv, training={"learning_rate": 0.1})
+    typo = digits_job(training={"learning_rate": 0.1})
     done = local_swarm.cli("job", "submit", typo, "--peer", maddr, check=False)
     assert done.returncode == 1 and "training.learning_rate" in done.stderr
     assert local_swarm.cli("job", "list", "--peer", maddr).stdout.strip() == ""
