@@ -110,6 +110,44 @@ def job_status(
     typer.echo(f"  peers {len(status['peers_done'])}/{len(status['peers'])} done this round (min {status['min_peers']})")
 
 
+@job_app.command("watch")
+def job_watch(
+    job_id: str,
+    peer: str = PeerOption,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON status line per update instead."),
+    every: float = typer.Option(1.5, "--every", help="Seconds between updates."),
+) -> None:
+    """Follow a job live until it ends: round, loss, validation, ETA and every peer."""
+    import time
+
+    from swarm.client import Client
+
+    try:
+        with Client(peer) as client:
+            if as_json:
+                while True:
+                    status = client.status(job_id)
+                    typer.echo(json.dumps(status, sort_keys=True))
+                    if status["state"] == "finished":
+                        return
+                    time.sleep(every)
+            from rich.console import Console
+            from rich.live import Live
+
+            from swarm.watch import render
+
+            status = client.status(job_id)
+            with Live(render(status), console=Console(), refresh_per_second=4) as live:
+                while status["state"] != "finished":
+                    time.sleep(every)
+                    status = client.status(job_id)
+                    live.update(render(status))
+    except GPUFlexError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        pass
+
+
 @job_app.command("result")
 def job_result(
     job_id: str,

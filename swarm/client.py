@@ -19,11 +19,24 @@ from pathlib import Path
 
 from dht.errors import GPUFlexError
 from dht.identity import load_or_create_identity
-from dht.records import JOBS_KEY, PEERS_KEY, JobRecord, PeerRecord, ProgressRecord, ProviderRecord, ResultRecord
-from dht.records import progress_key, provider_key, result_key
+from dht.records import (
+    JOBS_KEY,
+    PEERS_KEY,
+    JobRecord,
+    LeaseRecord,
+    PeerRecord,
+    ProgressRecord,
+    ProviderRecord,
+    ResultRecord,
+    leases_key,
+    progress_key,
+    provider_key,
+    result_key,
+)
 from dht.store import RecordStore
 from peer.intake import send_submission
 from peer.loop import LoopThread
+from peer.runtime import PEER_TTL
 from peer.transfer import BlobUnavailable, download_blob
 from swarm.report import job_status, round_summary
 from swarm.spec import JobSpec, load_job_file
@@ -110,8 +123,28 @@ class Client:
                 break
             rounds.append(round_summary(r, progress, job.spec["task"]))
         results = [s.body for s in self.records.read(result_key(job_id), ResultRecord)]
-        live = len(self.records.read(PEERS_KEY, PeerRecord))
-        return job_status(job, rounds, results, live)
+        peers = {s.author: s for s in self.records.read(PEERS_KEY, PeerRecord)}
+        status = job_status(job, rounds, results, len(peers))
+        # one row per peer of the current round: what it is, how fast, how much data, last heartbeat
+        shards = {}
+        if status["round"]:
+            shards = {s.author: len(s.body.shards) for s in self.records.read(leases_key(job_id, status["round"]),
+                                                                              LeaseRecord)}
+            shards.update(rounds[-1]["shards"])
+        now = time.time()
+        status["peer_rows"] = [
+            {
+                "peer_id": peer_id,
+                "device": peers[peer_id].body.device if peer_id in peers else None,
+                "device_name": peers[peer_id].body.device_name if peer_id in peers else None,
+                "samples_per_sec": peers[peer_id].body.samples_per_sec if peer_id in peers else None,
+                "shards": shards.get(peer_id),
+                "done": peer_id in status["peers_done"],
+                "last_seen_s": now - (peers[peer_id].expiration_time - PEER_TTL) if peer_id in peers else None,
+            }
+            for peer_id in status["peers"]
+        ]
+        return status
 
     # ---------------------------------------------------------------- result
     def result(self, job_id: str, out_dir: str | os.PathLike) -> ResultFiles:

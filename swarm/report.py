@@ -90,6 +90,15 @@ def job_status(job: JobRecord, rounds: list[dict], results: list[ResultRecord], 
     else:
         state = "running"
     last = done[-1] if done else {}
+    finished_times = [r["finished_at"] for r in done if r["finished_at"]]
+    eta = None
+    if state == "running" and len(finished_times) >= 2:  # measured rounds, not a guess
+        per_round = (finished_times[-1] - finished_times[0]) / (len(finished_times) - 1)
+        eta = per_round * (total - len(done))
+    history = [
+        {"round": r["round"], "train_loss": r["train_loss"], **{k: v for k, v in r.items() if k.startswith("val_")}}
+        for r in done
+    ]
     return {
         "job_id": job.job_id,
         "name": job.spec["name"],
@@ -104,4 +113,6 @@ def job_status(job: JobRecord, rounds: list[dict], results: list[ResultRecord], 
         "min_peers": job.spec["swarm"]["min_peers"],
         "live_peers": live_peers,
         "model_id": agreed[0][0] if agreed else None,
+        "eta_s": eta,
+        "history": history,
     }

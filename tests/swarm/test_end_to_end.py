@@ -43,8 +43,15 @@ def test_three_peers_train_digits_submitted_via_one_peer_fetched_via_another(loc
     job_id = submitted.stdout.strip()
     assert re.fullmatch(r"[0-9a-f]{24}", job_id), submitted.stdout
 
-    local_swarm.wait_for(lambda: local_swarm.status(job_id, via=1)["state"] == "finished", timeout=300,
-                         what="the job to finish")
+    # `job watch --json` follows the job through another peer and exits by itself when it ends
+    watched = local_swarm.cli("job", "watch", job_id, "--peer", local_swarm.maddrs[1], "--json", "--every", "0.5",
+                              timeout=300)
+    updates = [json.loads(line) for line in watched.stdout.splitlines()]
+    assert updates[-1]["state"] == "finished" and updates[-1]["rounds_done"] == 10
+    progress = [u["rounds_done"] for u in updates]
+    assert progress == sorted(progress) and len(set(progress)) > 2  # it saw the rounds go by
+    assert any(len(u["peer_rows"]) == 3 and all(r["device"] == "cpu" for r in u["peer_rows"]) for u in updates)
+    assert [h["round"] for h in updates[-1]["history"]] == list(range(1, 11))
     human = local_swarm.cli("job", "status", job_id, "--peer", local_swarm.maddrs[1]).stdout
     assert "finished" in human and "round 10/10" in human
 
