@@ -165,6 +165,8 @@ def job_result(
     report = json.loads(files.report.read_text())
     typer.echo(f"model   {files.model}  (sha256 {files.model_id[:16]}…, verified)")
     typer.echo(f"report  {files.report}")
+    for extra in files.extras:
+        typer.echo(f"        {extra}")
     for key, value in sorted(report.get("final", {}).items()):
         typer.echo(f"  {key} {value:.4f}" if isinstance(value, float) else f"  {key} {value}")
 

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dht.errors import GPUFlexError
@@ -39,6 +39,7 @@ from peer.loop import LoopThread
 from peer.runtime import PEER_TTL
 from peer.transfer import BlobUnavailable, download_blob
 from swarm.report import job_status, round_summary
+from swarm.report_files import write_report_files
 from swarm.spec import JobSpec, load_job_file
 
 
@@ -71,6 +72,7 @@ class ResultFiles:
     report: Path
     model_id: str
     verified: bool
+    extras: list[Path] = field(default_factory=list)  # report.md, curves.png, contributions.png
 
 
 class Client:
@@ -181,7 +183,8 @@ class Client:
         out.mkdir(parents=True, exist_ok=True)
         (out / "model.safetensors").write_bytes(model_bytes)
         (out / "report.json").write_bytes(report_bytes)
-        return ResultFiles(out, out / "model.safetensors", out / "report.json", model_id, verified=True)
+        extras = write_report_files(report, out)  # report.md and plots, drawn here from the verified report
+        return ResultFiles(out, out / "model.safetensors", out / "report.json", model_id, verified=True, extras=extras)
 
     # ---------------------------------------------------------------- helpers
     def _job(self, job_id: str, missing_ok: bool = False) -> JobRecord | None:

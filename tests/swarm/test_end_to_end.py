@@ -58,6 +58,9 @@ def test_three_peers_train_digits_submitted_via_one_peer_fetched_via_another(loc
     out = tmp_path / "out"
     fetched = local_swarm.cli("job", "result", job_id, "--peer", local_swarm.maddrs[2], "-o", str(out)).stdout
     assert "verified" in fetched
+    for picture in ("curves.png", "contributions.png"):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert job_id in (out / "report.md").read_text()
     report = json.loads((out / "report.json").read_text())
     assert report["job_id"] == job_id
     assert report["final"]["val_accuracy"] >= 0.90
