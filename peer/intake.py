@@ -23,7 +23,7 @@ from dht.records import JOBS_KEY, JobRecord
 from dht.store import RecordStore
 from peer.blobs import BlobStore
 from swarm.shards import DatasetManifest
-from swarm.spec import JobSpec
+from swarm.spec import BLOB_REF, JobSpec
 
 JOB_SUBMIT = "gpuflex.job.submit.v1"
 JOB_TTL = 7 * 24 * 3600.0
@@ -88,9 +88,11 @@ class JobIntake:
                     raise JobRejected("the dataset manifest is not in canonical form (its hash is not its id)")
                 spec = JobSpec.from_dict(header["spec"], source="submitted job")
                 wanted = {s.id for s in manifest.shards}
+                init = spec.model.init_from  # warm-start weights may come along (or already be in the swarm)
+                optional = {init[len(BLOB_REF):]} if init and init.startswith(BLOB_REF) else set()
                 continue
             blob_id = item["blob"]
-            if blob_id not in wanted:
+            if blob_id not in wanted | optional:
                 raise JobRejected(f"shard {blob_id[:12]} is not listed in the dataset manifest")
             partial.setdefault(blob_id, []).append(item["data"])
             if item["last"]:

@@ -36,7 +36,7 @@ from peer.local_training import Batches, evaluate, loss_fn, make_optimizer, roun
 from swarm.catalog import build_model
 from swarm.report import build_report, round_summary
 from swarm.shards import DatasetManifest, decode_shard
-from swarm.spec import JobSpec
+from swarm.spec import BLOB_REF, JobSpec
 
 if TYPE_CHECKING:
     from peer.runtime import Peer
@@ -78,6 +78,8 @@ class JobRunner:
     def run(self) -> None:
         t, device = self.spec.training, self.peer.device
         model = build_model(self.spec.model, self.manifest, seed=t.seed).to(device)
+        if self.spec.model.init_from:  # warm start from a previous result or pretrained weights
+            load_model_bytes(model, self.peer.blobs_service.fetch(self.spec.model.init_from.removeprefix(BLOB_REF)))
         optimizer = make_optimizer(
             t.optimizer, model.parameters(), lr=t.lr, weight_decay=t.weight_decay, momentum=t.momentum
         )

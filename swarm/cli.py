@@ -69,7 +69,11 @@ def peer(
 
 
 @job_app.command("submit")
-def job_submit(job_file: Path = typer.Argument(..., help="The job's YAML file."), peer: str = PeerOption) -> None:
+def job_submit(
+    job_file: Path = typer.Argument(..., help="The job's YAML file."),
+    peer: str = PeerOption,
+    from_job: Optional[str] = typer.Option(None, "--from", help="Start from this finished job's model."),
+) -> None:
     """Validate the job file, shard the dataset, hand it to a peer; prints the job id."""
     from swarm.spec import load_job_file
 
@@ -78,7 +82,7 @@ def job_submit(job_file: Path = typer.Argument(..., help="The job's YAML file.")
         from swarm.client import Client
 
         with Client(peer) as client:
-            job = client.submit(spec)
+            job = client.submit(spec, from_job=from_job)
     except GPUFlexError as e:
         _fail(e)
     typer.echo(job.job_id)

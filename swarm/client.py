@@ -8,6 +8,7 @@ does not have to be trusted, and does not have to be the one that took the job.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -40,7 +41,7 @@ from peer.runtime import PEER_TTL
 from peer.transfer import BlobUnavailable, download_blob
 from swarm.report import job_status, round_summary
 from swarm.report_files import write_report_files
-from swarm.spec import JobSpec, load_job_file
+from swarm.spec import BLOB_REF, JobSpec, load_job_file
 
 
 class JobNotFound(GPUFlexError):
@@ -53,6 +54,24 @@ class ResultNotReady(GPUFlexError):
 
 class ResultUnverified(GPUFlexError):
     """The downloaded result does not match what the swarm's signed records say."""
+
+
+class InitialWeightsMismatch(GPUFlexError):
+    """``model.init_from`` (or ``--from``) does not fit the job's model."""
+
+
+def check_initial_weights(spec: JobSpec, manifest, data: bytes) -> None:
+    """Load the warm-start weights into the job's model here, so a mismatch fails before submit."""
+    from safetensors.torch import load as load_safetensors
+
+    from swarm.catalog import build_model
+
+    model = build_model(spec.model, manifest, seed=spec.training.seed)
+    try:
+        model.load_state_dict(load_safetensors(data))
+    except Exception as e:  # safetensors' or torch's own words on what does not fit
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InitialWeightsMismatch(f"model.init_from: the weights do not fit this model ({first[:200]})") from None
 
 
 class BadPeerAddress(GPUFlexError):
@@ -98,8 +117,12 @@ class Client:
         self.close()
 
     # ---------------------------------------------------------------- submit
-    def submit(self, job: str | os.PathLike | JobSpec) -> "Job":
-        """Cut the dataset into shards, hand everything to the peer, return once the job is published."""
+    def submit(self, job: str | os.PathLike | JobSpec, *, from_job: str | None = None) -> "Job":
+        """Cut the dataset into shards, hand everything to the peer, return once the job is published.
+
+        ``from_job`` (or ``model.init_from`` in the spec) starts training from a previous result
+        instead of fresh weights; it is checked against the model before anything is sent.
+        """
         from swarm.datasets import load_dataset
         from swarm.shards import shard_dataset
 
@@ -108,6 +131,17 @@ class Client:
         manifest, blobs = shard_dataset(dataset, spec)
         public = spec.to_dict()
         public["data"]["path"] = Path(spec.data.path).name  # the consumer's directory layout stays private
+        init = None
+        if from_job is not None:
+            model_id = self._agreed_model_id(from_job)
+            init = (model_id, self._download(model_id))  # already in the swarm: check it, do not resend
+        elif spec.model.init_from is not None and not spec.model.init_from.startswith(BLOB_REF):
+            data = Path(spec.model.init_from).read_bytes()
+            init = (hashlib.sha256(data).hexdigest(), data)
+            blobs = {**blobs, init[0]: data}
+        if init is not None:
+            check_initial_weights(spec, manifest, init[1])
+            public["model"]["init_from"] = BLOB_REF + init[0]
         job_id = self.loop.run(send_submission(self.p2p, self.peer_id, public, manifest.to_bytes(), blobs), timeout=600)
         self._wait(lambda: self._job(job_id, missing_ok=True), timeout=30, what=f"job {job_id} to appear in the DHT")
         return Job(self, job_id)
@@ -151,19 +185,8 @@ class Client:
     # ---------------------------------------------------------------- result
     def result(self, job_id: str, out_dir: str | os.PathLike) -> ResultFiles:
         """Download the final model and report, verified against the final round's signed records."""
-        job = self._job(job_id)
-        final_round = job.spec["training"]["rounds"]
+        model_id = self._agreed_model_id(job_id)
         results = [s.body for s in self.records.read(result_key(job_id), ResultRecord)]
-        if not results:
-            raise ResultNotReady(f"job {job_id} has no result yet (see `gpuflex job status {job_id}`)")
-        # the model the final round's group agreed on, by their own signed progress records
-        merged = [s.body for s in self.records.read(progress_key(job_id, final_round), ProgressRecord)]
-        votes = Counter(p.model_id for p in merged if p.phase == "merged" and p.model_id)
-        if not votes:
-            raise ResultNotReady(f"job {job_id}: the final round's records are not readable yet")
-        model_id, count = votes.most_common(1)[0]
-        if count * 2 <= sum(votes.values()):
-            raise ResultUnverified(f"job {job_id}: the final round's peers disagree on the model ({dict(votes)})")
         candidates = [r for r in results if r.model_id == model_id]
         if not candidates:
             raise ResultUnverified(f"job {job_id}: no result record names the model the final round agreed on")
@@ -187,6 +210,21 @@ class Client:
         return ResultFiles(out, out / "model.safetensors", out / "report.json", model_id, verified=True, extras=extras)
 
     # ---------------------------------------------------------------- helpers
+    def _agreed_model_id(self, job_id: str) -> str:
+        """The final model of a finished job: the hash a majority of its last round signed."""
+        job = self._job(job_id)
+        if not self.records.read(result_key(job_id), ResultRecord):
+            raise ResultNotReady(f"job {job_id} has no result yet (see `gpuflex job status {job_id}`)")
+        final_round = job.spec["training"]["rounds"]
+        merged = [s.body for s in self.records.read(progress_key(job_id, final_round), ProgressRecord)]
+        votes = Counter(p.model_id for p in merged if p.phase == "merged" and p.model_id)
+        if not votes:
+            raise ResultNotReady(f"job {job_id}: the final round's records are not readable yet")
+        model_id, count = votes.most_common(1)[0]
+        if count * 2 <= sum(votes.values()):
+            raise ResultUnverified(f"job {job_id}: the final round's peers disagree on the model ({dict(votes)})")
+        return model_id
+
     def _job(self, job_id: str, missing_ok: bool = False) -> JobRecord | None:
         for signed in self.records.read(JOBS_KEY, JobRecord):
             if signed.body.job_id == job_id:

@@ -58,6 +58,9 @@ class _FieldError(ValueError):
         self.field = field
 
 
+BLOB_REF = "sha256:"  # how a submitted job names a blob the swarm holds (e.g. model.init_from)
+
+
 class ModelSpec(BaseModel):
     """Which network to train: one catalog architecture, or a user build function."""
 
@@ -75,6 +78,9 @@ class ModelSpec(BaseModel):
     heads: PositiveInt = 4  # transformer
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     options: dict[str, Any] = Field(default_factory=dict)  # kwargs for a custom build function
+    # Warm start: a safetensors file of this architecture (a previous result, pretrained weights).
+    # The consumer names a local path; the submitted job names the blob: "sha256:<hex>".
+    init_from: str | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -222,6 +228,14 @@ def load_job_file(path: str | Path) -> JobSpec:
     if not data_path.exists():
         raise JobSpecError(f"{source}: data.path: {spec.data.path!r} not found (looked for {data_path})")
     spec = spec.model_copy(update={"data": spec.data.model_copy(update={"path": str(data_path)})})
+
+    init_from = spec.model.init_from
+    if init_from is not None and not init_from.startswith(BLOB_REF):
+        init_path = Path(init_from).expanduser()
+        init_path = (init_path if init_path.is_absolute() else path.parent.resolve() / init_path).resolve()
+        if not init_path.is_file():
+            raise JobSpecError(f"{source}: model.init_from: {init_from!r} not found (looked for {init_path})")
+        spec = spec.model_copy(update={"model": spec.model.model_copy(update={"init_from": str(init_path)})})
 
     try:
         inspect_columns(spec.data)

@@ -74,6 +74,17 @@ def test_three_peers_train_digits_submitted_via_one_peer_fetched_via_another(loc
         report["final"]["val_accuracy"], abs=1e-9
     )
 
+    # iterate: a new job that starts from this result (already in the swarm, nothing re-sent)
+    again = digits_job(training={"rounds": 2})
+    warm_id = local_swarm.cli("job", "submit", again, "--peer", local_swarm.maddrs[1], "--from", job_id).stdout.strip()
+    local_swarm.wait_for(lambda: local_swarm.status(warm_id)["state"] == "finished", timeout=120, what="warm job")
+    warm = local_swarm.status(warm_id)["history"]
+    assert warm[0]["val_accuracy"] >= 0.9  # a fresh model scores ~0.7 after one round
+    # weights that do not fit the model are refused before anything is sent
+    other = digits_job(model={"hidden": [32]})
+    refused = local_swarm.cli("job", "submit", other, "--peer", local_swarm.maddrs[1], "--from", job_id, check=False)
+    assert refused.returncode == 1 and "model.init_from" in refused.stderr and "Traceback" not in refused.stderr
+
 
 def test_a_peer_joining_late_loads_the_swarms_model_and_trains_later_rounds(local_swarm, digits_job, tmp_path):
     from swarm.client import Client

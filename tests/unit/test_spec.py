@@ -142,3 +142,19 @@ def test_top_level_list(tmp_path):
 
 def test_missing_job_file(tmp_path):
     assert error_of(tmp_path / "nope.yaml") == "job file not found"
+
+
+def test_init_from_must_exist_and_is_resolved_next_to_the_job_file(tmp_path):
+    (tmp_path / "d.csv").write_text("a,label\n1,0\n2,1\n3,0\n4,1\n")
+    job = tmp_path / "job.yaml"
+    body = ("name: w\ntask: classification\nmodel: {{catalog: mlp, init_from: {init}}}\n"
+            "data: {{path: d.csv, format: csv, label_column: label}}\n"
+            "training: {{rounds: 1, local_steps: 1, batch_size: 1, lr: 0.1}}\n")
+    job.write_text(body.format(init="prev/model.safetensors"))
+    with pytest.raises(JobSpecError, match="model.init_from"):
+        load_job_file(job)
+    (tmp_path / "prev").mkdir()
+    (tmp_path / "prev" / "model.safetensors").write_bytes(b"x")
+    assert load_job_file(job).model.init_from == str(tmp_path / "prev" / "model.safetensors")
+    job.write_text(body.format(init="sha256:" + "a" * 64))  # a blob the swarm holds: left as it is
+    assert load_job_file(job).model.init_from == "sha256:" + "a" * 64
