@@ -11,11 +11,12 @@ setup: $(STAMP)
 
 # torch first and pinned: the CPU wheel of 2.13 is what we test on; a looser pin pulled in
 # transitively can fetch a multi-GB CUDA build instead.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml package-lock.json
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==2.13.*"
 	$(PY) -m pip install --quiet -e '.[dev]'
+	npm ci --no-audit --no-fund --loglevel=error   # anvil, the local dev chain (package-lock.json)
 	touch $(STAMP)
 
 $(DIGITS): | $(STAMP)
