@@ -7,12 +7,15 @@ leader starts the all-reduce as soon as everyone is in instead of waiting out th
 window.
 
 The tensors hivemind averages live in shared CPU memory; the model may live on a GPU. ``merge``
-copies the model's parameters in, runs the weighted all-reduce and copies the result back.
+copies the given tensors in (the model's parameters, or DiLoCo's pseudo-gradients), runs the
+weighted all-reduce and copies the result back. The job file picks the reducer each part's
+reducer applies (``aggregation.reduce``: mean, trimmed mean, CenteredClip) and the codec of what
+crosses the network (``aggregation.compression``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import hivemind
 import torch
@@ -24,6 +27,9 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
 from hivemind.utils.mpfuture import MPFuture
+
+from aggregation.compression import make_compression  # also installs the numpy-2.4-safe 8-bit decoder
+from aggregation.reduce import ReducerConfigError, RobustPartReducer, get_reducer
 
 ROUND_BITS = 24  # rounds up to 16.7M; the bits are just a namespace inside the job's prefix
 
@@ -39,20 +45,33 @@ class ExactAllReduceRunner(AllReduceRunner):
     Only the two places that form the delta differ from upstream.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, reducer: str = "mean", reducer_options: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.tensor_part_container.return_deltas = False  # a failed part falls back to the local part
+        if reducer != "mean":  # upstream's streaming weighted sum is the mean; robust ones need every row
+            upstream = self.tensor_part_reducer
+            upstream.finished.set()  # never used: keep its destructor from reporting missing inputs
+            self.tensor_part_reducer = RobustPartReducer(
+                upstream.part_shapes, upstream.num_senders, reducer, **(reducer_options or {})
+            )
 
     async def _communicate_with_peer(self, peer_id):
         if peer_id != self.peer_id:
             return await super()._communicate_with_peer(peer_id)
         peer_index = self.ordered_peer_ids.index(peer_id)
         sender_index = self.sender_peer_ids.index(peer_id)
-        for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
-            averaged_part = await self.tensor_part_reducer.accumulate_part(
-                sender_index, part_index, tensor_part, weight=self.weight
-            )
-            self.tensor_part_container.register_processed_part(peer_index, part_index, averaged_part)
+        codec = self.tensor_part_container.compression.compression_type
+        try:
+            for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
+                averaged_part = await self.tensor_part_reducer.accumulate_part(
+                    sender_index, part_index, tensor_part, weight=self.weight
+                )
+                # the others get this part through the codec: keep exactly what they get
+                averaged_part = deserialize_torch_tensor(serialize_torch_tensor(averaged_part, codec))
+                self.tensor_part_container.register_processed_part(peer_index, part_index, averaged_part)
+        except BaseException:
+            self.tensor_part_container.register_failed_reducer(peer_index)
+            raise
 
     async def _accumulate_parts_streaming(self, stream, sender_index: int):
         part_index = 0
@@ -77,11 +96,31 @@ class ExactAllReduceRunner(AllReduceRunner):
 
 
 class RoundAverager(DecentralizedAverager):
-    """A ``DecentralizedAverager`` whose group key and target size are set per round."""
+    """A ``DecentralizedAverager`` whose group key and target size are set per round.
 
-    def __init__(self, model: torch.nn.Module, dht: hivemind.DHT, *, job_id: str, max_peers: int, **kwargs):
-        self._params = [p for p in model.parameters()]
-        tensors = [p.detach().to("cpu", torch.float32, copy=True) for p in self._params]
+    ``template``: tensors of the shapes that will be merged (the model's parameters).
+    """
+
+    def __init__(
+        self,
+        template: Sequence[torch.Tensor],
+        dht: hivemind.DHT,
+        *,
+        job_id: str,
+        max_peers: int,
+        reducer: str = "mean",
+        reducer_options: dict | None = None,
+        compression: str = "none",
+        **kwargs,
+    ):
+        try:  # a bad name or option fails here, before any process starts, not mid-round
+            get_reducer(reducer, **(reducer_options or {}))
+        except ReducerConfigError:
+            self._parent_pid = None  # hivemind's __del__ reads it; the averager never started
+            raise
+        self._reducer, self._reducer_options = reducer, dict(reducer_options or {})
+        tensors = [t.detach().to("cpu", torch.float32, copy=True) for t in template]
+        kwargs.setdefault("compression", make_compression(compression))
         kwargs.setdefault("min_matchmaking_time", 2.0)
         kwargs.setdefault("request_timeout", 1.0)
         kwargs.setdefault("allreduce_timeout", 120.0)
@@ -117,6 +156,8 @@ class RoundAverager(DecentralizedAverager):
         """As upstream, with ``ExactAllReduceRunner`` and ``copy_`` instead of ``add_``."""
         group_id = group_info.group_id if group_id is None else group_id
         runner = ExactAllReduceRunner(
+            reducer=self._reducer,
+            reducer_options=self._reducer_options,
             p2p=self._p2p,
             servicer_type=type(self),
             prefix=self.prefix,
@@ -136,15 +177,17 @@ class RoundAverager(DecentralizedAverager):
             self._state_updated.set()
 
     @torch.no_grad()
-    def merge(self, *, weight: float, gather: Mapping[str, Any], timeout: float) -> dict[str, Any] | None:
-        """Weighted all-reduce of the model's parameters with this round's group.
+    def merge(
+        self, tensors: Sequence[torch.Tensor], *, weight: float, gather: Mapping[str, Any], timeout: float
+    ) -> dict[str, Any] | None:
+        """Weighted all-reduce of ``tensors`` (in place) with this round's group.
 
-        Returns ``{peer_id: gathered metadata}`` for the group on success (the model then holds
-        the group's weighted mean) or None when no group could be formed in time (the model is
-        left untouched).
+        Returns ``{peer_id: gathered metadata}`` for the group on success (``tensors`` then hold
+        the group's reduction, bit-identical on every member) or None when no group could be
+        formed in time (``tensors`` are left untouched).
         """
         with self.get_tensors() as shared:
-            for dst, src in zip(shared, self._params):
+            for dst, src in zip(shared, tensors):
                 dst.copy_(src.detach().to("cpu", torch.float32))
         try:
             gathered = self.step(gather=dict(gather), weight=float(weight), timeout=timeout, allow_retries=False)
@@ -153,6 +196,6 @@ class RoundAverager(DecentralizedAverager):
         if not gathered:
             return None
         with self.get_tensors() as shared:
-            for dst, src in zip(self._params, shared):
+            for dst, src in zip(tensors, shared):
                 dst.copy_(src.to(dst.device, dst.dtype))
         return {str(peer): data for peer, data in gathered.items()}

@@ -21,6 +21,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from aggregation.averaging import RoundAverager
+from aggregation.compression import ErrorFeedback, make_compression
+from aggregation.outer import OuterOptimizer
 from dht.errors import GPUFlexError
 from dht.records import (
     JobRecord,
@@ -83,7 +85,12 @@ class JobRunner:
         optimizer = make_optimizer(
             t.optimizer, model.parameters(), lr=t.lr, weight_decay=t.weight_decay, momentum=t.momentum
         )
-        averager = RoundAverager(model, self.peer.records.dht, job_id=self.job.job_id, max_peers=self.spec.swarm.max_peers)
+        agg = self.spec.aggregation
+        averager = RoundAverager(
+            list(model.parameters()), self.peer.records.dht, job_id=self.job.job_id,
+            max_peers=self.spec.swarm.max_peers, reducer=agg.reducer, reducer_options=agg.reducer_options(),
+            compression=agg.compression,
+        )
         try:
             base_model_id, loaded_round = self._initial_model_id(model), None
             while True:  # arriving late: start from the swarm's latest merged model
@@ -94,23 +101,34 @@ class JobRunner:
                 load_model_bytes(model, self.peer.blobs_service.fetch(base_model_id))
                 loaded_round = base_round
                 logger.info(f"job {self.job.job_id}: joining at round {round_no} from round {base_round}'s model")
+            # DiLoCo keeps the round's base and the outer momentum; plain averaging needs neither.
+            # (A peer that joins late starts with zero momentum: issue 5's checkpoints carry it.)
+            outer = None
+            if agg.outer == "diloco":
+                outer = OuterOptimizer(list(model.parameters()), lr=agg.outer_lr, momentum=agg.outer_momentum)
+            feedback = ErrorFeedback(make_compression(agg.compression)) if (
+                outer is not None and agg.compression != "none" and agg.error_feedback) else None
             group: list[str] = []
             while round_no <= t.rounds:
                 try:
-                    group, base_model_id = self._round(round_no, model, optimizer, averager, group, base_model_id)
+                    group, base_model_id = self._round(
+                        round_no, model, optimizer, averager, group, base_model_id, outer, feedback
+                    )
                 except RoundMissed:
                     # be on the next round's roster before it is dealt, and take this round's model
                     logger.info(f"job {self.job.job_id}: round {round_no} went ahead without us, catching up")
                     self._publish_progress(round_no + 1, "joined", base_model_id=base_model_id)
                     base_model_id = self._wait_for_merged_model(round_no)
                     load_model_bytes(model, self.peer.blobs_service.fetch(base_model_id))
+                    if outer is not None:
+                        outer.rebase()
                     group = []
                 round_no += 1
             self._publish_result(model, base_model_id)
         finally:
             averager.shutdown()
 
-    def _round(self, r, model, optimizer, averager, previous_group, base_model_id):
+    def _round(self, r, model, optimizer, averager, previous_group, base_model_id, outer, feedback):
         t, swarm = self.spec.training, self.spec.swarm
         self._publish_progress(r, "joined", base_model_id=base_model_id)
         roster = self._wait_for_roster(r, previous_group, swarm.min_peers)
@@ -146,7 +164,17 @@ class JobRunner:
         trained = self._wait_for_trained(r, roster, deadline=time.time() + max(120.0, 20 * seconds_training))
         merge_started = time.time()
         metrics.barrier_seconds.observe(merge_started - wait_started)
-        group = self._merge(r, model, averager, trained, samples, base_model_id)
+        if outer is None:  # average the parameters themselves
+            group, _ = self._merge(r, model, list(model.parameters()), averager, trained, samples, base_model_id)
+        else:  # DiLoCo: average the pseudo-gradients, then every peer takes the same outer step
+            update = outer.pseudo_gradient()
+            if feedback is not None:
+                update = feedback.step(update)  # what the codec will drop is carried to the next round
+            group, adopted = self._merge(r, model, update, averager, trained, samples, base_model_id)
+            if adopted:
+                outer.rebase()  # the model is the swarm's now: it is the next round's base
+            else:
+                outer.apply(update)
         seconds_merging = time.time() - merge_started
         if len(group) > 1:
             metrics.allreduce_seconds.observe(seconds_merging)
@@ -173,20 +201,26 @@ class JobRunner:
         return group, model_id
 
     # ---------------------------------------------------------------- merging
-    def _merge(self, r, model, averager: RoundAverager, trained: set[str], samples: int, base_model_id: str) -> list[str]:
+    def _merge(self, r, model, tensors, averager: RoundAverager, trained: set[str], samples: int,
+               base_model_id: str) -> tuple[list[str], bool]:
+        """All-reduce ``tensors`` in place with the round's group: returns (group, adopted).
+
+        ``adopted``: our all-reduce failed and the model was replaced by the one the others agreed
+        on, so there is nothing left to apply.
+        """
         if len(trained) < 2:
-            return [self.me]  # nobody to average with this round: the local model is the round's model
+            return [self.me], False  # nobody to average with this round: the local result is the round's
         averager.prepare_round(r, len(trained))
-        gathered = averager.merge(weight=samples, gather={"round": r, "base": base_model_id}, timeout=30.0)
+        gathered = averager.merge(tensors, weight=samples, gather={"round": r, "base": base_model_id}, timeout=30.0)
         if gathered is not None:
-            return sorted(gathered)
+            return sorted(gathered), False
         # no group formed for us (a peer died mid-round, a timeout): adopt the model the others agreed on
         logger.warning(f"job {self.job.job_id}: round {r} all-reduce failed here, adopting the swarm's model")
         agreed = self._wait_for(lambda: schedule.majority_model(self._state(r).merged), timeout=60.0)
         if agreed is None:
-            return [self.me]
+            return [self.me], False
         load_model_bytes(model, self.peer.blobs_service.fetch(agreed))
-        return sorted(p for p, m in self._state(r).merged.items() if m == agreed)
+        return sorted(p for p, m in self._state(r).merged.items() if m == agreed), True
 
     # ---------------------------------------------------------------- the end of the job
     def _publish_result(self, model, model_id: str) -> None:

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchdoc import write_section  # scripts/ is on sys.path when run as a script
+
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,21 +128,8 @@ def main() -> int:
     ]
     print("\n".join(table))
     command = "python scripts/bench_allreduce.py " + " ".join(sys.argv[1:])
-    _write_section(Path(args.write), "All-reduce vs gloo", command, table)
+    write_section(Path(args.write), "All-reduce vs gloo", command, table)
     return 0
-
-
-def _write_section(path: Path, title: str, command: str, table: list[str]) -> None:
-    """Replace (or append) the section ``## title`` of docs/benchmarks.md."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"## {title}\n\n`{command.strip()}`\n\n" + "\n".join(table) + "\n"
-    head, marker, rest = text.partition(f"## {title}\n")
-    if marker:
-        tail = rest[rest.find("\n## ") + 1 :] if "\n## " in rest else ""
-        text = head + section + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
 
 
 if __name__ == "__main__":

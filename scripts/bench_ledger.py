@@ -17,6 +17,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from benchdoc import write_section  # scripts/ is on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -136,22 +138,8 @@ def main() -> None:
     print("\n".join(table + notes))
     if args.write:
         command = "python scripts/bench_ledger.py --contributors " + " ".join(map(str, args.contributors))
-        _write_section(Path(args.write), "Ledger gas", command, table + notes)
+        write_section(Path(args.write), "Ledger gas", command, table + notes)
         print(f"\nwritten to {args.write}")
-
-
-def _write_section(path: Path, title: str, command: str, lines: list[str]) -> None:
-    """Replace (or append) the section ``## title`` of ``path``, leaving every other section alone."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"## {title}\n\n`{command}`\n\n" + "\n".join(lines) + "\n"
-    head, marker, rest = text.partition(f"## {title}\n")
-    if marker:
-        tail = rest[rest.find("\n## ") + 1 :] if "\n## " in rest else ""
-        text = head + section + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 if __name__ == "__main__":

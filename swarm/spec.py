@@ -156,6 +156,35 @@ class SwarmSpec(BaseModel):
         return self
 
 
+class AggregationSpec(BaseModel):
+    """How the peers' work merges each round (see ``aggregation/``).
+
+    ``outer: average`` averages the parameters; ``diloco`` averages the pseudo-gradients
+    (round's base - local) and applies an outer Nesterov-SGD step (Douillard et al. 2023).
+    ``reducer`` is what each part's reducer computes inside the all-reduce: the weighted mean, or a
+    Byzantine-robust ``trimmed_mean`` / ``centered_clip``. ``compression`` is the codec on the wire.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    outer: Literal["average", "diloco"] = "average"
+    outer_lr: float = Field(default=0.7, gt=0.0)
+    outer_momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    reducer: Literal["mean", "trimmed_mean", "centered_clip"] = "mean"
+    trim: float = Field(default=1, ge=0.0)  # trimmed_mean: values cut per side (an int count, or a fraction < 1)
+    clip_tau: float | None = Field(default=None, gt=0.0)  # centered_clip: radius (None: adaptive)
+    clip_iters: PositiveInt = 5  # centered_clip
+    compression: Literal["none", "fp16", "int8"] = "none"
+    error_feedback: bool = True  # diloco with lossy compression: carry what the codec dropped
+
+    def reducer_options(self) -> dict[str, Any]:
+        if self.reducer == "trimmed_mean":
+            return {"trim": int(self.trim) if self.trim >= 1 else self.trim}
+        if self.reducer == "centered_clip":
+            return {"tau": self.clip_tau, "iters": self.clip_iters}
+        return {}
+
+
 class JobSpec(BaseModel):
     """A whole job. Build it with :func:`load_job_file` or :meth:`JobSpec.from_dict`."""
 
@@ -167,6 +196,7 @@ class JobSpec(BaseModel):
     data: DataSpec
     training: TrainingSpec
     swarm: SwarmSpec = Field(default_factory=SwarmSpec)
+    aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
 
     @model_validator(mode="after")
     def _check(self) -> JobSpec:

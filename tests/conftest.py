@@ -19,7 +19,9 @@ os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
 @pytest.fixture(scope="session", autouse=True)
 def reap_children():
     yield
-    children = psutil.Process().children(recursive=True)
+    # torch's shared-memory manager serves this process until it exits: killing it makes the
+    # interpreter abort when it frees shared tensors (hivemind's averagers use them)
+    children = [c for c in psutil.Process().children(recursive=True) if c.name() != "torch_shm_manager"]
     for child in children:
         try:
             child.terminate()
@@ -62,7 +64,7 @@ def digits_job(tmp_path, digits_csv):
             "swarm": {"min_peers": 2, "max_peers": 8},
         }
         for section, values in overrides.items():
-            job[section] = {**job[section], **values} if isinstance(values, dict) else values
+            job[section] = {**job.get(section, {}), **values} if isinstance(values, dict) else values
         path = tmp_path / "job.yaml"
         path.write_text(yaml.safe_dump(job))
         return str(path)

@@ -21,11 +21,17 @@ def dhts():
     first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     nodes = [first] + [
         hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=first.get_visible_maddrs())
-        for _ in range(2)
+        for _ in range(3)
     ]
     yield nodes
     for node in nodes:
         node.shutdown()
+
+
+def _averager(model, dht, tag, **kwargs):
+    averager = RoundAverager(list(model.parameters()), dht, job_id=tag * 24, max_peers=8, **kwargs)
+    averager.model = model
+    return averager
 
 
 def _merge_all(averagers, weights, round_no):
@@ -33,7 +39,8 @@ def _merge_all(averagers, weights, round_no):
 
     def run(i):
         averagers[i].prepare_round(round_no, len(averagers))
-        results[i] = averagers[i].merge(weight=weights[i], gather={"round": round_no, "i": i}, timeout=60)
+        params = list(averagers[i].model.parameters())
+        results[i] = averagers[i].merge(params, weight=weights[i], gather={"round": round_no, "i": i}, timeout=60)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(averagers))]
     for t in threads:
@@ -45,12 +52,13 @@ def _merge_all(averagers, weights, round_no):
 
 def test_group_ends_bit_identical_at_the_weighted_mean(dhts):
     models = [_model(seed) for seed in range(3)]
+    dhts = dhts[:3]
     weights = [1.0, 2.0, 5.0]
     expected = [
         sum(w * p for w, p in zip(weights, params)) / sum(weights)
         for params in zip(*[[p.detach().clone() for p in m.parameters()] for m in models])
     ]
-    averagers = [RoundAverager(m, dht, job_id="t" * 24, max_peers=8) for m, dht in zip(models, dhts)]
+    averagers = [_averager(m, dht, "t") for m, dht in zip(models, dhts)]
     try:
         results = _merge_all(averagers, weights, round_no=1)
         assert all(r is not None and len(r) == 3 for r in results)
@@ -67,14 +75,14 @@ def test_group_ends_bit_identical_at_the_weighted_mean(dhts):
 def test_peers_in_different_rounds_never_average_together(dhts):
     models = [_model(seed) for seed in range(2)]
     before = [[p.detach().clone() for p in m.parameters()] for m in models]
-    averagers = [RoundAverager(m, dht, job_id="u" * 24, max_peers=8) for m, dht in zip(models, dhts)]
+    averagers = [_averager(m, dht, "u") for m, dht in zip(models, dhts)]
     try:
         averagers[0].prepare_round(4, 2)
         averagers[1].prepare_round(5, 2)
         results = [None, None]
 
         def run(i):
-            results[i] = averagers[i].merge(weight=1.0, gather={}, timeout=6)
+            results[i] = averagers[i].merge(list(models[i].parameters()), weight=1.0, gather={}, timeout=6)
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
         for t in threads:
@@ -87,3 +95,51 @@ def test_peers_in_different_rounds_never_average_together(dhts):
     finally:
         for averager in averagers:
             averager.shutdown()
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_centered_clip_keeps_a_poisoned_peer_from_dragging_the_group(dhts):
+    honest = [_model(seed) for seed in range(3)]
+    honest_mean = [torch.stack(ps).mean(0) for ps in zip(*[_params(m) for m in honest])]
+    poisoned = _model(9)
+    with torch.no_grad():
+        for p, h in zip(poisoned.parameters(), honest[0].parameters()):
+            p.copy_(-1000 * h)  # a scaled, sign-flipped update
+    models = honest + [poisoned]
+    averagers = [_averager(m, dht, "v", reducer="centered_clip") for m, dht in zip(models, dhts)]
+    try:
+        results = _merge_all(averagers, [1.0] * 4, round_no=1)
+        assert all(r is not None for r in results)
+        for params in zip(*[m.parameters() for m in models]):
+            assert all(torch.equal(params[0], p) for p in params[1:])
+        error = sum((p - q).norm() ** 2 for p, q in zip(models[0].parameters(), honest_mean)) ** 0.5
+        spread = sum((p - q).norm() ** 2 for p, q in zip(_params(_model(0)), honest_mean)) ** 0.5
+        assert error < spread  # closer to the honest mean than an honest peer is
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+
+
+def test_fp16_on_the_wire_still_ends_bit_identical(dhts):
+    models = [_model(seed) for seed in range(4)]
+    mean = [torch.stack(ps).mean(0) for ps in zip(*[_params(m) for m in models])]
+    averagers = [_averager(m, dht, "w", compression="fp16") for m, dht in zip(models, dhts)]
+    try:
+        assert all(r is not None for r in _merge_all(averagers, [1.0] * 4, round_no=1))
+        for params in zip(*[m.parameters() for m in models]):
+            assert all(torch.equal(params[0], p) for p in params[1:])
+        for got, want in zip(models[0].parameters(), mean):
+            torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+
+
+def test_a_bad_reducer_is_refused_before_any_process_starts(dhts):
+    from aggregation.reduce import ReducerConfigError
+
+    with pytest.raises(ReducerConfigError):
+        _averager(_model(0), dhts[0], "x", reducer="median_of_means")

@@ -118,3 +118,18 @@ def test_a_bad_job_file_is_one_clear_line_and_nothing_is_published(local_swarm, 
     done = local_swarm.cli("job", "submit", typo, "--peer", maddr, check=False)
     assert done.returncode == 1 and "training.learning_rate" in done.stderr
     assert local_swarm.cli("job", "list", "--peer", maddr).stdout.strip() == ""
+
+
+def test_diloco_with_fp16_on_the_wire_trains_digits_and_peers_agree(local_swarm, digits_job, tmp_path):
+    from swarm.client import Client
+
+    local_swarm.start_peer()
+    local_swarm.start_peer()
+    job_file = digits_job(aggregation={"outer": "diloco", "compression": "fp16"}, training={"rounds": 10})
+    with Client(local_swarm.maddrs[1]) as client:
+        job = client.submit(job_file)
+        job.wait(timeout=240)
+        files = job.download(tmp_path / "out")  # verified: both peers signed the same model hash
+    report = json.loads(files.report.read_text())
+    assert report["final"]["val_accuracy"] >= 0.90
+    assert all(len(r["peers_done"]) == 2 for r in report["rounds"])

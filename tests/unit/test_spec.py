@@ -158,3 +158,20 @@ def test_init_from_must_exist_and_is_resolved_next_to_the_job_file(tmp_path):
     assert load_job_file(job).model.init_from == str(tmp_path / "prev" / "model.safetensors")
     job.write_text(body.format(init="sha256:" + "a" * 64))  # a blob the swarm holds: left as it is
     assert load_job_file(job).model.init_from == "sha256:" + "a" * 64
+
+
+def test_aggregation_section_is_typed_and_defaults_to_plain_averaging():
+    base = {"name": "a", "task": "classification", "model": {"catalog": "mlp"},
+            "data": {"path": "d.csv", "format": "csv", "label_column": "y"},
+            "training": {"rounds": 1, "local_steps": 1, "batch_size": 1, "lr": 0.1}}
+    spec = JobSpec.from_dict(base)
+    assert spec.aggregation.outer == "average" and spec.aggregation.reducer == "mean"
+    robust = JobSpec.from_dict({**base, "aggregation": {"outer": "diloco", "reducer": "centered_clip", "clip_tau": 2.0,
+                                                        "compression": "int8"}})
+    assert robust.aggregation.reducer_options() == {"tau": 2.0, "iters": 5}
+    assert JobSpec.from_dict({**base, "aggregation": {"reducer": "trimmed_mean", "trim": 2}}
+                             ).aggregation.reducer_options() == {"trim": 2}
+    for bad, field in [({"outer": "fedprox"}, "aggregation.outer"), ({"compression": "zip"}, "aggregation.compression"),
+                       ({"outer_momentum": 1.0}, "aggregation.outer_momentum"), ({"tau": 1}, "aggregation.tau")]:
+        with pytest.raises(JobSpecError, match=field):
+            JobSpec.from_dict({**base, "aggregation": bad})
