@@ -61,7 +61,8 @@ class PeerRecord(_Body):
     maddrs: list[str]
     device: str  # "cuda" | "mps" | "cpu"
     device_name: str
-    samples_per_sec: float = Field(ge=0)
+    samples_per_sec: float = Field(ge=0)  # on the reference step of peer.device
+    price_per_gpu_hour: float = Field(default=1.0, ge=0)  # GPUX the peer asks for an hour of its device
     version: str
     jobs: list[str] = []
     started_at: float

@@ -50,6 +50,7 @@ class PeerConfig:
     initial_peers: list[str] = field(default_factory=list)
     device: str | None = None
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
+    price_per_gpu_hour: float = 1.0  # GPUX, advertised for quotes
 
 
 class Peer:
@@ -204,6 +205,7 @@ class Peer:
             device=self.device.type,
             device_name=device_name(self.device),
             samples_per_sec=self.reference_samples_per_sec,
+            price_per_gpu_hour=self.config.price_per_gpu_hour,
             version=VERSION,
             jobs=[self.current_job] if self.current_job else [],
             started_at=self.started_at,

@@ -38,6 +38,7 @@ def peer(
     data_dir: Path = typer.Option(Path("~/.gpuflex/peer"), "--data-dir", help="Identity key, blobs, state."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, mps or cpu (default: best available)."),
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics here (0: any)."),
+    price: float = typer.Option(1.0, "--price", min=0.0, help="GPUX asked per GPU-hour of this device."),
     log_level: str = typer.Option("INFO", "--log-level"),
 ) -> None:
     """Run a peer: join the swarm, advertise this box, and train the jobs it picks."""
@@ -47,7 +48,7 @@ def peer(
 
     node = Peer(PeerConfig(
         data_dir=data_dir.expanduser(), listen=listen, initial_peers=initial_peers, device=device,
-        metrics_port=metrics_port,
+        metrics_port=metrics_port, price_per_gpu_hour=price,
     ))
     # SIGTERM and Ctrl-C stop the peer between steps instead of killing it mid-write
     signal.signal(signal.SIGTERM, lambda *_: node.stopping.set())
@@ -86,6 +87,37 @@ def job_submit(
     except GPUFlexError as e:
         _fail(e)
     typer.echo(job.job_id)
+
+
+@job_app.command("quote")
+def job_quote(
+    job_file: Path = typer.Argument(..., help="The job's YAML file."),
+    peer: str = PeerOption,
+    as_json: bool = typer.Option(False, "--json", help="Print the quote and the offers as JSON."),
+) -> None:
+    """Estimated FLOPs, GPU-hours and price range (GPUX) on the live peers' speeds and prices."""
+    from dataclasses import asdict
+
+    from swarm.spec import load_job_file
+
+    try:
+        spec = load_job_file(job_file)
+        from swarm.client import Client
+
+        with Client(peer) as client:
+            quote, offers = client.quote(spec)
+    except GPUFlexError as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps({"quote": asdict(quote), "offers": [asdict(o) for o in offers]}, sort_keys=True))
+        return
+    low, high = quote.peers
+    typer.echo(f"job {spec.name}: {quote.train_flops_per_sample:,.0f} training FLOPs per sample, "
+               f"{quote.flops_per_peer:.3g} FLOPs per peer over {spec.training.rounds} rounds")
+    typer.echo(f"  {low}-{high} peers of {len(offers)} live: {quote.total_flops[0]:.3g}-{quote.total_flops[1]:.3g} FLOPs")
+    typer.echo(f"  GPU-hours {quote.gpu_hours[0]:.4g}-{quote.gpu_hours[1]:.4g}, "
+               f"compute time {quote.wall_hours[0] * 3600:.1f}-{quote.wall_hours[1] * 3600:.1f} s (communication extra)")
+    typer.echo(f"  price {quote.price[0]:.4g}-{quote.price[1]:.4g} GPUX")
 
 
 @job_app.command("status")

@@ -146,6 +146,24 @@ class Client:
         self._wait(lambda: self._job(job_id, missing_ok=True), timeout=30, what=f"job {job_id} to appear in the DHT")
         return Job(self, job_id)
 
+    # ---------------------------------------------------------------- quote
+    def quote(self, job: str | os.PathLike | JobSpec) -> tuple["Quote", list["Offer"]]:
+        """Estimated compute, GPU-hours and price range of a job on the swarm's live peers."""
+        from swarm.catalog import build_model, flops_per_sample
+        from swarm.datasets import load_dataset
+        from swarm.quote import Offer, quote
+        from swarm.shards import shard_dataset
+
+        spec = job if isinstance(job, JobSpec) else load_job_file(job)
+        manifest, _ = shard_dataset(load_dataset(spec.data, spec.task), spec)
+        forward = flops_per_sample(build_model(spec.model, manifest, seed=spec.training.seed), manifest)
+        offers = [Offer(s.author, s.body.samples_per_sec, s.body.price_per_gpu_hour)
+                  for s in self.records.read(PEERS_KEY, PeerRecord)]
+        t = spec.training
+        return quote(forward_flops_per_sample=forward, rounds=t.rounds, local_steps=t.local_steps,
+                     batch_size=t.batch_size, min_peers=spec.swarm.min_peers, max_peers=spec.swarm.max_peers,
+                     offers=offers), offers
+
     # ---------------------------------------------------------------- status
     def jobs(self) -> list[JobRecord]:
         return sorted((s.body for s in self.records.read(JOBS_KEY, JobRecord)), key=lambda j: j.submitted_at)

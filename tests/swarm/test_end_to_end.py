@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from swarm.catalog import build_model
 from swarm.datasets import load_dataset
 from swarm.shards import decode_shard, shard_dataset
+from swarm.quote import REFERENCE_TRAIN_FLOPS_PER_SAMPLE
 from swarm.spec import load_job_file
 
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(420)]
@@ -108,7 +109,15 @@ def test_a_peer_joining_late_loads_the_swarms_model_and_trains_later_rounds(loca
 
 
 def test_a_bad_job_file_is_one_clear_line_and_nothing_is_published(local_swarm, digits_job, tmp_path):
-    maddr = local_swarm.start_peer()
+    maddr = local_swarm.start_peer("--price", "2.5")
+
+    # a good job file is quoted from the live peer's advertised speed and price
+    quoted = json.loads(local_swarm.cli("job", "quote", digits_job(), "--peer", maddr, "--json").stdout)
+    [offer] = quoted["offers"]
+    assert offer["price_per_gpu_hour"] == 2.5 and offer["reference_samples_per_sec"] > 0
+    q = quoted["quote"]
+    hours = q["flops_per_peer"] / (offer["reference_samples_per_sec"] * REFERENCE_TRAIN_FLOPS_PER_SAMPLE) / 3600
+    assert q["gpu_hours"] == pytest.approx([hours, hours]) and q["price"] == pytest.approx([2.5 * hours] * 2)
     bad = digits_job(data={"label_column": "digit"})
     done = local_swarm.cli("job", "submit", bad, "--peer", maddr, check=False)
     assert done.returncode == 1
