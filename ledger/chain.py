@@ -101,6 +101,7 @@ class Deployment:
     escrow_abi: list
     dev_chain: bool
     block: int = 0  # block the contracts were deployed in (where event scans may start)
+    rpc_url: str | None = None  # where the chain answers, when the file was written by `gpuflex chain up`
 
     def save(self, path: str | os.PathLike) -> None:
         path = Path(path)

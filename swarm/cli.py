@@ -18,10 +18,13 @@ import typer
 os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
 
 from dht.errors import GPUFlexError  # noqa: E402
+from swarm.cli_ledger import chain_app, wallet_app  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="GPUFlex: peer-to-peer swarm training.")
 job_app = typer.Typer(no_args_is_help=True, help="Submit, follow and collect training jobs.")
 app.add_typer(job_app, name="job")
+app.add_typer(wallet_app, name="wallet")
+app.add_typer(chain_app, name="chain")
 
 PeerOption = typer.Option(..., "--peer", help="Multiaddr of any peer of the swarm (as `gpuflex peer` prints it).")
 
