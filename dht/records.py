@@ -17,6 +17,7 @@ job         ``gpuflex.jobs``                             job (author: the peer t
 lease       ``gpuflex.job.<id>.leases.<round>``          peer: the shards it trains this round
 progress    ``gpuflex.job.<id>.round.<round>``           peer: joined / trained / merged
 result      ``gpuflex.job.<id>.result``                  peer: final model and report ids
+attestation ``gpuflex.job.<id>.attest.<round>``          peer: its signature over the round's pay
 provider    ``gpuflex.blob.<sha256>``                    peer that serves this blob
 ==========  ===========================================  ====================================
 """
@@ -48,6 +49,10 @@ def result_key(job_id: str) -> str:
     return f"gpuflex.job.{job_id}.result"
 
 
+def attestation_key(job_id: str, round_no: int) -> str:
+    return f"gpuflex.job.{job_id}.attest.{round_no}"
+
+
 def provider_key(blob_id: str) -> str:
     return f"gpuflex.blob.{blob_id}"
 
@@ -73,6 +78,9 @@ class JobRecord(_Body):
     spec: dict[str, Any]
     dataset_id: str = Field(pattern=SHA256_HEX)
     submitted_at: float
+    # a paid job: where its budget is escrowed (chain_id, escrow, job_key, consumer, budget,
+    # price_per_unit, deadline; all strings: amounts overflow msgpack's 64-bit ints)
+    escrow: dict[str, str] | None = None
 
 
 class LeaseRecord(_Body):
@@ -100,6 +108,7 @@ class ProgressRecord(_Body):
     seconds_training: float = 0.0
     seconds_merging: float = 0.0
     time: float = 0.0
+    wallet: str | None = None  # where this peer's pay for the round goes (paid jobs)
 
 
 class ResultRecord(_Body):
@@ -107,6 +116,15 @@ class ResultRecord(_Body):
     rounds_completed: int = Field(ge=1)
     model_id: str = Field(pattern=SHA256_HEX)
     report_id: str = Field(pattern=SHA256_HEX)
+
+
+class AttestationRecord(_Body):
+    """A participant's signature over a round's contribution root, for the peer that posts it."""
+
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+    round: int = Field(ge=1)
+    root: str
+    attestation: dict[str, Any]
 
 
 class ProviderRecord(_Body):
@@ -121,6 +139,7 @@ RECORD_KINDS: dict[str, type[_Body]] = {
     "lease": LeaseRecord,
     "progress": ProgressRecord,
     "result": ResultRecord,
+    "attestation": AttestationRecord,
     "provider": ProviderRecord,
 }
 KIND_OF = {cls: kind for kind, cls in RECORD_KINDS.items()}
@@ -131,6 +150,7 @@ _KEY_PATTERNS = {
     "lease": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.leases\.[0-9]+$"),
     "progress": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.round\.[0-9]+$"),
     "result": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.result$"),
+    "attestation": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.attest\.[0-9]+$"),
     "provider": re.compile(r"gpuflex\.blob\.[0-9a-f]{64}$"),
 }
 

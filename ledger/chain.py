@@ -241,9 +241,21 @@ class Ledger:
         return cls(w3, deploy(w3, w3.eth.accounts[0], dev_chain=dev_chain), account)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, url: str, account=None) -> "Ledger":
-        """Open the deployment described in ``path`` on the node at ``url``."""
-        return cls(connect(url), Deployment.load(path), account)
+    def from_file(cls, path: str | os.PathLike, url: str | None = None, account=None) -> "Ledger":
+        """Open the deployment described in ``path`` on the node at ``url`` (default: the file's rpc_url)."""
+        deployment = Deployment.load(Path(path).expanduser())
+        url = url or deployment.rpc_url
+        if url is None:
+            raise DeploymentError(f"{path}: no rpc_url in the file (`gpuflex chain up` writes one); pass a URL")
+        return cls(connect(url), deployment, account)
+
+    @classmethod
+    def for_wallet(cls, deployment: str | os.PathLike, keyfile: str | os.PathLike, password: str,
+                   url: str | None = None) -> "Ledger":
+        """The deployment on its node, transacting as the key file's account."""
+        from ledger.wallet import load_keyfile
+
+        return cls.from_file(deployment, url, load_keyfile(Path(keyfile).expanduser(), password))
 
     def with_account(self, account) -> "Ledger":
         return Ledger(self.w3, self.deployment, account)

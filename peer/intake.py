@@ -39,9 +39,10 @@ def job_id_for(spec: dict, dataset_id: str, submitted_at: float, peer_id: str) -
     return hashlib.sha256(canonical.encode()).hexdigest()[:24]
 
 
-def submission_messages(spec: dict, manifest_bytes: bytes, blobs: dict[str, bytes]):
+def submission_messages(spec: dict, manifest_bytes: bytes, blobs: dict[str, bytes], escrow: dict | None = None):
     """What a consumer sends: a header, then every shard in chunks."""
-    yield BytesValue(value=MSGPackSerializer.dumps({"spec": spec, "manifest": manifest_bytes}))
+    header = {"spec": spec, "manifest": manifest_bytes, **({"escrow": escrow} if escrow else {})}
+    yield BytesValue(value=MSGPackSerializer.dumps(header))
     for blob_id, data in blobs.items():
         for offset in range(0, max(len(data), 1), CHUNK_BYTES):
             last = offset + CHUNK_BYTES >= len(data)
@@ -49,9 +50,11 @@ def submission_messages(spec: dict, manifest_bytes: bytes, blobs: dict[str, byte
             yield BytesValue(value=MSGPackSerializer.dumps(chunk))
 
 
-async def send_submission(p2p: P2P, peer_id: str, spec: dict, manifest_bytes: bytes, blobs: dict[str, bytes]) -> str:
+async def send_submission(
+    p2p: P2P, peer_id: str, spec: dict, manifest_bytes: bytes, blobs: dict[str, bytes], escrow: dict | None = None
+) -> str:
     async def requests():
-        for message in submission_messages(spec, manifest_bytes, blobs):
+        for message in submission_messages(spec, manifest_bytes, blobs, escrow):
             yield message
 
     reply = await p2p.call_protobuf_handler(PeerID.from_base58(peer_id), JOB_SUBMIT, requests(), BytesValue)
@@ -106,9 +109,10 @@ class JobIntake:
         if missing:
             raise JobRejected(f"{len(missing)} of {len(wanted)} shards never arrived")
         # everything checked: only now write anything (in a thread: DHT calls block)
-        return await asyncio.to_thread(self._publish, spec, manifest, header["manifest"], received)
+        return await asyncio.to_thread(self._publish, spec, manifest, header["manifest"], received, header.get("escrow"))
 
-    def _publish(self, spec: JobSpec, manifest: DatasetManifest, manifest_bytes: bytes, received: dict) -> str:
+    def _publish(self, spec: JobSpec, manifest: DatasetManifest, manifest_bytes: bytes, received: dict,
+                 escrow: dict | None) -> str:
         stored = [self.blobs.put(data, expected_id=blob_id) for blob_id, data in received.items()]
         stored.append(self.blobs.put(manifest_bytes))
         submitted_at = time.time()
@@ -121,6 +125,7 @@ class JobIntake:
             spec=spec_dict,
             dataset_id=manifest.dataset_id,
             submitted_at=submitted_at,
+            escrow=escrow,  # peers check it on chain themselves before working
         )
         if not self.records.publish(JOBS_KEY, record, ttl=JOB_TTL, subkey_prefix=job_id.encode() + b":"):
             raise JobRejected("the DHT refused the job record")

@@ -34,6 +34,7 @@ from dht.records import (
     result_key,
 )
 from peer import schedule
+from peer.payout import RoundPayouts
 from peer.local_training import Batches, evaluate, loss_fn, make_optimizer, round_generator, train_local
 from swarm.catalog import build_model
 from swarm.report import build_report, round_summary
@@ -75,6 +76,7 @@ class JobRunner:
         self.train_ids = [s.id for s in self.manifest.shards if s.split == "train"]
         self.val_ids = [s.id for s in self.manifest.shards if s.split == "val"]
         self.loss = loss_fn(self.manifest.task, self.manifest.target_mean, self.manifest.target_std)
+        self.payouts = RoundPayouts(job, peer.ledger, self.records, self._wait_for) if job.escrow else None
 
     # ---------------------------------------------------------------- the job, top to bottom
     def run(self) -> None:
@@ -125,6 +127,9 @@ class JobRunner:
                     group = []
                 round_no += 1
             self._publish_result(model, base_model_id)
+            if self.payouts is not None:
+                paid = self.payouts.claim()
+                logger.info(f"job {self.job.job_id}: claimed {paid / 10**18:.6f} GPUX for this peer's rounds")
         finally:
             averager.shutdown()
 
@@ -197,6 +202,8 @@ class JobRunner:
         if sums["val_rows"] and self.manifest.task == "classification":
             metrics.val_accuracy.labels(job).set(sums["val_correct"] / sums["val_rows"])
         self.peer.release_lease(leases_key(self.job.job_id, r))
+        if self.payouts is not None:  # paid job: the group signs what each member did, one posts it
+            self.payouts.settle(r, group, self._wait_for_merged_records(r, group))
         logger.info(f"job {self.job.job_id}: round {r}/{t.rounds} done, loss {train_loss:.4f}, group {len(group)}")
         return group, model_id
 
@@ -289,6 +296,18 @@ class JobRunner:
         state = self._wait_for(done, timeout=max(0.0, deadline - time.time())) or self._state(r)
         return set(state.trained & roster) | {self.me}
 
+    def _wait_for_merged_records(self, r: int, group: list[str]) -> list[ProgressRecord]:
+        """The group's merged records of round ``r`` (those that arrive within a while)."""
+        def read():
+            return [s.body for s in self.records.read(progress_key(self.job.job_id, r), ProgressRecord)
+                    if s.body.phase == "merged" and s.author in group]
+
+        def complete():
+            merged = read()
+            return merged if len(merged) == len(group) else None
+
+        return self._wait_for(complete, timeout=30.0) or read()
+
     def _wait_for_merged_model(self, r: int) -> str:
         return self._wait_for(lambda: schedule.majority_model(self._state(r).merged), timeout=None)
 
@@ -303,6 +322,7 @@ class JobRunner:
         return Batches.from_arrays(parts, self.peer.device)
 
     def _publish_progress(self, r: int, phase: str, **fields) -> None:
-        record = ProgressRecord(peer_id=self.me, job_id=self.job.job_id, round=r, phase=phase, time=time.time(), **fields)
+        record = ProgressRecord(peer_id=self.me, job_id=self.job.job_id, round=r, phase=phase, time=time.time(),
+                                wallet=self.peer.wallet_address, **fields)
         self.records.publish(progress_key(self.job.job_id, r), record, ttl=RECORD_TTL)
 

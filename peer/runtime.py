@@ -32,6 +32,7 @@ from peer.device import device_name, measure_samples_per_sec, pick_device
 from peer.intake import JobIntake
 from peer.loop import LoopThread
 from peer.metrics import PeerMetrics
+from peer.payout import escrow_problem
 from peer.transfer import PROVIDER_TTL, BlobService
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class PeerConfig:
     device: str | None = None
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
     price_per_gpu_hour: float = 1.0  # GPUX, advertised for quotes
+    wallet: Path | None = None  # key file (password: $GPUFLEX_WALLET_PASSWORD): paid jobs pay into it
+    deployment: Path | None = None  # the chain's deployment file (with its rpc_url)
 
 
 class Peer:
@@ -65,6 +68,9 @@ class Peer:
         self._served: set[str] = set()
         self._announced_at = 0.0
         self.jobs_seen = 0
+        self.ledger = None  # set when the peer has a wallet and a chain: it can take paid jobs
+        self.wallet_address: str | None = None
+        self._escrow_checked: dict[str, tuple[float, str | None]] = {}
         self.metrics = PeerMetrics(self)
         self.metrics_url: str | None = None
 
@@ -74,6 +80,9 @@ class Peer:
         data_dir = Path(self.config.data_dir).expanduser()
         self.identity = load_or_create_identity(data_dir)
         self.device = pick_device(self.config.device)
+        if self.config.wallet is not None and self.config.deployment is not None:
+            self.ledger = open_ledger(self.config.deployment, self.config.wallet)
+            self.wallet_address = self.ledger.address
         self.records = RecordStore.start(
             self.identity, initial_peers=self.config.initial_peers, host_maddrs=self.config.listen
         )
@@ -134,7 +143,7 @@ class Peer:
         staffing = Counter(job for s in self.records.read(PEERS_KEY, PeerRecord) for job in s.body.jobs)
         views = []
         for job in jobs.values():
-            if job.job_id in self._finished_jobs:
+            if job.job_id in self._finished_jobs or self._escrow_problem(job):
                 continue
             if self.records.read(result_key(job.job_id), ResultRecord):
                 self._finished_jobs.add(job.job_id)
@@ -146,6 +155,19 @@ class Peer:
             ))
         chosen = schedule.choose_job(views, self.current_job)
         return jobs.get(chosen) if chosen else None
+
+    def _escrow_problem(self, job: JobRecord) -> str | None:
+        """Checked on chain, at most once a minute per job (a paid job we can not verify is skipped)."""
+        checked_at, problem = self._escrow_checked.get(job.job_id, (0.0, None))
+        if time.time() - checked_at > 60:
+            try:
+                problem = escrow_problem(job, self.ledger, time.time())
+            except Exception as e:  # the chain is unreachable or the record is malformed
+                problem = f"escrow could not be checked: {e}"
+            if problem and problem != self._escrow_checked.get(job.job_id, (0, None))[1]:
+                logger.info(f"skipping job {job.job_id}: {problem}")
+            self._escrow_checked[job.job_id] = (time.time(), problem)
+        return problem
 
     # ---------------------------------------------------------------- used by the job runner
     def alive_peers(self) -> frozenset[str]:
@@ -211,3 +233,17 @@ class Peer:
             started_at=self.started_at,
         )
         self.records.publish(PEERS_KEY, record, ttl=PEER_TTL)
+
+
+
+def open_ledger(deployment: Path, wallet: Path):
+    """The chain client for this peer's wallet (password from $GPUFLEX_WALLET_PASSWORD)."""
+    import os
+
+    from ledger.chain import Ledger
+    from ledger.wallet import WalletError
+
+    password = os.environ.get("GPUFLEX_WALLET_PASSWORD")
+    if not password:
+        raise WalletError("--wallet needs the key file's password in $GPUFLEX_WALLET_PASSWORD")
+    return Ledger.for_wallet(deployment, wallet, password)

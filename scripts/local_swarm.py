@@ -10,6 +10,7 @@ and the result fetched through the last peer, all with the `gpuflex` CLI, exactl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+DEMO_PASSWORD = "gpuflex local demo"
 MADDR_LINE = re.compile(r"^listening on (/ip4/127\.0\.0\.1/\S+)$")
 METRICS_LINE = re.compile(r"^metrics on (http://\S+)$")
 
@@ -40,6 +42,8 @@ class LocalSwarm:
         self.procs: list[subprocess.Popen] = []
         self.maddrs: list[str] = []
         self.metrics_urls: list[str] = []
+        self.chain = None
+        self.wallets: list[Path] = []
 
     def __enter__(self) -> "LocalSwarm":
         return self
@@ -47,11 +51,17 @@ class LocalSwarm:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start_peer(self, *extra: str, timeout: float = 90.0) -> str:
-        """Start one more peer (bootstrapped from peer 0) and return its multiaddr."""
+    def start_peer(self, *extra: str, timeout: float = 90.0, paid: bool = True) -> str:
+        """Start one more peer (bootstrapped from peer 0) and return its multiaddr.
+
+        Once ``start_chain`` ran, every peer gets its own wallet (``paid=False``: none).
+        """
         index = len(self.procs)
         data_dir = self.root / f"peer{index}"
         args = [*gpuflex_command(), "peer", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir", str(data_dir)]
+        if self.chain is not None and paid and "--deployment" not in extra:
+            self.wallets.append(self.new_wallet(f"peer{index}"))
+            args += ["--wallet", str(self.wallets[-1]), "--deployment", str(self.deployment)]
         if self.maddrs:
             args += ["--initial-peers", self.maddrs[0]]
         log = open(self.root / f"peer{index}.log", "w")
@@ -72,6 +82,37 @@ class LocalSwarm:
         if len(self.maddrs) != index + 1:
             raise RuntimeError(f"peer {index} did not report an address within {timeout:.0f}s")
         return self.maddrs[-1]
+
+    def start_chain(self, consumer_gpux: float = 200.0) -> dict:
+        """anvil + contracts + a funded consumer wallet; peers started after this get wallets too.
+
+        Returns {"deployment": path, "consumer": keyfile}. Key files are encrypted with
+        DEMO_PASSWORD (in this process's and the peers' environment): a local demo, not custody.
+        """
+        from ledger.chain import GPUX, Ledger, connect, deploy
+        from ledger.devchain import Anvil
+
+        self.chain = Anvil(log=self.root / "anvil.log").start()
+        w3 = connect(self.chain.url)
+        deployment = self.root / "deployment.json"
+        dataclasses.replace(deploy(w3, w3.eth.accounts[0], dev_chain=True), rpc_url=self.chain.url).save(deployment)
+        self.env["GPUFLEX_WALLET_PASSWORD"] = DEMO_PASSWORD
+        self.deployment = deployment
+        consumer = self.new_wallet("consumer")
+        ledger = Ledger.for_wallet(deployment, consumer, DEMO_PASSWORD)
+        ledger.faucet(int(consumer_gpux * GPUX))
+        self.ledger = Ledger.from_file(deployment)
+        return {"deployment": deployment, "consumer": consumer}
+
+    def new_wallet(self, name: str) -> Path:
+        """A key file with gas on the dev chain (cheap KDF: these keys guard test money)."""
+        from ledger.chain import connect, fund_gas
+        from ledger.wallet import create_keyfile
+
+        path = self.root / "wallets" / f"{name}.json"
+        address = create_keyfile(path, DEMO_PASSWORD, kdf="pbkdf2", iterations=1000)
+        fund_gas(connect(self.chain.url), address)
+        return path
 
     def kill_peer(self, index: int, sig: int = signal.SIGKILL) -> None:
         self.procs[index].send_signal(sig)
@@ -115,6 +156,8 @@ class LocalSwarm:
                 proc.wait()
             if proc.stdout:
                 proc.stdout.close()
+        if self.chain is not None:
+            self.chain.stop()
 
 
 def main() -> int:
@@ -123,16 +166,32 @@ def main() -> int:
     parser.add_argument("--job", default="examples/digits-mlp.yaml")
     parser.add_argument("--out", default="out/demo")
     parser.add_argument("--timeout", type=float, default=900.0)
+    parser.add_argument("--budget", type=float, default=100.0,
+                        help="GPUX escrowed for the job on a local anvil chain (0: an unpaid job, no chain)")
     args = parser.parse_args()
 
     root = Path(args.out).resolve() / "swarm"
     shutil.rmtree(root, ignore_errors=True)
     with LocalSwarm(root) as swarm:
+        money = None
+        if args.budget > 0:
+            from ledger.chain import GPUX
+            from ledger.wallet import keyfile_address
+
+            chain = swarm.start_chain(consumer_gpux=2 * args.budget)
+            consumer = keyfile_address(chain["consumer"])
+            money = {"consumer": consumer, "before": swarm.ledger.balance(consumer)}
+            print(f"dev chain {swarm.chain.url} (anvil); consumer {consumer} holds "
+                  f"{money['before'] / GPUX:,.2f} GPUX")
         print(f"starting {args.peers} peers (logs in {root})")
         for i in range(args.peers):
             print(f"  peer {i}: {swarm.start_peer()}")
-        print(f"$ gpuflex job submit {args.job} --peer <peer 0>")
-        job_id = swarm.cli("job", "submit", args.job, "--peer", swarm.maddrs[0]).stdout.strip()
+        submit = ["job", "submit", args.job, "--peer", swarm.maddrs[0]]
+        if money:
+            submit += ["--budget", str(args.budget), "--wallet", str(chain["consumer"]),
+                       "--deployment", str(chain["deployment"])]
+        print(f"$ gpuflex job submit {args.job} --peer <peer 0>" + (f" --budget {args.budget} --wallet ..." if money else ""))
+        job_id = swarm.cli(*submit).stdout.strip()
         print(f"  job {job_id}")
         last_round = [-1]
 
@@ -154,7 +213,32 @@ def main() -> int:
         out = Path(args.out).resolve() / "result"
         print(f"$ gpuflex job result {job_id} --peer <peer {args.peers - 1}> -o {out}")
         print(swarm.cli("job", "result", job_id, "--peer", swarm.maddrs[-1], "-o", str(out)).stdout.rstrip())
+        if money:
+            print(f"$ gpuflex job refund {job_id} --peer <peer 1> --wallet ...")
+            print("  " + swarm.cli("job", "refund", job_id, "--peer", swarm.maddrs[1], "--wallet", str(chain["consumer"]),
+                                   "--deployment", str(chain["deployment"])).stdout.strip())
+            show_money(swarm, money, job_id)
     return 0
+
+
+def show_money(swarm: LocalSwarm, money: dict, job_id: str) -> None:
+    """Where the budget went: each peer's claims, the consumer's refund, and that they add up."""
+    from ledger.chain import GPUX
+    from ledger.wallet import keyfile_address
+
+    peers = [keyfile_address(w) for w in swarm.wallets]
+    # peers claim when they finish the job: wait until every claim has landed
+    def all_claimed():
+        balances = [swarm.ledger.balance(p) for p in peers]
+        return balances if all(balances) else None
+
+    earned = swarm.wait_for(all_claimed, timeout=120, what="the peers' claims", poll=0.5)
+    spent = money["before"] - swarm.ledger.balance(money["consumer"])
+    print("money (GPUX):")
+    for i, (peer, amount) in enumerate(zip(peers, earned)):
+        print(f"  peer {i} {peer}  earned {amount / GPUX:12.6f}")
+    print(f"  consumer {money['consumer']}  paid {spent / GPUX:12.6f} (budget less refund)")
+    print(f"  balanced: {'yes' if spent == sum(earned) else 'NO'} (consumer paid = sum earned)")
 
 
 if __name__ == "__main__":

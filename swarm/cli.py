@@ -18,7 +18,7 @@ import typer
 os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
 
 from dht.errors import GPUFlexError  # noqa: E402
-from swarm.cli_ledger import chain_app, wallet_app  # noqa: E402
+from swarm.cli_ledger import chain_app, open_ledger, wallet_app  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="GPUFlex: peer-to-peer swarm training.")
 job_app = typer.Typer(no_args_is_help=True, help="Submit, follow and collect training jobs.")
@@ -42,6 +42,8 @@ def peer(
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, mps or cpu (default: best available)."),
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics here (0: any)."),
     price: float = typer.Option(1.0, "--price", min=0.0, help="GPUX asked per GPU-hour of this device."),
+    wallet: Optional[Path] = typer.Option(None, "--wallet", help="Key file paid jobs pay into ($GPUFLEX_WALLET_PASSWORD)."),
+    deployment: Optional[Path] = typer.Option(None, "--deployment", help="Chain deployment file (gpuflex chain up)."),
     log_level: str = typer.Option("INFO", "--log-level"),
 ) -> None:
     """Run a peer: join the swarm, advertise this box, and train the jobs it picks."""
@@ -51,7 +53,7 @@ def peer(
 
     node = Peer(PeerConfig(
         data_dir=data_dir.expanduser(), listen=listen, initial_peers=initial_peers, device=device,
-        metrics_port=metrics_port, price_per_gpu_hour=price,
+        metrics_port=metrics_port, price_per_gpu_hour=price, wallet=wallet, deployment=deployment,
     ))
     # SIGTERM and Ctrl-C stop the peer between steps instead of killing it mid-write
     signal.signal(signal.SIGTERM, lambda *_: node.stopping.set())
@@ -77,16 +79,23 @@ def job_submit(
     job_file: Path = typer.Argument(..., help="The job's YAML file."),
     peer: str = PeerOption,
     from_job: Optional[str] = typer.Option(None, "--from", help="Start from this finished job's model."),
+    budget: Optional[float] = typer.Option(None, "--budget", min=0.0, help="GPUX to escrow for the job."),
+    wallet: Optional[Path] = typer.Option(None, "--wallet", help="The consumer's key file (pays the budget)."),
+    deployment: Path = typer.Option(Path("~/.gpuflex/deployment.json"), "--deployment"),
+    deadline_hours: float = typer.Option(24.0, "--deadline-hours", help="After this, an unfinished job refunds."),
 ) -> None:
-    """Validate the job file, shard the dataset, hand it to a peer; prints the job id."""
+    """Validate the job file, shard the dataset, escrow the budget, hand it to a peer; prints the job id."""
     from swarm.spec import load_job_file
 
     try:
         spec = load_job_file(job_file)  # fail on bad input before touching the network
         from swarm.client import Client
 
+        ledger = None
+        if budget is not None:
+            ledger = open_ledger(deployment, wallet or Path("~/.gpuflex/wallet.json"), None)
         with Client(peer) as client:
-            job = client.submit(spec, from_job=from_job)
+            job = client.submit(spec, from_job=from_job, budget=budget, ledger=ledger, deadline_hours=deadline_hours)
     except GPUFlexError as e:
         _fail(e)
     typer.echo(job.job_id)
@@ -208,6 +217,26 @@ def job_result(
         typer.echo(f"        {extra}")
     for key, value in sorted(report.get("final", {}).items()):
         typer.echo(f"  {key} {value:.4f}" if isinstance(value, float) else f"  {key} {value}")
+
+
+@job_app.command("refund")
+def job_refund(
+    job_id: str,
+    peer: str = PeerOption,
+    wallet: Path = typer.Option(Path("~/.gpuflex/wallet.json"), "--wallet", help="The consumer's key file."),
+    deployment: Path = typer.Option(Path("~/.gpuflex/deployment.json"), "--deployment"),
+) -> None:
+    """Consumer: close a finished paid job and get the unspent budget back."""
+    from ledger.chain import GPUX
+    from swarm.client import Client
+
+    try:
+        ledger = open_ledger(deployment, wallet, None)
+        with Client(peer) as client:
+            refunded = client.refund(job_id, ledger)
+    except GPUFlexError as e:
+        _fail(e)
+    typer.echo(f"refunded {refunded / GPUX:,.6f} GPUX to {ledger.address}")
 
 
 @job_app.command("list")

@@ -37,16 +37,13 @@ def _password(confirm: bool = False) -> str:
     return typer.prompt("wallet password", hide_input=True, confirmation_prompt=confirm)
 
 
-def _ledger(deployment: Path, keyfile: Path | None, rpc: str | None):
-    from ledger.chain import Deployment, DeploymentError, Ledger
-    from ledger.wallet import load_keyfile
+def open_ledger(deployment: Path, keyfile: Path | None, rpc: str | None = None):
+    """The chain client: read-only without a key file, else as its account (password asked)."""
+    from ledger.chain import Ledger
 
-    dep = Deployment.load(deployment.expanduser())
-    url = rpc or dep.rpc_url
-    if url is None:
-        raise DeploymentError(f"{deployment}: no rpc_url in the file; pass --rpc")
-    account = load_keyfile(keyfile.expanduser(), _password()) if keyfile is not None else None
-    return Ledger.from_file(deployment.expanduser(), url, account)
+    if keyfile is None:
+        return Ledger.from_file(deployment, rpc)
+    return Ledger.for_wallet(deployment, keyfile, _password(), rpc)
 
 
 @wallet_app.command("new")
@@ -71,7 +68,7 @@ def wallet_balance(
 
     try:
         address = keyfile_address(keyfile.expanduser())
-        balance = _ledger(deployment, None, rpc).balance(address)
+        balance = open_ledger(deployment, None, rpc).balance(address)
     except GPUFlexError as e:
         _fail(e)
     typer.echo(f"{address}: {balance / GPUX:,.6f} GPUX")
@@ -88,7 +85,7 @@ def wallet_faucet(
     from ledger.chain import GPUX, fund_gas
 
     try:
-        ledger = _ledger(deployment, keyfile, rpc)
+        ledger = open_ledger(deployment, keyfile, rpc)
         fund_gas(ledger.w3, ledger.address)
         ledger.faucet(int(amount * GPUX))
         balance = ledger.balance()

@@ -56,6 +56,35 @@ class ResultUnverified(GPUFlexError):
     """The downloaded result does not match what the swarm's signed records say."""
 
 
+class BudgetTooSmall(GPUFlexError):
+    """The budget does not buy one GPUX base unit per sample the job may train."""
+
+
+def open_escrow(spec: JobSpec, dataset_id: str, budget: float, ledger, deadline_hours: float) -> dict:
+    """Escrow ``budget`` GPUX for a job (one permit transaction); returns what the job record names.
+
+    A work unit is one training sample; its price is set so the budget covers every peer the job
+    may have (``max_peers``) for all its rounds. What fewer peers leave unspent is refunded.
+    """
+    from ledger.chain import GPUX
+    from ledger.signing import job_key
+
+    t = spec.training
+    most_samples = t.rounds * t.local_steps * t.batch_size * spec.swarm.max_peers
+    base_units = int(round(budget * GPUX))
+    price_per_unit = base_units // most_samples
+    if price_per_unit <= 0:
+        raise BudgetTooSmall(f"--budget {budget} GPUX is too small for {most_samples:,} samples")
+    key = job_key(f"{dataset_id}:{ledger.address}:{time.time_ns()}")
+    deadline = ledger.chain_time() + int(deadline_hours * 3600)
+    ledger.open_job(key, base_units, price_per_unit, deadline)
+    return {
+        "chain_id": str(ledger.chain_id), "escrow": ledger.escrow.address, "job_key": "0x" + key.hex(),
+        "consumer": ledger.address, "budget": str(base_units), "price_per_unit": str(price_per_unit),
+        "deadline": str(deadline),
+    }
+
+
 class InitialWeightsMismatch(GPUFlexError):
     """``model.init_from`` (or ``--from``) does not fit the job's model."""
 
@@ -117,7 +146,15 @@ class Client:
         self.close()
 
     # ---------------------------------------------------------------- submit
-    def submit(self, job: str | os.PathLike | JobSpec, *, from_job: str | None = None) -> "Job":
+    def submit(
+        self,
+        job: str | os.PathLike | JobSpec,
+        *,
+        from_job: str | None = None,
+        budget: float | None = None,
+        ledger=None,
+        deadline_hours: float = 24.0,
+    ) -> "Job":
         """Cut the dataset into shards, hand everything to the peer, return once the job is published.
 
         ``from_job`` (or ``model.init_from`` in the spec) starts training from a previous result
@@ -142,9 +179,23 @@ class Client:
         if init is not None:
             check_initial_weights(spec, manifest, init[1])
             public["model"]["init_from"] = BLOB_REF + init[0]
-        job_id = self.loop.run(send_submission(self.p2p, self.peer_id, public, manifest.to_bytes(), blobs), timeout=600)
+        escrow = None
+        if budget is not None:  # a paid job: the budget is escrowed on chain before the job is announced
+            escrow = open_escrow(spec, manifest.dataset_id, budget, ledger, deadline_hours)
+        job_id = self.loop.run(
+            send_submission(self.p2p, self.peer_id, public, manifest.to_bytes(), blobs, escrow), timeout=600
+        )
         self._wait(lambda: self._job(job_id, missing_ok=True), timeout=30, what=f"job {job_id} to appear in the DHT")
         return Job(self, job_id)
+
+    def refund(self, job_id: str, ledger) -> int:
+        """Consumer: close a finished paid job's escrow; returns the unspent budget refunded."""
+        job = self._job(job_id)
+        if job.escrow is None:
+            raise JobNotFound(f"job {job_id} is not a paid job: nothing is escrowed")
+        if self.status(job_id)["state"] != "finished":
+            raise ResultNotReady(f"job {job_id} has not finished; its budget stays escrowed until it does")
+        return ledger.finish_job(bytes.fromhex(job.escrow["job_key"].removeprefix("0x"))).value
 
     # ---------------------------------------------------------------- quote
     def quote(self, job: str | os.PathLike | JobSpec) -> tuple["Quote", list["Offer"]]:

@@ -1,0 +1,89 @@
+"""Getting paid for a round: the glue between the swarm's records and the job's escrow.
+
+After each round of a paid job, every member of the round's group builds the same contribution
+tree (wallet -> samples trained, from the group's signed progress records), signs it (EIP-712)
+and publishes the signature in the DHT; the group's first peer (lowest id) collects a quorum and
+posts the root on chain in one transaction. At the end of the job each peer claims all its
+rounds at once. Which job is worth working on at all is decided by ``escrow_problem``, from what
+the chain says, not from what the job record claims.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from dht.records import AttestationRecord, JobRecord, ProgressRecord, attestation_key
+from dht.store import RecordStore
+
+logger = logging.getLogger(__name__)
+
+
+def escrow_problem(job: JobRecord, ledger, now: float) -> str | None:
+    """Why this peer should not work on ``job`` (None: the escrow checks out on chain)."""
+    escrow = job.escrow
+    if escrow is None:
+        return None  # an unpaid job (local experiments): nothing to check
+    if ledger is None:
+        return "paid job, but this peer has no wallet and chain configured"
+    if int(escrow.get("chain_id", -1)) != ledger.chain_id or escrow.get("escrow", "").lower() != ledger.escrow.address.lower():
+        return "escrowed on another chain or contract than ours"
+    info = ledger.job(bytes.fromhex(escrow["job_key"].removeprefix("0x")))
+    if info.status != "open":
+        return f"escrow is {info.status}"
+    if info.unallocated <= 0:
+        return "escrow is spent"
+    if info.deadline <= now:
+        return "escrow deadline has passed"
+    if info.price_per_unit != int(escrow["price_per_unit"]) or info.consumer.lower() != escrow["consumer"].lower():
+        return "the job record misstates its escrow"
+    return None
+
+
+class RoundPayouts:
+    def __init__(self, job: JobRecord, ledger, records: RecordStore, wait_for: Callable):
+        self.job, self.ledger, self.records, self._wait_for = job, ledger, records, wait_for
+        self.job_key = bytes.fromhex(job.escrow["job_key"].removeprefix("0x"))
+        self.trees: dict[int, object] = {}
+
+    def settle(self, r: int, group: list[str], merged: list[ProgressRecord]) -> None:
+        """Sign this round's contribution tree; the group's first peer posts it with a quorum."""
+        from ledger.merkle import ContributionTree
+        from ledger.signing import RoundAttestation
+
+        paid = {p.peer_id: p for p in merged if p.peer_id in group and p.wallet and p.samples > 0}
+        if not paid:
+            return
+        tree = ContributionTree({p.wallet: p.samples for p in paid.values()})
+        self.trees[r] = tree
+        root = "0x" + tree.root.hex()
+        key = attestation_key(self.job.job_id, r)
+        if self.ledger.address in tree:
+            attestation = self.ledger.sign_round(self.job_key, r, tree)
+            self.records.publish(key, AttestationRecord(
+                peer_id=self.records.peer_id, job_id=self.job.job_id, round=r, root=root,
+                attestation=attestation.to_dict()), ttl=24 * 3600)
+        if self.records.peer_id != min(paid):
+            return  # one poster per round: the others only sign
+        needed = self.ledger.quorum(self.job_key, tree.participants)
+
+        def quorum():
+            found = [RoundAttestation.from_dict(a.body.attestation) for a in self.records.read(key, AttestationRecord)
+                     if a.body.root == root and a.author in paid]
+            return found if len(found) >= needed else None
+
+        attestations = self._wait_for(quorum, timeout=60.0)
+        if attestations is None:
+            logger.warning(f"job {self.job.job_id}: round {r} got no signing quorum; not posted")
+            return
+        result = self.ledger.post_round(self.job_key, r, tree, attestations)
+        logger.info(f"job {self.job.job_id}: round {r} posted on chain, {result.value} allocated")
+
+    def claim(self) -> int:
+        """Collect this peer's pay for every round it was in; returns what was paid (base units)."""
+        mine = {r: t for r, t in self.trees.items() if self.ledger.address in t}
+        # the last round's post may still be in flight from another peer: wait a while, then
+        # claim what is posted
+        self._wait_for(lambda: all(self.ledger.round(self.job_key, r).posted for r in mine), timeout=60.0)
+        posted = {r: t for r, t in mine.items() if self.ledger.round(self.job_key, r).posted}
+        return self.ledger.claim_many(self.job_key, posted).value if posted else 0

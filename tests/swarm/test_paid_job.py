@@ -1,0 +1,63 @@
+"""A paid job on a real chain (anvil): escrow on submit, per-round payouts, claims, refund."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from ledger.chain import connect, deploy
+from ledger.devchain import DevChainUnavailable, anvil_binary
+
+pytestmark = [pytest.mark.swarm, pytest.mark.timeout(420)]
+
+try:
+    anvil_binary()
+    NO_ANVIL = None
+except DevChainUnavailable as e:
+    NO_ANVIL = str(e)
+
+
+@pytest.mark.skipif(NO_ANVIL is not None, reason=f"anvil is not installed: {NO_ANVIL}")
+def test_money_moves_from_consumer_to_the_peers_that_worked(local_swarm, digits_job, tmp_path):
+    from ledger.chain import GPUX
+    from ledger.wallet import keyfile_address
+
+    chain = local_swarm.start_chain(consumer_gpux=200)
+    ledger = local_swarm.ledger
+    consumer = keyfile_address(chain["consumer"])
+    for _ in range(3):
+        local_swarm.start_peer()
+    # a fourth peer whose chain config names other contracts: it can not verify the escrow, so it
+    # must not work on the job (and must not be paid)
+    w3 = connect(local_swarm.chain.url)
+    elsewhere = tmp_path / "other-deployment.json"
+    dataclasses.replace(deploy(w3, w3.eth.accounts[0], dev_chain=True), rpc_url=local_swarm.chain.url).save(elsewhere)
+    idle_wallet = local_swarm.new_wallet("idle")
+    local_swarm.start_peer("--wallet", str(idle_wallet), "--deployment", str(elsewhere))
+
+    job_file = digits_job(training={"rounds": 4}, swarm={"min_peers": 3, "max_peers": 4})
+    before = ledger.balance(consumer)
+    job_id = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0], "--budget", "100",
+                             "--wallet", str(chain["consumer"]), "--deployment", str(chain["deployment"])).stdout.strip()
+    assert ledger.balance(consumer) == before - 100 * GPUX  # escrowed before the job was announced
+    local_swarm.wait_for(lambda: local_swarm.status(job_id)["state"] == "finished", timeout=240, what="the paid job")
+    local_swarm.cli("job", "result", job_id, "--peer", local_swarm.maddrs[1], "-o", str(tmp_path / "out"))
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    refund = local_swarm.cli("job", "refund", job_id, "--peer", local_swarm.maddrs[2], "--wallet",
+                             str(chain["consumer"]), "--deployment", str(chain["deployment"]))
+    assert refund.stdout.startswith("refunded ")
+
+    price = 100 * GPUX // (4 * 20 * 32 * 4)  # budget / (rounds x local_steps x batch x max_peers)
+    earned = {}
+    for wallet in local_swarm.wallets:
+        earned[keyfile_address(wallet)] = local_swarm.wait_for(
+            lambda w=wallet: ledger.balance(keyfile_address(w)) or None, timeout=60, what="claims", poll=0.5)
+    samples = {p: v["samples"] for p, v in report["participants"].items()}
+    assert len(samples) == 3 and sorted(samples.values()) == [4 * 20 * 32] * 3
+    assert sorted(earned.values()) == [price * 4 * 20 * 32] * 3  # each paid for exactly its units
+    assert ledger.balance(keyfile_address(idle_wallet)) == 0  # did no work, got nothing
+    spent = before - ledger.balance(consumer)
+    assert spent == sum(earned.values())  # what the consumer lost is exactly what the peers gained
+    assert "skipping job" in (local_swarm.root / "peer3.log").read_text()
