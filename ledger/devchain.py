@@ -38,6 +38,15 @@ def anvil_binary(root: Path = REPO) -> Path:
     return candidate
 
 
+def anvil_missing() -> str | None:
+    """Why anvil can not run here (for a test's skip reason), or None when it can."""
+    try:
+        anvil_binary()
+    except DevChainUnavailable as e:
+        return str(e)
+    return None
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

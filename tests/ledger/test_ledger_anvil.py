@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ledger.chain import GPUX, ContractReverted, Deployment, Ledger, advance_time, connect, deploy, fund_gas
-from ledger.devchain import Anvil, DevChainUnavailable, anvil_binary
+from ledger.devchain import Anvil, anvil_missing
 from ledger.merkle import ContributionTree
 from ledger.signing import job_key
 
@@ -13,11 +13,7 @@ from conftest import account  # tests/ledger/conftest.py
 
 pytestmark = pytest.mark.timeout(120)
 
-try:
-    anvil_binary()
-    ANVIL = None
-except DevChainUnavailable as e:
-    ANVIL = str(e)
+NO_ANVIL = anvil_missing()
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +22,7 @@ def node(tmp_path_factory):
         yield chain
 
 
-@pytest.mark.skipif(ANVIL is not None, reason=f"anvil is not installed: {ANVIL}")
+@pytest.mark.skipif(NO_ANVIL is not None, reason=f"anvil is not installed: {NO_ANVIL}")
 def test_escrow_round_claims_and_refund_on_anvil(node, tmp_path):
     w3 = connect(node.url)
     deployment = deploy(w3, w3.eth.accounts[0], dev_chain=True)

@@ -10,15 +10,11 @@ import sys
 import psutil
 import pytest
 
-from ledger.devchain import DevChainUnavailable, anvil_binary
+from ledger.devchain import anvil_missing
 
 pytestmark = pytest.mark.timeout(180)
 
-try:
-    anvil_binary()
-    NO_ANVIL = None
-except DevChainUnavailable as e:
-    NO_ANVIL = str(e)
+NO_ANVIL = anvil_missing()
 
 
 def gpuflex(*args, env):

@@ -8,15 +8,11 @@ import json
 import pytest
 
 from ledger.chain import connect, deploy
-from ledger.devchain import DevChainUnavailable, anvil_binary
+from ledger.devchain import anvil_missing
 
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(420)]
 
-try:
-    anvil_binary()
-    NO_ANVIL = None
-except DevChainUnavailable as e:
-    NO_ANVIL = str(e)
+NO_ANVIL = anvil_missing()
 
 
 @pytest.mark.skipif(NO_ANVIL is not None, reason=f"anvil is not installed: {NO_ANVIL}")
