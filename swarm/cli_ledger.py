@@ -94,6 +94,27 @@ def wallet_faucet(
     typer.echo(f"{ledger.address}: {balance / GPUX:,.6f} GPUX")
 
 
+@wallet_app.command("claim")
+def wallet_claim(
+    job_id: str = typer.Argument(..., help="The paid job to collect this wallet's pay from."),
+    peer: str = typer.Option(..., "--peer", help="Multiaddr of any peer of the swarm."),
+    keyfile: Path = KeyfileOption,
+    deployment: Path = DeploymentOption,
+    rpc: Optional[str] = typer.Option(None),
+) -> None:
+    """Collect what this wallet earned in a job and has not claimed yet (peers claim at the end)."""
+    from ledger.chain import GPUX
+    from swarm.client import Client
+
+    try:
+        ledger = open_ledger(deployment, keyfile, rpc)
+        with Client(peer) as client:
+            paid = client.claim(job_id, ledger)
+    except GPUFlexError as e:
+        _fail(e)
+    typer.echo(f"claimed {paid / GPUX:,.6f} GPUX for {ledger.address}")
+
+
 @chain_app.command("up")
 def chain_up(
     deployment: Path = DeploymentOption,

@@ -56,6 +56,12 @@ class ResultUnverified(GPUFlexError):
     """The downloaded result does not match what the swarm's signed records say."""
 
 
+def _escrow_key(job: JobRecord) -> bytes:
+    if job.escrow is None:
+        raise JobNotFound(f"job {job.job_id} is not a paid job: nothing is escrowed")
+    return bytes.fromhex(job.escrow["job_key"].removeprefix("0x"))
+
+
 class BudgetTooSmall(GPUFlexError):
     """The budget does not buy one GPUX base unit per sample the job may train."""
 
@@ -189,13 +195,43 @@ class Client:
         return Job(self, job_id)
 
     def refund(self, job_id: str, ledger) -> int:
-        """Consumer: close a finished paid job's escrow; returns the unspent budget refunded."""
+        """Consumer: close a finished paid job's escrow, or one past its deadline; returns the refund."""
         job = self._job(job_id)
-        if job.escrow is None:
-            raise JobNotFound(f"job {job_id} is not a paid job: nothing is escrowed")
+        key = _escrow_key(job)
+        if ledger.chain_time() > int(job.escrow["deadline"]):
+            return ledger.refund_expired(key).value  # whoever calls, the consumer gets it
         if self.status(job_id)["state"] != "finished":
-            raise ResultNotReady(f"job {job_id} has not finished; its budget stays escrowed until it does")
-        return ledger.finish_job(bytes.fromhex(job.escrow["job_key"].removeprefix("0x"))).value
+            raise ResultNotReady(f"job {job_id} has not finished; its budget stays escrowed until it does "
+                                 f"(or until its deadline)")
+        return ledger.finish_job(key).value
+
+    def claim(self, job_id: str, ledger) -> int:
+        """Contributor: collect the pay for every posted round of ``job_id`` that names this wallet.
+
+        Each round's contribution tree is rebuilt from the group's signed progress records and
+        used only if its root is the one on chain, so a wrong record can not make a bad claim.
+        """
+        trees = {r: t for r, t in self.posted_trees(job_id, ledger).items() if ledger.address in t}
+        return ledger.claim_many(_escrow_key(self._job(job_id)), trees).value
+
+    def posted_trees(self, job_id: str, ledger) -> dict:
+        """{round: contribution tree} rebuilt from the records, for the rounds whose root is on chain."""
+        from ledger.merkle import ContributionTree
+
+        job = self._job(job_id)
+        key = _escrow_key(job)
+        trees = {}
+        for r in range(1, job.spec["training"]["rounds"] + 1):
+            merged = [s.body for s in self.records.read(progress_key(job_id, r), ProgressRecord)
+                      if s.body.phase == "merged" and s.body.wallet and s.body.samples > 0]
+            groups = Counter(tuple(p.group) for p in merged)
+            if not groups or not ledger.round(key, r).posted:
+                continue
+            group = set(groups.most_common(1)[0][0])
+            tree = ContributionTree({p.wallet: p.samples for p in merged if p.peer_id in group})
+            if tree.root == ledger.round(key, r).root:
+                trees[r] = tree
+        return trees
 
     # ---------------------------------------------------------------- quote
     def quote(self, job: str | os.PathLike | JobSpec) -> tuple["Quote", list["Offer"]]:

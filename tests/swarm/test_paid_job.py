@@ -57,3 +57,33 @@ def test_money_moves_from_consumer_to_the_peers_that_worked(local_swarm, digits_
     spent = before - ledger.balance(consumer)
     assert spent == sum(earned.values())  # what the consumer lost is exactly what the peers gained
     assert "skipping job" in (local_swarm.root / "peer3.log").read_text()
+    # `wallet claim` rebuilds each round's tree from the signed records; they match the roots on chain
+    from swarm.client import Client
+
+    with Client(local_swarm.maddrs[0]) as client:
+        trees = client.posted_trees(job_id, ledger)
+    assert sorted(trees) == [1, 2, 3, 4]
+    assert all(sorted(t.units(w) for w in earned) == [20 * 32] * 3 for t in trees.values())
+    # and nothing is left to collect twice
+    for wallet in (local_swarm.wallets[0], idle_wallet):
+        again = local_swarm.cli("wallet", "claim", job_id, "--peer", local_swarm.maddrs[0], "--keyfile", str(wallet),
+                                "--deployment", str(chain["deployment"]))
+        assert again.stdout.startswith("claimed 0.000000 GPUX")
+    assert ledger.balance(consumer) == before - spent and sum(map(ledger.balance, earned)) == spent
+
+    # a paid job that never gets its peers refunds in full once its deadline has passed
+    from ledger.chain import advance_time
+
+    stuck = digits_job(swarm={"min_peers": 9, "max_peers": 9})
+    budget_before = ledger.balance(consumer)
+    stuck_id = local_swarm.cli("job", "submit", stuck, "--peer", local_swarm.maddrs[0], "--budget", "10",
+                               "--deadline-hours", "1", "--wallet", str(chain["consumer"]),
+                               "--deployment", str(chain["deployment"])).stdout.strip()
+    early = local_swarm.cli("job", "refund", stuck_id, "--peer", local_swarm.maddrs[0], "--wallet",
+                            str(chain["consumer"]), "--deployment", str(chain["deployment"]), check=False)
+    assert early.returncode == 1 and "has not finished" in early.stderr  # not before the deadline
+    advance_time(w3, 2 * 3600)
+    late = local_swarm.cli("job", "refund", stuck_id, "--peer", local_swarm.maddrs[0], "--wallet",
+                           str(chain["consumer"]), "--deployment", str(chain["deployment"]))
+    assert late.stdout.startswith("refunded 10.000000 GPUX")
+    assert ledger.balance(consumer) == budget_before
