@@ -34,7 +34,7 @@ from dht.records import (
     result_key,
 )
 from peer import schedule
-from peer.payout import RoundPayouts
+from peer.payout import JobClosed, RoundPayouts, escrow_closed
 from peer.local_training import Batches, evaluate, loss_fn, make_optimizer, round_generator, train_local
 from swarm.catalog import build_model
 from swarm.report import build_report, round_summary
@@ -113,7 +113,7 @@ class JobRunner:
             group: list[str] = []
             while round_no <= t.rounds:
                 try:
-                    group, base_model_id = self._round(
+                    group, base_model_id = self._play_or_stop(
                         round_no, model, optimizer, averager, group, base_model_id, outer, feedback
                     )
                 except RoundMissed:
@@ -133,8 +133,19 @@ class JobRunner:
         finally:
             averager.shutdown()
 
+    def _play_or_stop(self, *args):
+        """One round; if the consumer closed the escrow, collect what we earned so far and stop."""
+        try:
+            return self._round(*args)
+        except JobClosed:
+            if self.payouts is not None:
+                self.payouts.claim()
+            raise
+
     def _round(self, r, model, optimizer, averager, previous_group, base_model_id, outer, feedback):
         t, swarm = self.spec.training, self.spec.swarm
+        if self.payouts is not None and (closed := escrow_closed(self.job, self.peer.ledger)):
+            raise JobClosed(f"job {self.job.job_id}: escrow {closed}, stopping before round {r}")
         self._publish_progress(r, "joined", base_model_id=base_model_id)
         roster = self._wait_for_roster(r, previous_group, swarm.min_peers)
         leases = self.records.read(leases_key(self.job.job_id, r), LeaseRecord)

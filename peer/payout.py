@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+from dht.errors import GPUFlexError
 from dht.records import AttestationRecord, JobRecord, ProgressRecord, attestation_key
 from dht.store import RecordStore
 
@@ -40,6 +41,16 @@ def escrow_problem(job: JobRecord, ledger, now: float) -> str | None:
     return None
 
 
+class JobClosed(GPUFlexError):
+    """The job's escrow was closed (cancelled by the consumer, or expired): stop at this boundary."""
+
+
+def escrow_closed(job: JobRecord, ledger) -> str | None:
+    """'cancelled' / 'finished' / 'expired' once the consumer (or the deadline) closed the escrow."""
+    status = ledger.job(bytes.fromhex(job.escrow["job_key"].removeprefix("0x"))).status
+    return status if status in ("cancelled", "finished", "expired") else None
+
+
 class RoundPayouts:
     def __init__(self, job: JobRecord, ledger, records: RecordStore, wait_for: Callable):
         self.job, self.ledger, self.records, self._wait_for = job, ledger, records, wait_for
@@ -48,6 +59,7 @@ class RoundPayouts:
 
     def settle(self, r: int, group: list[str], merged: list[ProgressRecord]) -> None:
         """Sign this round's contribution tree; the group's first peer posts it with a quorum."""
+        from ledger.chain import ContractReverted
         from ledger.merkle import ContributionTree
         from ledger.signing import RoundAttestation
 
@@ -76,14 +88,19 @@ class RoundPayouts:
         if attestations is None:
             logger.warning(f"job {self.job.job_id}: round {r} got no signing quorum; not posted")
             return
-        result = self.ledger.post_round(self.job_key, r, tree, attestations)
+        try:
+            result = self.ledger.post_round(self.job_key, r, tree, attestations)
+        except ContractReverted:
+            if closed := escrow_closed(self.job, self.ledger):  # cancelled while we trained
+                raise JobClosed(f"job {self.job.job_id}: escrow {closed}, round {r} not posted") from None
+            raise
         logger.info(f"job {self.job.job_id}: round {r} posted on chain, {result.value} allocated")
 
     def claim(self) -> int:
         """Collect this peer's pay for every round it was in; returns what was paid (base units)."""
         mine = {r: t for r, t in self.trees.items() if self.ledger.address in t}
-        # the last round's post may still be in flight from another peer: wait a while, then
-        # claim what is posted
-        self._wait_for(lambda: all(self.ledger.round(self.job_key, r).posted for r in mine), timeout=60.0)
+        if not escrow_closed(self.job, self.ledger):
+            # the last round's post may still be in flight from another peer: wait a while
+            self._wait_for(lambda: all(self.ledger.round(self.job_key, r).posted for r in mine), timeout=60.0)
         posted = {r: t for r, t in mine.items() if self.ledger.round(self.job_key, r).posted}
         return self.ledger.claim_many(self.job_key, posted).value if posted else 0

@@ -118,7 +118,7 @@ class Peer:
     # ---------------------------------------------------------------- what the peer does all day
     def run_forever(self) -> None:
         """Pick a job, work on it to the end, pick the next; until asked to stop."""
-        from peer.job_runner import JobRunner, JobStopped  # imports torch-heavy modules
+        from peer.job_runner import JobClosed, JobRunner, JobStopped  # imports torch-heavy modules
 
         while not self.stopping.is_set():
             job = self._next_job()
@@ -131,6 +131,9 @@ class Peer:
                 self._finished_jobs.add(job.job_id)
             except JobStopped:
                 break
+            except JobClosed as e:
+                logger.info(str(e))
+                self._finished_jobs.add(job.job_id)
             except Exception:
                 logger.exception(f"job {job.job_id} failed on this peer; will look for work again")
                 self.stopping.wait(JOB_POLL_S)

@@ -239,6 +239,26 @@ def job_refund(
     typer.echo(f"refunded {refunded / GPUX:,.6f} GPUX to {ledger.address}")
 
 
+@job_app.command("cancel")
+def job_cancel(
+    job_id: str,
+    peer: str = PeerOption,
+    wallet: Path = typer.Option(Path("~/.gpuflex/wallet.json"), "--wallet", help="The consumer's key file."),
+    deployment: Path = typer.Option(Path("~/.gpuflex/deployment.json"), "--deployment"),
+) -> None:
+    """Consumer: cancel a paid job; peers stop at the next round, the unspent budget comes back now."""
+    from ledger.chain import GPUX
+    from swarm.client import Client
+
+    try:
+        ledger = open_ledger(deployment, wallet, None)
+        with Client(peer) as client:
+            refunded = client.cancel(job_id, ledger)
+    except GPUFlexError as e:
+        _fail(e)
+    typer.echo(f"cancelled; refunded {refunded / GPUX:,.6f} GPUX to {ledger.address}")
+
+
 @job_app.command("list")
 def job_list(peer: str = PeerOption) -> None:
     """Jobs the swarm knows."""

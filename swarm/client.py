@@ -205,6 +205,11 @@ class Client:
                                  f"(or until its deadline)")
         return ledger.finish_job(key).value
 
+    def cancel(self, job_id: str, ledger) -> int:
+        """Consumer: cancel a paid job. Peers stop at the next round boundary; rounds already posted
+        stay payable; the rest of the budget is refunded now (returned, base units)."""
+        return ledger.cancel_job(_escrow_key(self._job(job_id))).value
+
     def claim(self, job_id: str, ledger) -> int:
         """Contributor: collect the pay for every posted round of ``job_id`` that names this wallet.
 

@@ -87,3 +87,32 @@ def test_money_moves_from_consumer_to_the_peers_that_worked(local_swarm, digits_
                            str(chain["consumer"]), "--deployment", str(chain["deployment"]))
     assert late.stdout.startswith("refunded 10.000000 GPUX")
     assert ledger.balance(consumer) == budget_before
+
+
+@pytest.mark.skipif(NO_ANVIL is not None, reason=f"anvil is not installed: {NO_ANVIL}")
+def test_a_cancelled_job_stops_and_refunds_what_was_not_earned(local_swarm, digits_job):
+    from ledger.chain import GPUX
+    from ledger.wallet import keyfile_address
+
+    chain = local_swarm.start_chain(consumer_gpux=100)
+    ledger, consumer = local_swarm.ledger, keyfile_address(chain["consumer"])
+    for _ in range(2):
+        local_swarm.start_peer()
+    before = ledger.balance(consumer)
+    wallet = ["--wallet", str(chain["consumer"]), "--deployment", str(chain["deployment"])]
+    job_id = local_swarm.cli("job", "submit", digits_job(training={"rounds": 200}), "--peer", local_swarm.maddrs[0],
+                             "--budget", "50", *wallet).stdout.strip()
+    local_swarm.wait_for(lambda: local_swarm.status(job_id)["rounds_done"] >= 2, timeout=120, what="two rounds")
+    cancelled = local_swarm.cli("job", "cancel", job_id, "--peer", local_swarm.maddrs[1], *wallet)
+    assert cancelled.stdout.startswith("cancelled; refunded ")
+    # both peers notice at their next round boundary and stop working on it
+    for i in range(2):
+        local_swarm.wait_for(lambda i=i: "escrow cancelled" in (local_swarm.root / f"peer{i}.log").read_text(),
+                             timeout=60, what=f"peer {i} to stop")
+    rounds_then = local_swarm.status(job_id)["rounds_done"]
+    assert rounds_then < 200
+    # what was posted before the cancel stays payable, and the peers collected it as they stopped
+    earned = sum(ledger.balance(keyfile_address(w)) for w in local_swarm.wallets)
+    assert earned > 0
+    assert before - ledger.balance(consumer) == earned  # the refund is everything not earned
+    assert local_swarm.status(job_id)["rounds_done"] == rounds_then  # and nobody kept training
