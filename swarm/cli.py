@@ -18,7 +18,7 @@ import typer
 os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
 
 from dht.errors import GPUFlexError  # noqa: E402
-from swarm.cli_ledger import chain_app, open_ledger, wallet_app  # noqa: E402
+from swarm.cli_ledger import chain_app, escrow_command, open_ledger, wallet_app  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="GPUFlex: peer-to-peer swarm training.")
 job_app = typer.Typer(no_args_is_help=True, help="Submit, follow and collect training jobs.")
@@ -226,17 +226,9 @@ def job_refund(
     wallet: Path = typer.Option(Path("~/.gpuflex/wallet.json"), "--wallet", help="The consumer's key file."),
     deployment: Path = typer.Option(Path("~/.gpuflex/deployment.json"), "--deployment"),
 ) -> None:
-    """Consumer: close a finished paid job and get the unspent budget back."""
-    from ledger.chain import GPUX
-    from swarm.client import Client
-
-    try:
-        ledger = open_ledger(deployment, wallet, None)
-        with Client(peer) as client:
-            refunded = client.refund(job_id, ledger)
-    except GPUFlexError as e:
-        _fail(e)
-    typer.echo(f"refunded {refunded / GPUX:,.6f} GPUX to {ledger.address}")
+    """Consumer: close a finished paid job (or one past its deadline) and get the unspent budget back."""
+    refunded, address = escrow_command(peer, wallet, deployment, lambda client, ledger: client.refund(job_id, ledger))
+    typer.echo(f"refunded {refunded:,.6f} GPUX to {address}")
 
 
 @job_app.command("cancel")
@@ -247,16 +239,8 @@ def job_cancel(
     deployment: Path = typer.Option(Path("~/.gpuflex/deployment.json"), "--deployment"),
 ) -> None:
     """Consumer: cancel a paid job; peers stop at the next round, the unspent budget comes back now."""
-    from ledger.chain import GPUX
-    from swarm.client import Client
-
-    try:
-        ledger = open_ledger(deployment, wallet, None)
-        with Client(peer) as client:
-            refunded = client.cancel(job_id, ledger)
-    except GPUFlexError as e:
-        _fail(e)
-    typer.echo(f"cancelled; refunded {refunded / GPUX:,.6f} GPUX to {ledger.address}")
+    refunded, address = escrow_command(peer, wallet, deployment, lambda client, ledger: client.cancel(job_id, ledger))
+    typer.echo(f"cancelled; refunded {refunded:,.6f} GPUX to {address}")
 
 
 @job_app.command("list")

@@ -46,6 +46,20 @@ def open_ledger(deployment: Path, keyfile: Path | None, rpc: str | None = None):
     return Ledger.for_wallet(deployment, keyfile, _password(), rpc)
 
 
+def escrow_command(peer: str, keyfile: Path, deployment: Path, action) -> tuple[float, str]:
+    """Run ``action(client, ledger) -> base units`` for a paid-job command; returns (GPUX, address)."""
+    from ledger.chain import GPUX
+    from swarm.client import Client
+
+    try:
+        ledger = open_ledger(deployment, keyfile, None)
+        with Client(peer) as client:
+            amount = action(client, ledger)
+    except GPUFlexError as e:
+        _fail(e)
+    return amount / GPUX, ledger.address
+
+
 @wallet_app.command("new")
 def wallet_new(keyfile: Path = KeyfileOption) -> None:
     """Create a key file (never overwrites one); prints its address."""
@@ -100,19 +114,10 @@ def wallet_claim(
     peer: str = typer.Option(..., "--peer", help="Multiaddr of any peer of the swarm."),
     keyfile: Path = KeyfileOption,
     deployment: Path = DeploymentOption,
-    rpc: Optional[str] = typer.Option(None),
 ) -> None:
     """Collect what this wallet earned in a job and has not claimed yet (peers claim at the end)."""
-    from ledger.chain import GPUX
-    from swarm.client import Client
-
-    try:
-        ledger = open_ledger(deployment, keyfile, rpc)
-        with Client(peer) as client:
-            paid = client.claim(job_id, ledger)
-    except GPUFlexError as e:
-        _fail(e)
-    typer.echo(f"claimed {paid / GPUX:,.6f} GPUX for {ledger.address}")
+    paid, address = escrow_command(peer, keyfile, deployment, lambda client, ledger: client.claim(job_id, ledger))
+    typer.echo(f"claimed {paid:,.6f} GPUX for {address}")
 
 
 @chain_app.command("up")
