@@ -144,7 +144,19 @@ class LocalSwarm:
             time.sleep(poll)  # polling an external condition, not synchronising on time
 
     def stop(self) -> None:
+        """SIGTERM every peer, SIGKILL what is left after 15 s, then reap their whole process trees.
+
+        A peer's DHT, averager and p2pd are its children: if the peer itself has to be killed they
+        would be orphaned (and outlive the test), so they are collected first and killed last.
+        """
+        import psutil
+
+        family = []
         for proc in self.procs:
+            try:
+                family += psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.time() + 15
@@ -156,6 +168,12 @@ class LocalSwarm:
                 proc.wait()
             if proc.stdout:
                 proc.stdout.close()
+        for child in family:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(family, timeout=10)
         if self.chain is not None:
             self.chain.stop()
 
