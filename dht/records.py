@@ -9,17 +9,17 @@ validator bind a record to its key, so a valid record cannot be replayed under a
 
 The record kinds and their keys:
 
-==========  ===========================================  ====================================
-kind        key                                          one subkey per
-==========  ===========================================  ====================================
-peer        ``gpuflex.peers``                            peer (heartbeat, short expiry)
-job         ``gpuflex.jobs``                             job (author: the peer that took it)
-lease       ``gpuflex.job.<id>.leases.<round>``          peer: the shards it trains this round
-progress    ``gpuflex.job.<id>.round.<round>``           peer: joined / trained / merged
-result      ``gpuflex.job.<id>.result``                  peer: final model and report ids
-attestation ``gpuflex.job.<id>.attest.<round>``          peer: its signature over the round's pay
-provider    ``gpuflex.blob.<sha256>``                    peer that serves this blob
-==========  ===========================================  ====================================
+===========  ===========================================  ====================================
+kind         key                                          one subkey per
+===========  ===========================================  ====================================
+peer         ``gpuflex.peers``                            peer (heartbeat, short expiry)
+job          ``gpuflex.jobs``                             job (author: the peer that took it)
+lease        ``gpuflex.job.<id>.leases.<round>``          peer: the shards it trains this round
+progress     ``gpuflex.job.<id>.round.<round>``           peer: joined / trained / merged
+result       ``gpuflex.job.<id>.result``                  peer: final model and report ids
+attestation  ``gpuflex.job.<id>.attest.<round>``         peer: its signature over the round's pay
+provider     ``gpuflex.blob.<sha256>``                    peer that serves this blob
+===========  ===========================================  ====================================
 """
 
 from __future__ import annotations

@@ -28,6 +28,15 @@ def dhts():
         node.shutdown()
 
 
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_bit_identical(models):
+    for params in zip(*[m.parameters() for m in models]):
+        assert all(torch.equal(params[0], p) for p in params[1:])
+
+
 def _averager(model, dht, tag, **kwargs):
     averager = RoundAverager(list(model.parameters()), dht, job_id=tag * 24, max_peers=8, **kwargs)
     averager.model = model
@@ -63,8 +72,7 @@ def test_group_ends_bit_identical_at_the_weighted_mean(dhts):
         results = _merge_all(averagers, weights, round_no=1)
         assert all(r is not None and len(r) == 3 for r in results)
         assert sorted(d["i"] for d in results[0].values()) == [0, 1, 2]  # everyone's metadata came along
-        for params in zip(*[m.parameters() for m in models]):
-            assert all(torch.equal(params[0], p) for p in params[1:])  # bit-identical, not just close
+        assert_bit_identical(models)  # not just close
         for got, want in zip(models[0].parameters(), expected):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     finally:
@@ -74,7 +82,7 @@ def test_group_ends_bit_identical_at_the_weighted_mean(dhts):
 
 def test_peers_in_different_rounds_never_average_together(dhts):
     models = [_model(seed) for seed in range(2)]
-    before = [[p.detach().clone() for p in m.parameters()] for m in models]
+    before = [_params(m) for m in models]
     averagers = [_averager(m, dht, "u") for m, dht in zip(models, dhts)]
     try:
         averagers[0].prepare_round(4, 2)
@@ -97,10 +105,6 @@ def test_peers_in_different_rounds_never_average_together(dhts):
             averager.shutdown()
 
 
-def _params(model):
-    return [p.detach().clone() for p in model.parameters()]
-
-
 def test_centered_clip_keeps_a_poisoned_peer_from_dragging_the_group(dhts):
     honest = [_model(seed) for seed in range(3)]
     honest_mean = [torch.stack(ps).mean(0) for ps in zip(*[_params(m) for m in honest])]
@@ -113,8 +117,7 @@ def test_centered_clip_keeps_a_poisoned_peer_from_dragging_the_group(dhts):
     try:
         results = _merge_all(averagers, [1.0] * 4, round_no=1)
         assert all(r is not None for r in results)
-        for params in zip(*[m.parameters() for m in models]):
-            assert all(torch.equal(params[0], p) for p in params[1:])
+        assert_bit_identical(models)
         error = sum((p - q).norm() ** 2 for p, q in zip(models[0].parameters(), honest_mean)) ** 0.5
         spread = sum((p - q).norm() ** 2 for p, q in zip(_params(_model(0)), honest_mean)) ** 0.5
         assert error < spread  # closer to the honest mean than an honest peer is
@@ -129,8 +132,7 @@ def test_fp16_on_the_wire_still_ends_bit_identical(dhts):
     averagers = [_averager(m, dht, "w", compression="fp16") for m, dht in zip(models, dhts)]
     try:
         assert all(r is not None for r in _merge_all(averagers, [1.0] * 4, round_no=1))
-        for params in zip(*[m.parameters() for m in models]):
-            assert all(torch.equal(params[0], p) for p in params[1:])
+        assert_bit_identical(models)
         for got, want in zip(models[0].parameters(), mean):
             torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
     finally:
