@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import time
 from typing import AsyncIterator
 
@@ -28,6 +29,10 @@ from swarm.spec import BLOB_REF, JobSpec
 JOB_SUBMIT = "gpuflex.job.submit.v1"
 JOB_TTL = 7 * 24 * 3600.0
 CHUNK_BYTES = 1 << 20
+MAX_CLOCK_SKEW_S = 600.0  # a submission stamped further from the receiving peer's clock is refused
+SUBMIT_ATTEMPTS = 3
+
+logger = logging.getLogger(__name__)
 
 
 class JobRejected(GPUFlexError):
@@ -39,9 +44,15 @@ def job_id_for(spec: dict, dataset_id: str, submitted_at: float, peer_id: str) -
     return hashlib.sha256(canonical.encode()).hexdigest()[:24]
 
 
-def submission_messages(spec: dict, manifest_bytes: bytes, blobs: dict[str, bytes], escrow: dict | None = None):
-    """What a consumer sends: a header, then every shard in chunks."""
-    header = {"spec": spec, "manifest": manifest_bytes, **({"escrow": escrow} if escrow else {})}
+def submission_messages(spec: dict, manifest_bytes: bytes, blobs: dict[str, bytes], escrow: dict | None = None,
+                        submitted_at: float | None = None):
+    """What a consumer sends: a header, then every shard in chunks.
+
+    The consumer stamps the submission time, so the job id is fixed before anything is sent and
+    a resent submission names the same job instead of publishing a second one.
+    """
+    header = {"spec": spec, "manifest": manifest_bytes, "submitted_at": submitted_at or time.time(),
+              **({"escrow": escrow} if escrow else {})}
     yield BytesValue(value=MSGPackSerializer.dumps(header))
     for blob_id, data in blobs.items():
         for offset in range(0, max(len(data), 1), CHUNK_BYTES):
@@ -50,18 +61,51 @@ def submission_messages(spec: dict, manifest_bytes: bytes, blobs: dict[str, byte
             yield BytesValue(value=MSGPackSerializer.dumps(chunk))
 
 
+async def first_reply(p2p: P2P, peer_id: PeerID, requests) -> BytesValue:
+    """The peer's one answer, read as soon as it comes.
+
+    A peer that refuses a job early answers and closes while shards are still on their way; the
+    answer must win over the broken pipe our writer then hits (hivemind's unary call would raise
+    the pipe error and lose the answer).
+    """
+    stream = await p2p.iterate_protobuf_handler(peer_id, JOB_SUBMIT, requests, BytesValue)
+    try:
+        async for reply in stream:
+            return reply
+        raise ConnectionResetError("the stream closed before the peer answered")
+    finally:
+        await stream.aclose()
+
+
+class SubmissionLost(GPUFlexError):
+    """The connection to the receiving peer dropped every time before it answered."""
+
+
 async def send_submission(
-    p2p: P2P, peer_id: str, spec: dict, manifest_bytes: bytes, blobs: dict[str, bytes], escrow: dict | None = None
+    p2p: P2P, peer_id: str, spec: dict, manifest_bytes: bytes, blobs: dict[str, bytes], escrow: dict | None = None,
+    submitted_at: float | None = None,
 ) -> str:
+    """Send the job; resend it (same stamp, so the same job id) when the stream drops unanswered."""
+    submitted_at = submitted_at or time.time()
+
     async def requests():
-        for message in submission_messages(spec, manifest_bytes, blobs, escrow):
+        for message in submission_messages(spec, manifest_bytes, blobs, escrow, submitted_at):
             yield message
 
-    reply = await p2p.call_protobuf_handler(PeerID.from_base58(peer_id), JOB_SUBMIT, requests(), BytesValue)
-    answer = MSGPackSerializer.loads(reply.value)
-    if "error" in answer:
-        raise JobRejected(answer["error"])
-    return answer["job_id"]
+    problem = None
+    for attempt in range(SUBMIT_ATTEMPTS):
+        try:
+            reply = await first_reply(p2p, PeerID.from_base58(peer_id), requests())
+        except (ConnectionError, asyncio.IncompleteReadError) as e:
+            problem = e
+            logger.warning(f"submission to {peer_id} dropped unanswered (attempt {attempt + 1}): {e!r}")
+            continue
+        answer = MSGPackSerializer.loads(reply.value)
+        if "error" in answer:
+            raise JobRejected(answer["error"])
+        return answer["job_id"]
+    raise SubmissionLost(f"peer {peer_id} closed the connection {SUBMIT_ATTEMPTS} times without answering "
+                         f"the submission ({problem}); its log says why")
 
 
 class JobIntake:
@@ -76,7 +120,15 @@ class JobIntake:
             job_id = await self._accept(requests)
             return BytesValue(value=MSGPackSerializer.dumps({"job_id": job_id}))
         except (GPUFlexError, ValueError, KeyError, TypeError) as e:
-            return BytesValue(value=MSGPackSerializer.dumps({"error": str(e)}))
+            error = str(e)
+        except Exception as e:  # our own failure: say so to the consumer instead of dropping the stream
+            logger.exception("job intake failed")
+            error = f"the peer failed to take the job: {e!r}"
+        # Read (and drop) the rest of the submission before answering: closing a stream with unread
+        # bytes in it resets the connection, and the reset would swallow the answer.
+        async for _ in requests:
+            pass
+        return BytesValue(value=MSGPackSerializer.dumps({"error": error}))
 
     async def _accept(self, requests: AsyncIterator[BytesValue]) -> str:
         header = None
@@ -90,6 +142,10 @@ class JobIntake:
                 if hashlib.sha256(header["manifest"]).hexdigest() != manifest.dataset_id:
                     raise JobRejected("the dataset manifest is not in canonical form (its hash is not its id)")
                 spec = JobSpec.from_dict(header["spec"], source="submitted job")
+                submitted_at = float(header["submitted_at"])
+                if abs(time.time() - submitted_at) > MAX_CLOCK_SKEW_S:
+                    raise JobRejected(f"the submission is stamped {time.time() - submitted_at:+.0f}s away from "
+                                      f"this peer's clock (more than {MAX_CLOCK_SKEW_S:.0f}s): check the clocks")
                 wanted = {s.id for s in manifest.shards}
                 init = spec.model.init_from  # warm-start weights may come along (or already be in the swarm)
                 optional = {init[len(BLOB_REF):]} if init and init.startswith(BLOB_REF) else set()
@@ -109,13 +165,13 @@ class JobIntake:
         if missing:
             raise JobRejected(f"{len(missing)} of {len(wanted)} shards never arrived")
         # everything checked: only now write anything (in a thread: DHT calls block)
-        return await asyncio.to_thread(self._publish, spec, manifest, header["manifest"], received, header.get("escrow"))
+        return await asyncio.to_thread(
+            self._publish, spec, manifest, header["manifest"], received, header.get("escrow"), submitted_at)
 
     def _publish(self, spec: JobSpec, manifest: DatasetManifest, manifest_bytes: bytes, received: dict,
-                 escrow: dict | None) -> str:
+                 escrow: dict | None, submitted_at: float) -> str:
         stored = [self.blobs.put(data, expected_id=blob_id) for blob_id, data in received.items()]
         stored.append(self.blobs.put(manifest_bytes))
-        submitted_at = time.time()
         spec_dict = spec.to_dict()
         job_id = job_id_for(spec_dict, manifest.dataset_id, submitted_at, self.records.peer_id)
         self.announce(stored)

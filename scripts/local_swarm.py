@@ -123,8 +123,19 @@ class LocalSwarm:
             [*gpuflex_command(), *args], capture_output=True, text=True, env=self.env, timeout=timeout
         )
         if check and done.returncode != 0:
-            raise RuntimeError(f"gpuflex {' '.join(args)} failed ({done.returncode}): {done.stderr.strip()}")
+            raise RuntimeError(f"gpuflex {' '.join(args)} failed ({done.returncode}): {done.stderr.strip()}"
+                               f"{self.log_tails()}")
         return done
+
+    def log_tails(self, lines: int = 15) -> str:
+        """The last lines of every peer's log: what a failing test prints, so CI shows the cause."""
+        parts = []
+        for index in range(len(self.procs)):
+            path = self.root / f"peer{index}.log"
+            if path.exists():
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+                parts.append(f"\n--- peer{index}.log (last {len(tail)} lines) ---\n" + "\n".join(tail))
+        return "".join(parts)
 
     def status(self, job_id: str, via: int = 0) -> dict:
         return json.loads(self.cli("job", "status", job_id, "--peer", self.maddrs[via], "--json").stdout)
@@ -138,9 +149,9 @@ class LocalSwarm:
                 return value
             dead = [i for i, p in enumerate(self.procs) if p.poll() is not None and p.returncode not in (0, -9, -15)]
             if dead:
-                raise RuntimeError(f"peer(s) {dead} crashed while waiting for {what}; logs in {self.root}")
+                raise RuntimeError(f"peer(s) {dead} crashed while waiting for {what}{self.log_tails()}")
             if time.time() > deadline:
-                raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}; logs in {self.root}")
+                raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}{self.log_tails()}")
             time.sleep(poll)  # polling an external condition, not synchronising on time
 
     def stop(self) -> None:
