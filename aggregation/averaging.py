@@ -15,13 +15,16 @@ crosses the network (``aggregation.compression``).
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
+import time
 from typing import Any, Mapping, Sequence
 
 import hivemind
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
-from hivemind.averaging.partition import BannedException
+from hivemind.averaging.partition import AllreduceException, BannedException
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
@@ -31,7 +34,8 @@ from hivemind.utils.mpfuture import MPFuture
 from aggregation.compression import make_compression  # also installs the numpy-2.4-safe 8-bit decoder
 from aggregation.reduce import ReducerConfigError, RobustPartReducer, get_reducer
 
-ROUND_BITS = 24  # rounds up to 16.7M; the bits are just a namespace inside the job's prefix
+ROUND_BITS = 24  # (round, attempt) pairs; the bits are just a namespace inside the job's prefix
+MAX_ATTEMPTS = 4  # all-reduce attempts per round (a retry follows a member that died mid-merge)
 
 
 class ExactAllReduceRunner(AllReduceRunner):
@@ -136,10 +140,17 @@ class RoundAverager(DecentralizedAverager):
             **kwargs,
         )
 
-    def prepare_round(self, round_no: int, expected_group_size: int) -> None:
-        """Route matchmaking to this round's group key and expect this many peers in it."""
+    def prepare_round(self, round_no: int, expected_group_size: int, attempt: int = 0) -> None:
+        """Route matchmaking to this round's group key and expect this many peers in it.
+
+        ``attempt`` > 0 gives a round whose first all-reduce failed (a member died in it) a fresh
+        group key, so the survivors can try again without stragglers of the failed group.
+        """
+        if not 0 <= attempt < MAX_ATTEMPTS:
+            raise ValueError(f"attempt must be in [0, {MAX_ATTEMPTS}), got {attempt}")
         future = MPFuture()
-        self._outer_pipe.send(("_prepare_round", [], dict(round_no=round_no, size=expected_group_size, future=future)))
+        key = round_no * MAX_ATTEMPTS + attempt
+        self._outer_pipe.send(("_prepare_round", [], dict(round_no=key, size=expected_group_size, future=future)))
         future.result()
 
     async def _prepare_round(self, round_no: int, size: int, future: MPFuture) -> None:
@@ -173,26 +184,47 @@ class RoundAverager(DecentralizedAverager):
             return
         async for tensor, averaged in azip(as_aiter(*tensors), runner):
             tensor.copy_(averaged)
-            self.last_updated = get_dht_time()
-            self._state_updated.set()
+        failed = runner.tensor_part_container.failed_size
+        if failed:
+            # a reducer died mid-butterfly: its parts hold each member's own values, so members
+            # would leave with different models. Fail the step; the survivors merge again.
+            raise AllreduceException(f"{failed} of {runner.tensor_part_container.total_size} values were not "
+                                     f"averaged (a group member failed)")
+        self.last_updated = get_dht_time()
+        self._state_updated.set()
 
     @torch.no_grad()
     def merge(
-        self, tensors: Sequence[torch.Tensor], *, weight: float, gather: Mapping[str, Any], timeout: float
+        self, tensors: Sequence[torch.Tensor], *, weight: float, gather: Mapping[str, Any], timeout: float,
+        stop: threading.Event | None = None, grace_after_stop: float = 5.0,
     ) -> dict[str, Any] | None:
         """Weighted all-reduce of ``tensors`` (in place) with this round's group.
 
         Returns ``{peer_id: gathered metadata}`` for the group on success (``tensors`` then hold
         the group's reduction, bit-identical on every member) or None when no group could be
         formed in time (``tensors`` are left untouched).
+
+        Once ``stop`` is set the step gets ``grace_after_stop`` more seconds: leaving a group
+        mid-butterfly fails the round for everyone in it, so a merge that is nearly done finishes.
         """
         with self.get_tensors() as shared:
             for dst, src in zip(shared, tensors):
                 dst.copy_(src.detach().to("cpu", torch.float32))
-        try:
-            gathered = self.step(gather=dict(gather), weight=float(weight), timeout=timeout, allow_retries=False)
-        except Exception:
-            gathered = None  # hivemind raises on a failed group; the caller decides what to do
+        control = self.step(gather=dict(gather), weight=float(weight), timeout=timeout, allow_retries=False,
+                            wait=False)
+        gathered, give_up_at = None, None
+        while True:
+            try:
+                gathered = control.result(timeout=0.2)
+                break
+            except concurrent.futures.TimeoutError:
+                if stop is not None and stop.is_set():
+                    give_up_at = give_up_at or time.monotonic() + grace_after_stop
+                    if time.monotonic() > give_up_at:
+                        control.cancel()
+                        break
+            except Exception:
+                break  # hivemind raises on a failed group; the caller decides what to do
         if not gathered:
             return None
         with self.get_tensors() as shared:

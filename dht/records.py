@@ -93,7 +93,7 @@ class LeaseRecord(_Body):
 class ProgressRecord(_Body):
     job_id: str = Field(pattern=JOB_ID_PATTERN)
     round: int = Field(ge=1)
-    phase: Literal["joined", "trained", "merged"]
+    phase: Literal["joined", "trained", "merged", "left"]  # left: shut down mid-round, its shards handed back
     samples: int = Field(default=0, ge=0)
     train_loss: float | None = None
     base_model_id: str | None = None

@@ -34,8 +34,17 @@ from dht.records import (
     result_key,
 )
 from peer import schedule
+from peer.runtime import PEER_TTL
 from peer.payout import JobClosed, RoundPayouts, escrow_closed
-from peer.local_training import Batches, evaluate, loss_fn, make_optimizer, round_generator, train_local
+from peer.local_training import (
+    Batches,
+    TrainingStopped,
+    evaluate,
+    loss_fn,
+    make_optimizer,
+    round_generator,
+    train_local,
+)
 from swarm.catalog import build_model
 from swarm.report import build_report, round_summary
 from swarm.shards import DatasetManifest, decode_shard
@@ -68,6 +77,8 @@ def load_model_bytes(model: torch.nn.Module, data: bytes) -> None:
 
 
 class JobRunner:
+    averager_class = RoundAverager  # tests swap in one that fails on cue
+
     def __init__(self, peer: "Peer", job: JobRecord):
         self.peer, self.job = peer, job
         self.records, self.me = peer.records, peer.records.peer_id
@@ -88,7 +99,7 @@ class JobRunner:
             t.optimizer, model.parameters(), lr=t.lr, weight_decay=t.weight_decay, momentum=t.momentum
         )
         agg = self.spec.aggregation
-        averager = RoundAverager(
+        averager = self.averager_class(
             list(model.parameters()), self.peer.records.dht, job_id=self.job.job_id,
             max_peers=self.spec.swarm.max_peers, reducer=agg.reducer, reducer_options=agg.reducer_options(),
             compression=agg.compression,
@@ -126,21 +137,31 @@ class JobRunner:
                         outer.rebase()
                     group = []
                 round_no += 1
-            self._publish_result(model, base_model_id)
+            self._publish_result(model, base_model_id, group)
             if self.payouts is not None:
                 paid = self.payouts.claim()
                 logger.info(f"job {self.job.job_id}: claimed {paid / 10**18:.6f} GPUX for this peer's rounds")
         finally:
             averager.shutdown()
 
-    def _play_or_stop(self, *args):
-        """One round; if the consumer closed the escrow, collect what we earned so far and stop."""
+    def _play_or_stop(self, r, *args):
+        """One round; if the consumer closed the escrow, collect what we earned so far and stop.
+
+        If the peer is shutting down (SIGTERM), hand the round back: a "left" record tells the
+        others not to wait for us, and the lease is no longer renewed.
+        """
         try:
-            return self._round(*args)
+            return self._round(r, *args)
         except JobClosed:
             if self.payouts is not None:
                 self.payouts.claim()
             raise
+        except (JobStopped, TrainingStopped):
+            self.peer.release_lease(leases_key(self.job.job_id, r))
+            if self.me not in (self._state(r).merged or {}):  # a merged round stays merged
+                self._publish_progress(r, "left")
+                logger.info(f"job {self.job.job_id}: shutting down, handed round {r} back")
+            raise JobStopped(f"job {self.job.job_id}: left at round {r}") from None
 
     def _round(self, r, model, optimizer, averager, previous_group, base_model_id, outer, feedback):
         t, swarm = self.spec.training, self.spec.swarm
@@ -162,7 +183,7 @@ class JobRunner:
         started = time.time()
         train_loss, samples = train_local(
             model, optimizer, data, steps=t.local_steps, batch_size=t.batch_size,
-            generator=round_generator(t.seed, r, mine), loss=self.loss,
+            generator=round_generator(t.seed, r, mine), loss=self.loss, should_stop=self.peer.stopping.is_set,
         )
         seconds_training = time.time() - started
         train_loss = train_loss if samples else None  # more peers than shards: this one had no rows
@@ -174,6 +195,12 @@ class JobRunner:
         self._publish_progress(
             r, "trained", samples=samples, train_loss=train_loss, base_model_id=base_model_id, shards=mine
         )
+
+        # a peer that arrived as the round was being dealt may only now see that it was dealt
+        # without it: catch up now rather than wait for a group that will never form
+        leases = self.records.read(leases_key(self.job.job_id, r), LeaseRecord)
+        if schedule.missed_round(self.me, [lease.body.roster for lease in leases if lease.author != self.me]):
+            raise RoundMissed(r)
 
         # all-reduce with everyone on the roster that is still alive and done training
         wait_started = time.time()
@@ -213,6 +240,8 @@ class JobRunner:
         if sums["val_rows"] and self.manifest.task == "classification":
             metrics.val_accuracy.labels(job).set(sums["val_correct"] / sums["val_rows"])
         self.peer.release_lease(leases_key(self.job.job_id, r))
+        if self.peer.stopping.is_set():  # the round is merged and published: leave before settling
+            raise JobStopped(f"job {self.job.job_id}: stopped after round {r}")
         if self.payouts is not None:  # paid job: the group signs what each member did, one posts it
             self.payouts.settle(r, group, self._wait_for_merged_records(r, group))
         logger.info(f"job {self.job.job_id}: round {r}/{t.rounds} done, loss {train_loss:.4f}, group {len(group)}")
@@ -229,7 +258,19 @@ class JobRunner:
         if len(trained) < 2:
             return [self.me], False  # nobody to average with this round: the local result is the round's
         averager.prepare_round(r, len(trained))
-        gathered = averager.merge(tensors, weight=samples, gather={"round": r, "base": base_model_id}, timeout=30.0)
+        gathered = averager.merge(tensors, weight=samples, gather={"round": r, "base": base_model_id}, timeout=30.0,
+                                  stop=self.peer.stopping)
+        if gathered is None and not self.peer.stopping.is_set() and not self._state(r).merged:
+            # nobody merged: a member died mid-merge and failed the group. The survivors try once
+            # more under a fresh group key, without the dead (its heartbeat lapses meanwhile).
+            survivors = self._wait_for(lambda: self._survivors(r, trained), timeout=PEER_TTL + 3 * POLL)
+            survivors = survivors or (trained & self.peer.alive_peers()) | {self.me}
+            if len(survivors) >= 2:
+                logger.warning(f"job {self.job.job_id}: round {r} all-reduce failed, retrying with "
+                               f"{len(survivors)} peers")
+                averager.prepare_round(r, len(survivors), attempt=1)
+                gathered = averager.merge(tensors, weight=samples, gather={"round": r, "base": base_model_id},
+                                          timeout=30.0, stop=self.peer.stopping)
         if gathered is not None:
             return sorted(gathered), False
         # no group formed for us (a peer died mid-round, a timeout): adopt the model the others agreed on
@@ -241,8 +282,9 @@ class JobRunner:
         return sorted(p for p, m in self._state(r).merged.items() if m == agreed), True
 
     # ---------------------------------------------------------------- the end of the job
-    def _publish_result(self, model, model_id: str) -> None:
+    def _publish_result(self, model, model_id: str, last_group: list[str]) -> None:
         t = self.spec.training
+        self._wait_for_merged_records(t.rounds, last_group)  # the report covers the whole last round
         rounds = []
         for r in range(1, t.rounds + 1):
             progress = [s.body for s in self.records.read(progress_key(self.job.job_id, r), ProgressRecord)]
@@ -262,6 +304,7 @@ class JobRunner:
             joined=frozenset(p.author for p in progress),
             trained=frozenset(p.author for p in progress if p.body.phase in ("trained", "merged")),
             merged={p.author: p.body.model_id for p in progress if p.body.phase == "merged" and p.body.model_id},
+            left=frozenset(p.author for p in progress if p.body.phase == "left"),
         )
 
     def _rounds(self, rounds) -> dict[int, schedule.RoundState]:
@@ -299,10 +342,19 @@ class JobRunner:
 
         return self._wait_for(settled, timeout=None)  # a job short of min_peers waits until peers come
 
+    def _survivors(self, r: int, trained: set[str]) -> set[str] | None:
+        """The peers of a failed merge that are still alive, once every dead one's heartbeat lapsed."""
+        state, alive = self._state(r), self.peer.alive_peers()
+        if state.merged:
+            return None  # somebody did merge after all: adopting their model beats retrying
+        gone = {p for p in trained if p not in alive or p in state.left}
+        return (set(trained) - gone) | {self.me} if gone else None
+
     def _wait_for_trained(self, r: int, roster: frozenset[str], deadline: float) -> set[str]:
         def done():
             state = self._state(r)
-            return state if schedule.barrier_ready(roster, state.trained, self.peer.alive_peers()) else None
+            ready = schedule.barrier_ready(roster, state.trained, self.peer.alive_peers(), state.left)
+            return state if ready else None
 
         state = self._wait_for(done, timeout=max(0.0, deadline - time.time())) or self._state(r)
         return set(state.trained & roster) | {self.me}

@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+class TrainingStopped(Exception):
+    """Local training was asked to stop before its last step."""
 
 
 @dataclass
@@ -53,10 +58,13 @@ def train_local(
     batch_size: int,
     generator: torch.Generator,
     loss,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> tuple[float, int]:
     """Run ``steps`` optimizer steps on batches drawn without replacement (reshuffled per pass).
 
-    Returns (mean training loss, samples processed).
+    Returns (mean training loss, samples processed). ``should_stop`` is asked before every step:
+    a peer told to shut down leaves mid-round (raising ``TrainingStopped``) instead of finishing
+    a round that may take minutes.
     """
     model.train()
     if len(data) == 0:
@@ -64,6 +72,8 @@ def train_local(
     order = torch.randperm(len(data), generator=generator)
     cursor, total_loss, samples = 0, 0.0, 0
     for _ in range(steps):
+        if should_stop():
+            raise TrainingStopped(f"stopped after {samples} samples")
         if cursor + batch_size > len(order):  # start a new pass over this peer's rows
             order, cursor = torch.randperm(len(data), generator=generator), 0
         index = order[cursor : cursor + batch_size].to(data.features.device)

@@ -73,6 +73,7 @@ class RoundState:
     joined: frozenset[str] = frozenset()
     trained: frozenset[str] = frozenset()
     merged: Mapping[str, str] = None  # peer -> model id it ended the round with
+    left: frozenset[str] = frozenset()  # shut down mid-round: nobody waits for them
 
     @property
     def started(self) -> bool:
@@ -118,7 +119,9 @@ def roster_ready(
     return len(joined) >= min_peers and not waiting_for
 
 
-def barrier_ready(roster: Iterable[str], trained: frozenset[str], alive: Iterable[str]) -> bool:
-    """All-reduce may begin once every roster peer that is still alive has finished training."""
-    alive = set(alive)
+def barrier_ready(
+    roster: Iterable[str], trained: frozenset[str], alive: Iterable[str], left: frozenset[str] = frozenset()
+) -> bool:
+    """All-reduce may begin once every roster peer that is still alive (and has not left) has trained."""
+    alive = set(alive) - left
     return all(p in trained or p not in alive for p in roster)

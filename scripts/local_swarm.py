@@ -51,21 +51,27 @@ class LocalSwarm:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start_peer(self, *extra: str, timeout: float = 90.0, paid: bool = True) -> str:
+    def start_peer(self, *extra: str, timeout: float = 90.0, paid: bool = True, command: list[str] | None = None,
+                   data_dir: Path | None = None) -> str:
         """Start one more peer (bootstrapped from peer 0) and return its multiaddr.
 
-        Once ``start_chain`` ran, every peer gets its own wallet (``paid=False``: none).
+        Once ``start_chain`` ran, every peer gets its own wallet (``paid=False``: none). ``command``
+        replaces ``gpuflex`` (tests start a faulty peer this way); ``data_dir`` restarts a peer from
+        an earlier one's directory. Each peer leads its own process group, so ``kill_peer`` can
+        take down its DHT, averager and p2pd with it, as a crashed machine would.
         """
         index = len(self.procs)
-        data_dir = self.root / f"peer{index}"
-        args = [*gpuflex_command(), "peer", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir", str(data_dir)]
+        data_dir = data_dir or self.root / f"peer{index}"
+        args = [*(command or gpuflex_command()), "peer", "--listen", "/ip4/127.0.0.1/tcp/0",
+                "--data-dir", str(data_dir)]
         if self.chain is not None and paid and "--deployment" not in extra:
             self.wallets.append(self.new_wallet(f"peer{index}"))
             args += ["--wallet", str(self.wallets[-1]), "--deployment", str(self.deployment)]
         if self.maddrs:
             args += ["--initial-peers", self.maddrs[0]]
         log = open(self.root / f"peer{index}.log", "w")
-        proc = subprocess.Popen([*args, *extra], stdout=subprocess.PIPE, stderr=log, text=True, env=self.env)
+        proc = subprocess.Popen([*args, *extra], stdout=subprocess.PIPE, stderr=log, text=True, env=self.env,
+                                start_new_session=True)
         self.procs.append(proc)
         deadline = time.time() + timeout
         for line in proc.stdout:  # the peer prints its addresses once it is up
@@ -115,7 +121,15 @@ class LocalSwarm:
         return path
 
     def kill_peer(self, index: int, sig: int = signal.SIGKILL) -> None:
-        self.procs[index].send_signal(sig)
+        """SIGKILL: the peer's whole process group dies at once (a crash). Other signals go to the
+        peer alone, which then shuts its children down itself."""
+        if sig == signal.SIGKILL:
+            try:
+                os.killpg(self.procs[index].pid, sig)
+            except ProcessLookupError:
+                pass
+        else:
+            self.procs[index].send_signal(sig)
         self.procs[index].wait(timeout=30)
 
     def cli(self, *args: str, timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess:

@@ -29,17 +29,21 @@ def val_metrics(task: str, records: Iterable[ProgressRecord]) -> dict:
 
 
 def round_summary(round_no: int, progress: list[ProgressRecord], task: str) -> dict:
-    worked = [p for p in progress if p.phase in ("trained", "merged")]
+    merged = {p.peer_id: p.model_id for p in progress if p.phase == "merged" and p.model_id}
+    agreed = majority_model(merged)
+    # once the round is merged, only work that made it into the agreed model counts (a peer that
+    # trained and then crashed mid-merge contributed nothing); while it runs, all training shows
+    worked = [p for p in progress if p.phase == "merged" and p.model_id == agreed] if agreed else [
+        p for p in progress if p.phase in ("trained", "merged")]
     samples = sum(p.samples for p in worked)
     losses = [(p.train_loss, p.samples) for p in worked if p.train_loss is not None and p.samples]
-    merged = {p.peer_id: p.model_id for p in progress if p.phase == "merged" and p.model_id}
     return {
         "round": round_no,
         "peers_joined": sorted(p.peer_id for p in progress),
         "peers_done": sorted(merged),
         "samples": samples,
         "train_loss": sum(loss * n for loss, n in losses) / sum(n for _, n in losses) if losses else None,
-        "model_id": majority_model(merged),
+        "model_id": agreed,
         "shards": {p.peer_id: len(p.shards) for p in worked},
         "samples_by_peer": {p.peer_id: p.samples for p in worked},
         "seconds_training": max((p.seconds_training for p in progress), default=0.0),

@@ -37,11 +37,13 @@ def test_round_summary_weighs_loss_by_samples_and_names_the_agreed_model():
         _p("b", "merged", model_id=M1, samples=300, train_loss=2.0, shards=["z"]),
         _p("c", "merged", model_id=M2, samples=0),
         _p("d", "joined"),
+        _p("e", "trained", samples=640, train_loss=9.0, shards=["w"]),  # crashed before the merge
     ], "classification")
     assert summary["train_loss"] == pytest.approx(1.75)
     assert summary["model_id"] == M1
-    assert summary["peers_joined"] == ["a", "b", "c", "d"] and summary["peers_done"] == ["a", "b", "c"]
-    assert summary["shards"] == {"a": 2, "b": 1, "c": 0}
+    assert summary["peers_joined"] == ["a", "b", "c", "d", "e"] and summary["peers_done"] == ["a", "b", "c"]
+    # only work that is in the agreed model counts: not c's odd model, not e's unmerged training
+    assert summary["shards"] == {"a": 2, "b": 1} and summary["samples"] == 400
 
 
 def test_job_status_states():

@@ -87,6 +87,8 @@ def test_barrier_waits_for_live_roster_peers_only():
     assert not schedule.barrier_ready("abc", frozenset("ab"), alive="abc")
     assert schedule.barrier_ready("abc", frozenset("ab"), alive="ab")
     assert schedule.barrier_ready("ab", frozenset("abx"), alive="abx")
+    # a peer that shut down mid-round (a "left" record) is not waited for, though its heartbeat lingers
+    assert schedule.barrier_ready("abc", frozenset("ab"), alive="abc", left=frozenset("c"))
 
 
 def test_a_peer_left_out_of_a_dealt_roster_has_missed_the_round():

@@ -1,0 +1,76 @@
+"""A real peer that crashes on cue, for the fault tests (hivemind-style: a subclass and a Fault enum).
+
+    python tests/swarm/faulty_peer.py KILL_IN_TRAINING 3 peer --listen ... (the usual `gpuflex peer` args)
+
+From the chosen round on, the first time it gets there, the peer SIGKILLs its own process group (itself, its DHT and averager
+processes and its p2pd) at the chosen moment: what a machine losing power looks like to the swarm.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from any directory
+
+
+class Fault(enum.Enum):
+    KILL_IN_TRAINING = "kill in the middle of local training"
+    KILL_IN_ALLREDUCE = "kill in the middle of the all-reduce (after the group formed)"
+
+
+def crash() -> None:
+    os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+def install(fault: Fault, at_round: int) -> None:
+    import peer.job_runner as job_runner
+    from aggregation.averaging import RoundAverager
+
+    if fault is Fault.KILL_IN_TRAINING:
+        train_local, now = job_runner.train_local, {"round": None}
+
+        class FaultyRunner(job_runner.JobRunner):
+            def _round(self, r, *args):
+                now["round"] = r
+                return super()._round(r, *args)
+
+        def train_then_die(model, optimizer, data, *, steps, generator, **kwargs):
+            if now["round"] >= at_round:
+                steps_before = steps // 2
+
+                def stop_half_way(count=[0]):
+                    count[0] += 1
+                    if count[0] > steps_before:
+                        crash()
+                    return False
+
+                kwargs["should_stop"] = stop_half_way
+            return train_local(model, optimizer, data, steps=steps, generator=generator, **kwargs)
+
+        job_runner.train_local = train_then_die
+        job_runner.JobRunner = FaultyRunner  # the runtime imports it when it takes a job
+    else:
+        class DyingAverager(RoundAverager):
+            async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+                _, _, mine = self.serializer.loads(group_info.gathered[group_info.peer_ids.index(self.peer_id)])
+                round_no = self.serializer.loads(mine)["round"]
+                if round_no >= at_round and len(group_info.peer_ids) > 1:
+                    crash()  # the group is formed and every member is about to exchange parts
+                return await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
+
+        # hivemind names the averager's RPC handlers after the class: keep the name the others use
+        DyingAverager.__name__ = DyingAverager.__qualname__ = RoundAverager.__name__
+        job_runner.JobRunner.averager_class = DyingAverager
+
+
+if __name__ == "__main__":
+    fault, at_round = Fault[sys.argv[1]], int(sys.argv[2])
+    install(fault, at_round)
+    from swarm.cli import main
+
+    sys.argv = ["gpuflex", *sys.argv[3:]]
+    main()
