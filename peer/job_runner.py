@@ -48,7 +48,7 @@ from peer.local_training import (
 from swarm.catalog import build_model
 from swarm.report import build_report, round_summary
 from swarm.shards import DatasetManifest, decode_shard
-from swarm.spec import BLOB_REF, JobSpec
+from swarm.spec import BLOB_REF, JobSpec, stop_condition_met
 
 if TYPE_CHECKING:
     from peer.runtime import Peer
@@ -62,6 +62,10 @@ ROSTER_SETTLE = 1.5  # a roster must be unchanged this long before the round sta
 
 class JobStopped(GPUFlexError):
     """The peer is shutting down, or the job can not continue here."""
+
+
+class FinishedElsewhere(Exception):
+    """The swarm published the job's result while this peer was waiting (it stopped early)."""
 
 
 class RoundMissed(Exception):
@@ -122,11 +126,15 @@ class JobRunner:
             feedback = ErrorFeedback(make_compression(agg.compression)) if (
                 outer is not None and agg.compression != "none" and agg.error_feedback) else None
             group: list[str] = []
+            last_round = t.rounds
             while round_no <= t.rounds:
                 try:
                     group, base_model_id = self._play_or_stop(
                         round_no, model, optimizer, averager, group, base_model_id, outer, feedback
                     )
+                    if self._stop_early(round_no, group):
+                        last_round = round_no
+                        break
                 except RoundMissed:
                     # be on the next round's roster before it is dealt, and take this round's model
                     logger.info(f"job {self.job.job_id}: round {round_no} went ahead without us, catching up")
@@ -137,12 +145,25 @@ class JobRunner:
                         outer.rebase()
                     group = []
                 round_no += 1
-            self._publish_result(model, base_model_id, group)
+            self._publish_result(model, base_model_id, group, last_round)
             if self.payouts is not None:
                 paid = self.payouts.claim()
                 logger.info(f"job {self.job.job_id}: claimed {paid / 10**18:.6f} GPUX for this peer's rounds")
+        except FinishedElsewhere:
+            logger.info(f"job {self.job.job_id}: the swarm finished the job while this peer was catching up")
         finally:
             averager.shutdown()
+
+    def _stop_early(self, r: int, group: list[str]) -> bool:
+        """The consumer's ``stop_when`` met by round ``r``'s merged metrics (the whole group's)."""
+        condition = self.spec.training.stop_when
+        if not condition or r == self.spec.training.rounds:
+            return False
+        summary = round_summary(r, self._wait_for_merged_records(r, group), self.manifest.task)
+        if stop_condition_met(condition, summary):
+            logger.info(f"job {self.job.job_id}: '{condition}' met after round {r}, stopping early")
+            return True
+        return False
 
     def _play_or_stop(self, r, *args):
         """One round; if the consumer closed the escrow, collect what we earned so far and stop.
@@ -282,18 +303,19 @@ class JobRunner:
         return sorted(p for p, m in self._state(r).merged.items() if m == agreed), True
 
     # ---------------------------------------------------------------- the end of the job
-    def _publish_result(self, model, model_id: str, last_group: list[str]) -> None:
+    def _publish_result(self, model, model_id: str, last_group: list[str], last_round: int) -> None:
         t = self.spec.training
-        self._wait_for_merged_records(t.rounds, last_group)  # the report covers the whole last round
+        self._wait_for_merged_records(last_round, last_group)  # the report covers the whole last round
         rounds = []
-        for r in range(1, t.rounds + 1):
+        for r in range(1, last_round + 1):
             progress = [s.body for s in self.records.read(progress_key(self.job.job_id, r), ProgressRecord)]
             rounds.append(round_summary(r, progress, self.manifest.task))
         report = build_report(self.job, self.manifest, rounds, model_id=model_id, finished_at=time.time())
         report_id = self.peer.blobs.put(json.dumps(report, indent=2, sort_keys=True).encode())
         self.peer.announce([model_id, report_id])
         self.records.publish(result_key(self.job.job_id), ResultRecord(
-            peer_id=self.me, job_id=self.job.job_id, rounds_completed=t.rounds, model_id=model_id, report_id=report_id,
+            peer_id=self.me, job_id=self.job.job_id, rounds_completed=last_round, model_id=model_id,
+            report_id=report_id,
         ), ttl=RECORD_TTL)
         logger.info(f"job {self.job.job_id}: finished, model {model_id[:12]}, report {report_id[:12]}")
 
@@ -336,6 +358,8 @@ class JobRunner:
             joined = self._state(r).joined
             if joined != seen["roster"]:
                 seen["roster"], seen["since"] = joined, time.time()
+            if self.records.read(result_key(self.job.job_id), ResultRecord):
+                raise FinishedElsewhere(self.job.job_id)  # stopped early without us: nothing left to do
             expected = [p for p in previous_group if p != self.me]
             ready = schedule.roster_ready(joined, expected=expected, alive=self.peer.alive_peers(), min_peers=min_peers)
             return joined if ready and time.time() - seen["since"] >= ROSTER_SETTLE else None

@@ -83,12 +83,18 @@ def job_submit(
     wallet: Optional[Path] = typer.Option(None, "--wallet", help="The consumer's key file (pays the budget)."),
     deployment: Path = typer.Option(Path("~/.gpuflex/deployment.json"), "--deployment"),
     deadline_hours: float = typer.Option(24.0, "--deadline-hours", help="After this, an unfinished job refunds."),
+    stop_when: Optional[str] = typer.Option(
+        None, "--stop-when", help="Stop early once a round meets this, e.g. 'val_accuracy>=0.95' (overrides the file)."),
 ) -> None:
     """Validate the job file, shard the dataset, escrow the budget, hand it to a peer; prints the job id."""
-    from swarm.spec import load_job_file
+    from swarm.spec import JobSpec, load_job_file
 
     try:
         spec = load_job_file(job_file)  # fail on bad input before touching the network
+        if stop_when is not None:
+            fields = spec.to_dict()
+            fields["training"]["stop_when"] = stop_when
+            spec = JobSpec.from_dict(fields, source="--stop-when")
         from swarm.client import Client
 
         ledger = None

@@ -41,7 +41,7 @@ from peer.runtime import PEER_TTL
 from peer.transfer import BlobUnavailable, download_blob
 from swarm.report import job_status, round_summary
 from swarm.report_files import write_report_files
-from swarm.spec import BLOB_REF, JobSpec, load_job_file
+from swarm.spec import BLOB_REF, JobSpec, load_job_file, stop_condition_met
 
 
 class JobNotFound(GPUFlexError):
@@ -323,10 +323,17 @@ class Client:
     def _agreed_model_id(self, job_id: str) -> str:
         """The final model of a finished job: the hash a majority of its last round signed."""
         job = self._job(job_id)
-        if not self.records.read(result_key(job_id), ResultRecord):
+        results = self.records.read(result_key(job_id), ResultRecord)
+        if not results:
             raise ResultNotReady(f"job {job_id} has no result yet (see `gpuflex job status {job_id}`)")
-        final_round = job.spec["training"]["rounds"]
+        final_round = Counter(s.body.rounds_completed for s in results).most_common(1)[0][0]
         merged = [s.body for s in self.records.read(progress_key(job_id, final_round), ProgressRecord)]
+        if final_round < job.spec["training"]["rounds"]:  # stopped early: only if the job asked for it
+            condition = job.spec["training"].get("stop_when")
+            if not stop_condition_met(condition, round_summary(final_round, merged, job.spec["task"])):
+                raise ResultUnverified(f"job {job_id}: the result claims the job ended after round {final_round} of "
+                                       f"{job.spec['training']['rounds']}, but that round does not meet "
+                                       f"the job's stop_when ({condition!r})")
         votes = Counter(p.model_id for p in merged if p.phase == "merged" and p.model_id)
         if not votes:
             raise ResultNotReady(f"job {job_id}: the final round's records are not readable yet")

@@ -73,6 +73,9 @@ def build_report(job: JobRecord, manifest, rounds: list[dict], *, model_id: str,
         "model_id": model_id,
         "final": {k: v for k, v in final.items() if k.startswith("val_")},
         "rounds": rounds,
+        # a job that met its stop_when before its last round: the model is that round's
+        "stopped_early": ({"after_round": len(rounds), "condition": job.spec["training"].get("stop_when")}
+                          if len(rounds) < job.spec["training"]["rounds"] else None),
         "participants": participants,
         "submitted_at": job.submitted_at,
         "finished_at": finished_at,

@@ -17,6 +17,8 @@ every failure becomes one :class:`JobSpecError` line that names the file and the
 from __future__ import annotations
 
 import math
+import operator
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -118,6 +120,37 @@ class DataSpec(BaseModel):
         return self
 
 
+STOP_METRICS = {"val_accuracy", "val_loss", "val_mse", "val_mae", "train_loss"}
+_STOP_EXPR = re.compile(r"^\s*([a-z_]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
+_COMPARE = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
+
+
+def parse_stop_when(expr: str) -> tuple[str, str, float]:
+    """``'val_accuracy>=0.95'`` -> ('val_accuracy', '>=', 0.95), or a ValueError saying what is wrong."""
+    match = _STOP_EXPR.match(expr)
+    if not match:
+        raise ValueError(f"'{expr}' is not METRIC OP NUMBER (e.g. 'val_accuracy>=0.95'; OP is >=, <=, > or <)")
+    metric, op, number = match.groups()
+    if metric not in STOP_METRICS:
+        raise ValueError(f"unknown metric '{metric}' (one of {', '.join(sorted(STOP_METRICS))})")
+    try:
+        threshold = float(number)
+    except ValueError:
+        raise ValueError(f"'{number}' is not a number") from None
+    if not math.isfinite(threshold):
+        raise ValueError(f"'{number}' is not a finite number")
+    return metric, op, threshold
+
+
+def stop_condition_met(expr: str | None, round_metrics: dict) -> bool:
+    """Whether a round's metrics (a report's round entry) meet the job's early-stop condition."""
+    if not expr:
+        return False
+    metric, op, threshold = parse_stop_when(expr)
+    value = round_metrics.get(metric)
+    return value is not None and _COMPARE[op](value, threshold)
+
+
 class TrainingSpec(BaseModel):
     """How each peer trains and how many merge rounds the job runs."""
 
@@ -131,9 +164,15 @@ class TrainingSpec(BaseModel):
     seed: int = Field(default=0, ge=0)
     weight_decay: float = Field(default=0.0, ge=0.0)
     momentum: float = Field(default=0.0, ge=0.0, lt=1.0)  # sgd only
+    stop_when: str | None = None  # e.g. 'val_accuracy>=0.95': peers stop after the first round that meets it
 
     @model_validator(mode="after")
     def _check(self) -> TrainingSpec:
+        if self.stop_when is not None:
+            try:
+                parse_stop_when(self.stop_when)
+            except ValueError as e:
+                raise _FieldError("stop_when", str(e)) from None
         if not math.isfinite(self.lr) or not math.isfinite(self.weight_decay):
             raise _FieldError("lr" if not math.isfinite(self.lr) else "weight_decay", "must be finite")
         if self.momentum and self.optimizer != "sgd":

@@ -62,3 +62,23 @@ def test_sigterm_hands_the_round_back_and_exits_within_ten_seconds(local_swarm, 
     report = finish_and_fetch(local_swarm, job_id, tmp_path / "out")
     assert [r["round"] for r in report["rounds"]] == [1, 2, 3, 4, 5] and all(r["model_id"] for r in report["rounds"])
     assert len(report["rounds"][-1]["peers_done"]) == 2
+
+
+def test_stop_when_ends_the_job_at_the_first_round_that_meets_it(local_swarm, digits_job, tmp_path):
+    for _ in range(2):
+        local_swarm.start_peer()
+    job_file = digits_job(training={"rounds": 30}, swarm={"min_peers": 2})
+    bad = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0], "--stop-when", "acc>0.9",
+                          check=False)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "unknown metric 'acc'" in bad.stderr
+
+    job_id = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0],
+                             "--stop-when", "val_accuracy>=0.85").stdout.strip()
+    report = finish_and_fetch(local_swarm, job_id, tmp_path / "out", via=1)
+    stopped = report["stopped_early"]
+    assert stopped["condition"] == "val_accuracy>=0.85" and stopped["after_round"] < 30
+    rounds = report["rounds"]
+    assert len(rounds) == stopped["after_round"]
+    assert rounds[-1]["val_accuracy"] >= 0.85 and all(r["val_accuracy"] < 0.85 for r in rounds[:-1])
+    assert report["model_id"] == rounds[-1]["model_id"]  # the result is the last merged model
+    assert all(len(r["peers_done"]) == 2 for r in rounds)

@@ -175,3 +175,33 @@ def test_aggregation_section_is_typed_and_defaults_to_plain_averaging():
                        ({"outer_momentum": 1.0}, "aggregation.outer_momentum"), ({"tau": 1}, "aggregation.tau")]:
         with pytest.raises(JobSpecError, match=field):
             JobSpec.from_dict({**base, "aggregation": bad})
+
+
+@pytest.mark.parametrize("expr, metrics, met", [
+    ("val_accuracy>=0.95", {"val_accuracy": 0.95}, True),
+    ("val_accuracy>=0.95", {"val_accuracy": 0.9499}, False),
+    (" val_loss < 0.2 ", {"val_loss": 0.1}, True),
+    ("train_loss<=1e-3", {"train_loss": None}, False),  # not measured this round: not met
+    ("val_mse<1", {}, False),
+])
+def test_stop_when_is_checked_against_a_rounds_metrics(expr, metrics, met):
+    from swarm.spec import stop_condition_met
+
+    assert stop_condition_met(expr, metrics) is met
+
+
+@pytest.mark.parametrize("expr, message", [
+    ("accuracy>=0.9", "unknown metric 'accuracy'"),
+    ("val_accuracy=>0.9", "is not METRIC OP NUMBER"),
+    ("val_accuracy>=lots", "is not METRIC OP NUMBER"),
+    ("val_accuracy>=1e999", "not a finite number"),
+])
+def test_a_bad_stop_when_is_refused_naming_the_field(expr, message):
+    from swarm.spec import JobSpec, JobSpecError
+
+    spec = {"name": "t", "task": "classification", "model": {"catalog": "mlp"},
+            "data": {"path": "x.csv", "format": "csv", "label_column": "label"},
+            "training": {"rounds": 2, "local_steps": 1, "batch_size": 8, "lr": 0.1, "stop_when": expr}}
+    with pytest.raises(JobSpecError, match=message) as raised:
+        JobSpec.from_dict(spec, source="job.yaml")
+    assert "training.stop_when" in str(raised.value)
