@@ -29,6 +29,7 @@ from dht.store import RecordStore
 from peer import schedule
 from peer.blobs import BlobStore
 from peer.device import device_name, measure_samples_per_sec, pick_device
+from peer.datadir import lock_data_dir
 from peer.intake import JobIntake
 from peer.loop import LoopThread
 from peer.metrics import PeerMetrics
@@ -78,6 +79,7 @@ class Peer:
     def start(self) -> "Peer":
         self.started_at = time.time()
         data_dir = Path(self.config.data_dir).expanduser()
+        self._data_dir_lock = lock_data_dir(data_dir)  # before anything in it is read or written
         self.identity = load_or_create_identity(data_dir)
         self.device = pick_device(self.config.device)
         if self.config.wallet is not None and self.config.deployment is not None:

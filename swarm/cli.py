@@ -96,12 +96,16 @@ def job_submit(
             fields["training"]["stop_when"] = stop_when
             spec = JobSpec.from_dict(fields, source="--stop-when")
         from swarm.client import Client
+        from swarm.datasets import load_dataset
+
+        dataset = load_dataset(spec.data, spec.task)  # bad data fails here, before any peer is dialled
 
         ledger = None
         if budget is not None:
             ledger = open_ledger(deployment, wallet or Path("~/.gpuflex/wallet.json"), None)
         with Client(peer) as client:
-            job = client.submit(spec, from_job=from_job, budget=budget, ledger=ledger, deadline_hours=deadline_hours)
+            job = client.submit(spec, from_job=from_job, budget=budget, ledger=ledger,
+                                deadline_hours=deadline_hours, dataset=dataset)
     except GPUFlexError as e:
         _fail(e)
     typer.echo(job.job_id)

@@ -160,6 +160,7 @@ class Client:
         budget: float | None = None,
         ledger=None,
         deadline_hours: float = 24.0,
+        dataset=None,
     ) -> "Job":
         """Cut the dataset into shards, hand everything to the peer, return once the job is published.
 
@@ -170,7 +171,7 @@ class Client:
         from swarm.shards import shard_dataset
 
         spec = job if isinstance(job, JobSpec) else load_job_file(job)
-        dataset = load_dataset(spec.data, spec.task)
+        dataset = dataset if dataset is not None else load_dataset(spec.data, spec.task)
         manifest, blobs = shard_dataset(dataset, spec)
         public = spec.to_dict()
         public["data"]["path"] = Path(spec.data.path).name  # the consumer's directory layout stays private

@@ -99,6 +99,10 @@ def load_dataset(data: DataSpec, task: str) -> Dataset:
     path = Path(data.path)
     if not path.exists():
         raise DatasetError("data.path", f"{path} not found")
+    size = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    if size > data.max_bytes:
+        raise DatasetError("data.path", f"{path} is {size:,} bytes, over the job's limit of {data.max_bytes:,} "
+                                        f"(data.max_bytes)")
     if data.format == "csv":
         dataset = _load_csv(path, data.label_column, task)
     elif data.format == "npz":

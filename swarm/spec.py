@@ -110,6 +110,9 @@ class DataSpec(BaseModel):
     shard_rows: PositiveInt = 128
     image_size: tuple[PositiveInt, PositiveInt] = (32, 32)  # (height, width), image_folder only
     grayscale: bool = False  # image_folder only
+    # the largest dataset a consumer may submit in one job (bytes on disk); every byte of it is
+    # sharded, hashed and sent through one peer, so an accidental 200 GB path fails fast instead
+    max_bytes: PositiveInt = 4 << 30
 
     @model_validator(mode="after")
     def _check(self) -> DataSpec:

@@ -41,3 +41,45 @@ def test_malformed_job_file_names_the_field(tmp_path):
 def test_unknown_device_is_refused(tmp_path):
     done = gpuflex("peer", "--device", "tpu", "--data-dir", str(tmp_path), "--listen", "/ip4/127.0.0.1/tcp/0")
     assert_one_line_error(done, "--device tpu")
+
+
+JOB = {"name": "x", "task": "classification", "model": {"catalog": "mlp"},
+       "data": {"path": "d.csv", "format": "csv", "label_column": "y"},
+       "training": {"rounds": 1, "local_steps": 1, "batch_size": 2, "lr": 0.1}}
+GOOD_CSV = "a,b,y\n1,2,0\n2,3,1\n3,4,0\n4,5,1\n"
+
+
+@pytest.mark.parametrize("case, job_text, csv_text, fragments", [
+    ("malformed yaml", "name: x\ntask: [classification\n", GOOD_CSV, ["job.yaml"]),
+    ("unknown model", None, GOOD_CSV, ["model.catalog"]),
+    ("missing data", None, None, ["data.path", "not found"]),
+    ("ragged rows", None, "a,b,y\n1,2,0\n2,1\n", ["line 3", "the header has 3"]),
+    ("non-numeric feature", None, "a,b,y\n1,2,0\n2,x,1\n3,4,0\n", ["'b'"]),
+    ("labels that don't fit the task", None, "a,b,y\n1,2,0\n2,3,0\n3,4,0\n", ["class"]),
+    ("dataset over the limit", None, GOOD_CSV * 50, ["data.max_bytes"]),
+    ("bad stop_when", None, GOOD_CSV, ["training.stop_when", "unknown metric"]),
+])
+def test_bad_input_is_one_clear_line_and_nothing_is_sent(tmp_path, case, job_text, csv_text, fragments):
+    import yaml
+
+    job = {**JOB, "data": dict(JOB["data"]), "training": dict(JOB["training"]), "model": dict(JOB["model"])}
+    if case == "unknown model":
+        job["model"]["catalog"] = "gpt-9"
+    if case == "dataset over the limit":
+        job["data"]["max_bytes"] = 100
+    if case == "bad stop_when":
+        job["training"]["stop_when"] = "accuracy>0.9"
+    (tmp_path / "job.yaml").write_text(job_text or yaml.safe_dump(job))
+    if csv_text is not None:
+        (tmp_path / "d.csv").write_text(csv_text)
+    # the peer address is never dialled: every one of these fails before the network is touched
+    done = gpuflex("job", "submit", str(tmp_path / "job.yaml"), "--peer", "/ip4/127.0.0.1/tcp/1/p2p/Qm")
+    assert_one_line_error(done, *fragments)
+
+
+def test_a_data_dir_in_use_is_refused_in_one_line(tmp_path):
+    from peer.datadir import lock_data_dir
+
+    lock_data_dir(tmp_path)  # this test process plays the running peer
+    done = gpuflex("peer", "--data-dir", str(tmp_path), "--listen", "/ip4/127.0.0.1/tcp/0")
+    assert_one_line_error(done, "in use by another peer")
