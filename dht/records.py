@@ -99,7 +99,8 @@ class ProgressRecord(_Body):
     base_model_id: str | None = None
     model_id: str | None = None  # the merged model after this round (a blob this peer serves)
     group: list[str] = []  # peer ids that took part in this peer's all-reduce
-    shards: list[str] = []  # the training shards this peer used this round
+    shards: list[str] = []  # the training shards this peer used this round (its work in the model)
+    carried: list[str] = []  # shards this round owed from the last one (dealt on top of the usual deal)
     val_rows: int = Field(default=0, ge=0)
     val_loss_sum: float = 0.0
     val_correct: int = Field(default=0, ge=0)  # classification

@@ -109,8 +109,9 @@ async def send_submission(
 
 
 class JobIntake:
-    def __init__(self, p2p: P2P, blobs: BlobStore, records: RecordStore, announce):
+    def __init__(self, p2p: P2P, blobs: BlobStore, records: RecordStore, announce, journal=None):
         self.p2p, self.blobs, self.records, self.announce = p2p, blobs, records, announce
+        self.journal = journal  # the job record is ours to publish again after an outage
 
     async def start(self) -> None:
         await self.p2p.add_protobuf_handler(JOB_SUBMIT, self._receive, BytesValue, stream_input=True)
@@ -185,4 +186,6 @@ class JobIntake:
         )
         if not self.records.publish(JOBS_KEY, record, ttl=JOB_TTL, subkey_prefix=job_id.encode() + b":"):
             raise JobRejected("the DHT refused the job record")
+        if self.journal is not None:
+            self.journal.remember(JOBS_KEY, record, ttl=JOB_TTL, subkey_prefix=job_id.encode() + b":")
         return job_id

@@ -190,12 +190,17 @@ class JobRunner:
             raise JobClosed(f"job {self.job.job_id}: escrow {closed}, stopping before round {r}")
         self._publish_progress(r, "joined", base_model_id=base_model_id)
         roster = self._wait_for_roster(r, previous_group, swarm.min_peers)
+        if self.me not in (merged := self._state(r).merged or {}) and schedule.majority_model(merged):
+            raise RoundMissed(r)  # the round is already merged (a peer back from an outage said so): move on
         leases = self.records.read(leases_key(self.job.job_id, r), LeaseRecord)
         if schedule.missed_round(self.me, [lease.body.roster for lease in leases if lease.author != self.me]):
             raise RoundMissed(r)
 
         # claim this round's shards (the deal is the same on every peer) and fetch what is missing
-        mine = schedule.assign_shards(self.train_ids, roster, seed=t.seed, round_no=r).get(self.me, [])
+        # every shard once, plus what the last round's agreed model is missing (a peer crashed)
+        carried = self._carried_into(r)
+        mine = (schedule.assign_shards(self.train_ids, roster, seed=t.seed, round_no=r).get(self.me, [])
+                + schedule.assign_shards(carried, roster, seed=t.seed + 1, round_no=r).get(self.me, []))
         self.peer.hold_lease(leases_key(self.job.job_id, r), LeaseRecord(
             peer_id=self.me, job_id=self.job.job_id, round=r, shards=mine, roster=sorted(roster),
         ))  # renewed by the heartbeat
@@ -214,7 +219,8 @@ class JobRunner:
             metrics.samples_per_second.set(samples / max(seconds_training, 1e-9))
             metrics.train_loss.labels(job).set(train_loss)
         self._publish_progress(
-            r, "trained", samples=samples, train_loss=train_loss, base_model_id=base_model_id, shards=mine
+            r, "trained", samples=samples, train_loss=train_loss, base_model_id=base_model_id, shards=mine,
+            carried=carried,
         )
 
         # a peer that arrived as the round was being dealt may only now see that it was dealt
@@ -229,7 +235,8 @@ class JobRunner:
         merge_started = time.time()
         metrics.barrier_seconds.observe(merge_started - wait_started)
         if outer is None:  # average the parameters themselves
-            group, _ = self._merge(r, model, list(model.parameters()), averager, trained, samples, base_model_id)
+            group, adopted = self._merge(r, model, list(model.parameters()), averager, trained, samples,
+                                         base_model_id)
         else:  # DiLoCo: average the pseudo-gradients, then every peer takes the same outer step
             update = outer.pseudo_gradient()
             if feedback is not None:
@@ -240,6 +247,8 @@ class JobRunner:
             else:
                 outer.apply(update)
         seconds_merging = time.time() - merge_started
+        if adopted:  # our update is not in the model we adopted: our shards are owed to the next round
+            mine, samples = [], 0
         if len(group) > 1:
             metrics.allreduce_seconds.observe(seconds_merging)
             # butterfly: send (n-1)/n of our tensors to their reducers, and as a reducer send our
@@ -255,7 +264,8 @@ class JobRunner:
         sums = evaluate(model, self._load_shards(my_val), task=self.manifest.task, loss=self.loss)
         self._publish_progress(
             r, "merged", samples=samples, train_loss=train_loss, base_model_id=base_model_id, model_id=model_id,
-            group=group, shards=mine, seconds_training=seconds_training, seconds_merging=seconds_merging, **sums,
+            group=group, shards=mine, carried=carried, seconds_training=seconds_training,
+            seconds_merging=seconds_merging, **sums,
         )
         metrics.rounds.labels(job).inc()
         if sums["val_rows"] and self.manifest.task == "classification":
@@ -313,10 +323,10 @@ class JobRunner:
         report = build_report(self.job, self.manifest, rounds, model_id=model_id, finished_at=time.time())
         report_id = self.peer.blobs.put(json.dumps(report, indent=2, sort_keys=True).encode())
         self.peer.announce([model_id, report_id])
-        self.records.publish(result_key(self.job.job_id), ResultRecord(
-            peer_id=self.me, job_id=self.job.job_id, rounds_completed=last_round, model_id=model_id,
-            report_id=report_id,
-        ), ttl=RECORD_TTL)
+        result = ResultRecord(peer_id=self.me, job_id=self.job.job_id, rounds_completed=last_round,
+                              model_id=model_id, report_id=report_id)
+        self.records.publish(result_key(self.job.job_id), result, ttl=RECORD_TTL)
+        self.peer.journal.remember(result_key(self.job.job_id), result, ttl=RECORD_TTL)
         logger.info(f"job {self.job.job_id}: finished, model {model_id[:12]}, report {report_id[:12]}")
 
     # ---------------------------------------------------------------- reading the swarm
@@ -395,6 +405,29 @@ class JobRunner:
 
         return self._wait_for(complete, timeout=30.0) or read()
 
+    def _agreed_records(self, r: int) -> list[ProgressRecord]:
+        """Round ``r``'s merged records that agree on its model, once the whole group's are readable."""
+        def agreed_now():
+            merged = [s.body for s in self.records.read(progress_key(self.job.job_id, r), ProgressRecord)
+                      if s.body.phase == "merged" and s.body.model_id]
+            agreed = schedule.majority_model({p.peer_id: p.model_id for p in merged})
+            return [p for p in merged if p.model_id == agreed] if agreed else []
+
+        def complete():
+            records = agreed_now()
+            return records if records and {p.peer_id for p in records} >= set(records[0].group) else None
+
+        return self._wait_for(complete, timeout=30.0) or agreed_now()
+
+    def _carried_into(self, r: int) -> list[str]:
+        """Shards round ``r`` owes from round ``r - 1`` (same answer on every peer: agreed records)."""
+        if r == 1:
+            return []
+        agreed = self._agreed_records(r - 1)
+        if not agreed:
+            return []
+        return schedule.orphaned_shards(self.train_ids, agreed[0].carried, [p.shards for p in agreed])
+
     def _wait_for_merged_model(self, r: int) -> str:
         return self._wait_for(lambda: schedule.majority_model(self._state(r).merged), timeout=None)
 
@@ -412,4 +445,6 @@ class JobRunner:
         record = ProgressRecord(peer_id=self.me, job_id=self.job.job_id, round=r, phase=phase, time=time.time(),
                                 wallet=self.peer.wallet_address, **fields)
         self.records.publish(progress_key(self.job.job_id, r), record, ttl=RECORD_TTL)
+        if phase == "merged":  # a finished round: the checkpoint the swarm resumes from after an outage
+            self.peer.journal.remember(progress_key(self.job.job_id, r), record, ttl=RECORD_TTL)
 

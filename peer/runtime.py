@@ -31,6 +31,7 @@ from peer.blobs import BlobStore
 from peer.device import device_name, measure_samples_per_sec, pick_device
 from peer.datadir import lock_data_dir
 from peer.intake import JobIntake
+from peer.journal import RecordJournal
 from peer.loop import LoopThread
 from peer.metrics import PeerMetrics
 from peer.payout import escrow_problem
@@ -89,11 +90,15 @@ class Peer:
             self.identity, initial_peers=self.config.initial_peers, host_maddrs=self.config.listen
         )
         self.blobs = BlobStore(data_dir / "blobs")
+        self.journal = RecordJournal(data_dir / "journal.jsonl")
+        replayed = self.journal.replay(self.records)  # after a swarm-wide outage, our part of the history
+        if replayed:
+            logger.info(f"published {replayed} journaled records again")
         self.loop = LoopThread()
         self.p2p = self.loop.run(self.records.dht.replicate_p2p())
         self.blobs_service = BlobService(self.p2p, self.blobs, self.records, self.loop)
         self.loop.run(self.blobs_service.start())
-        self.loop.run(JobIntake(self.p2p, self.blobs, self.records, self.announce).start())
+        self.loop.run(JobIntake(self.p2p, self.blobs, self.records, self.announce, self.journal).start())
         self.maddrs = self.records.visible_maddrs()
         self._served.update(self.blobs.ids())  # after a restart, what is on disk is served again
         self.reference_samples_per_sec = measure_samples_per_sec(self.device)

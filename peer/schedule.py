@@ -33,6 +33,22 @@ def assign_shards(shard_ids: Sequence[str], roster: Iterable[str], *, seed: int,
     return deal
 
 
+def orphaned_shards(
+    train_ids: Sequence[str], carried_in: Sequence[str], merged_shards: Iterable[Sequence[str]]
+) -> list[str]:
+    """The shards a round dealt whose training is not in the round's agreed model.
+
+    A round deals every training shard once, plus the shards carried in from the round before.
+    What the agreed group's members report having trained is done; the rest (a peer crashed,
+    left, or ended the round on another model) is carried into the next round and dealt again,
+    so no shard is skipped. Multisets: a shard carried in is owed once more than usual.
+    """
+    owed = Counter(train_ids) + Counter(carried_in)
+    for shards in merged_shards:
+        owed.subtract(shards)
+    return sorted((+owed).elements())
+
+
 @dataclass(frozen=True)
 class JobView:
     """What a peer knows about one job when deciding where to work."""

@@ -39,7 +39,9 @@ class LocalSwarm:
         self.root = Path(root or tempfile.mkdtemp(prefix="gpuflex-swarm-"))
         self.root.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.procs: list[subprocess.Popen] = []
+        self.procs: list[subprocess.Popen] = []  # the current process of each peer
+        self._launched: list[subprocess.Popen] = []  # every process ever started (all reaped)
+        self._args: list[list[str]] = []
         self.maddrs: list[str] = []
         self.metrics_urls: list[str] = []
         self.chain = None
@@ -51,43 +53,58 @@ class LocalSwarm:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start_peer(self, *extra: str, timeout: float = 90.0, paid: bool = True, command: list[str] | None = None,
-                   data_dir: Path | None = None) -> str:
+    def start_peer(self, *extra: str, timeout: float = 90.0, paid: bool = True,
+                   command: list[str] | None = None) -> str:
         """Start one more peer (bootstrapped from peer 0) and return its multiaddr.
 
         Once ``start_chain`` ran, every peer gets its own wallet (``paid=False``: none). ``command``
-        replaces ``gpuflex`` (tests start a faulty peer this way); ``data_dir`` restarts a peer from
-        an earlier one's directory. Each peer leads its own process group, so ``kill_peer`` can
-        take down its DHT, averager and p2pd with it, as a crashed machine would.
+        replaces ``gpuflex`` (tests start a faulty peer this way). Each peer leads its own process
+        group, so ``kill_peer`` can take down its DHT, averager and p2pd with it, as a crashed
+        machine would.
         """
         index = len(self.procs)
-        data_dir = data_dir or self.root / f"peer{index}"
         args = [*(command or gpuflex_command()), "peer", "--listen", "/ip4/127.0.0.1/tcp/0",
-                "--data-dir", str(data_dir)]
+                "--data-dir", str(self.root / f"peer{index}")]
         if self.chain is not None and paid and "--deployment" not in extra:
             self.wallets.append(self.new_wallet(f"peer{index}"))
             args += ["--wallet", str(self.wallets[-1]), "--deployment", str(self.deployment)]
-        if self.maddrs:
-            args += ["--initial-peers", self.maddrs[0]]
-        log = open(self.root / f"peer{index}.log", "w")
-        proc = subprocess.Popen([*args, *extra], stdout=subprocess.PIPE, stderr=log, text=True, env=self.env,
-                                start_new_session=True)
+        self._args.append([*args, *extra])
+        proc, maddr, metrics_url = self._launch(index, self.maddrs[:1], timeout)
         self.procs.append(proc)
-        deadline = time.time() + timeout
+        self.maddrs.append(maddr)
+        if metrics_url:
+            self.metrics_urls.append(metrics_url)
+        return maddr
+
+    def restart_peer(self, index: int, *, timeout: float = 90.0) -> str:
+        """Start peer ``index`` again from its data dir (same identity, blobs and journal).
+
+        It joins through the first other peer that is running; with none, it starts the swarm anew.
+        """
+        if self.procs[index].poll() is None:
+            raise RuntimeError(f"peer {index} is still running")
+        live = [m for i, (p, m) in enumerate(zip(self.procs, self.maddrs)) if i != index and p.poll() is None]
+        self.procs[index], self.maddrs[index], _ = self._launch(index, live[:1], timeout)
+        return self.maddrs[index]
+
+    def _launch(self, index: int, initial_peers: list[str], timeout: float):
+        args = list(self._args[index])
+        if initial_peers:
+            args += ["--initial-peers", initial_peers[0]]
+        log = open(self.root / f"peer{index}.log", "a")
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, text=True, env=self.env,
+                                start_new_session=True)
+        self._launched.append(proc)
+        deadline, metrics_url = time.time() + timeout, None
         for line in proc.stdout:  # the peer prints its addresses once it is up
             if METRICS_LINE.match(line.strip()):
-                self.metrics_urls.append(METRICS_LINE.match(line.strip()).group(1))
+                metrics_url = METRICS_LINE.match(line.strip()).group(1)
             match = MADDR_LINE.match(line.strip())
             if match:
-                self.maddrs.append(match.group(1))
-                break
+                return proc, match.group(1), metrics_url
             if time.time() > deadline:
-                break
-        else:
-            raise RuntimeError(f"peer {index} exited before listening; see {self.root}/peer{index}.log")
-        if len(self.maddrs) != index + 1:
-            raise RuntimeError(f"peer {index} did not report an address within {timeout:.0f}s")
-        return self.maddrs[-1]
+                raise RuntimeError(f"peer {index} did not report an address within {timeout:.0f}s")
+        raise RuntimeError(f"peer {index} exited before listening; see {self.root}/peer{index}.log")
 
     def start_chain(self, consumer_gpux: float = 200.0) -> dict:
         """anvil + contracts + a funded consumer wallet; peers started after this get wallets too.
@@ -177,7 +194,7 @@ class LocalSwarm:
         import psutil
 
         family = []
-        for proc in self.procs:
+        for proc in self._launched:
             try:
                 family += psutil.Process(proc.pid).children(recursive=True)
             except psutil.NoSuchProcess:
@@ -185,7 +202,7 @@ class LocalSwarm:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.time() + 15
-        for proc in self.procs:
+        for proc in self._launched:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
@@ -197,6 +214,11 @@ class LocalSwarm:
             try:
                 child.kill()
             except psutil.NoSuchProcess:
+                pass
+        for proc in self._launched:  # whatever is left in a peer's process group
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
                 pass
         psutil.wait_procs(family, timeout=10)
         if self.chain is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 import time
@@ -13,6 +14,16 @@ import pytest
 pytestmark = [pytest.mark.swarm, pytest.mark.timeout(420)]
 
 FAULTY_PEER = [sys.executable, str(Path(__file__).with_name("faulty_peer.py"))]
+
+
+def count_train_shards(job_file: str) -> int:
+    from swarm.datasets import load_dataset
+    from swarm.shards import shard_dataset
+    from swarm.spec import load_job_file
+
+    spec = load_job_file(job_file)
+    manifest, _ = shard_dataset(load_dataset(spec.data, spec.task), spec)
+    return sum(1 for shard in manifest.shards if shard.split == "train")
 
 
 def finish_and_fetch(local_swarm, job_id, out, via=0) -> dict:
@@ -27,8 +38,8 @@ def test_a_peer_crashing_mid_round_does_not_stop_the_job(local_swarm, digits_job
     for _ in range(2):
         local_swarm.start_peer()
     local_swarm.start_peer(command=[*FAULTY_PEER, fault, "3"])  # SIGKILLs its whole process group in round 3+
-    job_id = local_swarm.cli("job", "submit", digits_job(training={"rounds": 8}, swarm={"min_peers": 2}),
-                             "--peer", local_swarm.maddrs[0]).stdout.strip()
+    job_file = digits_job(training={"rounds": 8}, swarm={"min_peers": 2})
+    job_id = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0]).stdout.strip()
     report = finish_and_fetch(local_swarm, job_id, tmp_path / "out")
 
     assert local_swarm.procs[2].poll() == -signal.SIGKILL  # it really died
@@ -41,6 +52,11 @@ def test_a_peer_crashing_mid_round_does_not_stop_the_job(local_swarm, digits_job
     last_round_of_crashed = max(r["round"] for r in rounds if crashed in r["peers_done"])
     assert last_round_of_crashed >= 2 and all(  # after the crash, its (unmerged) work counts for nothing
         crashed not in r["samples_by_peer"] for r in rounds[last_round_of_crashed:])
+    # no shard is skipped: what the crash round's model misses is dealt again in the next round
+    per_round = [sum(r["shards"].values()) for r in rounds]
+    train_shards = count_train_shards(job_file)
+    assert any(n < train_shards for n in per_round)  # the crash cost a round some shards...
+    assert sum(per_round) == len(rounds) * train_shards  # ...and later rounds made every one of them up
     assert report["final"]["val_accuracy"] >= 0.9
 
 
@@ -82,3 +98,38 @@ def test_stop_when_ends_the_job_at_the_first_round_that_meets_it(local_swarm, di
     assert rounds[-1]["val_accuracy"] >= 0.85 and all(r["val_accuracy"] < 0.85 for r in rounds[:-1])
     assert report["model_id"] == rounds[-1]["model_id"]  # the result is the last merged model
     assert all(len(r["peers_done"]) == 2 for r in rounds)
+
+
+def journaled_merged_rounds(local_swarm, index) -> dict[int, str]:
+    path = local_swarm.root / f"peer{index}" / "journal.jsonl"
+    entries = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return {e["body"]["round"]: e["body"]["model_id"] for e in entries if e["kind"] == "progress"}
+
+
+def test_the_whole_swarm_killed_and_restarted_resumes_without_redoing_a_round(local_swarm, digits_job, tmp_path):
+    for _ in range(3):
+        local_swarm.start_peer()
+    job_file = digits_job(training={"rounds": 8}, swarm={"min_peers": 3})
+    job_id = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0]).stdout.strip()
+    local_swarm.wait_for(lambda: local_swarm.status(job_id)["rounds_done"] >= 3, timeout=240, what="three rounds")
+    for index in range(3):  # every peer, with its DHT: the swarm's memory is gone
+        local_swarm.kill_peer(index)
+    journaled = [journaled_merged_rounds(local_swarm, i) for i in range(3)]
+    finished = max(max(rounds) for rounds in journaled)
+    log_sizes = [(local_swarm.root / f"peer{i}.log").stat().st_size for i in range(3)]
+
+    for index in range(3):  # the same data dirs: identity, blobs and journal
+        local_swarm.restart_peer(index)
+    report = finish_and_fetch(local_swarm, job_id, tmp_path / "out", via=2)
+
+    rounds = report["rounds"]
+    assert [r["round"] for r in rounds] == list(range(1, 9)) and all(r["model_id"] for r in rounds)
+    for r in rounds[:finished]:  # the rounds finished before the outage kept their models...
+        assert r["model_id"] in {j[r["round"]] for j in journaled if r["round"] in j}
+    redone = []
+    for index, size in enumerate(log_sizes):  # ...and none of them was trained again
+        with open(local_swarm.root / f"peer{index}.log") as log:
+            log.seek(size)
+            redone += [int(m) for m in re.findall(r"round (\d+)/8 done", log.read()) if int(m) <= finished]
+    assert redone == []
+    assert report["final"]["val_accuracy"] >= 0.9

@@ -95,3 +95,15 @@ def test_a_peer_left_out_of_a_dealt_roster_has_missed_the_round():
     assert schedule.missed_round("c", [["a", "b"], ["a", "b"]])
     assert not schedule.missed_round("c", [["a", "b", "c"]])
     assert not schedule.missed_round("c", [])  # nobody dealt yet: we are in time
+
+
+def test_shards_missing_from_the_agreed_model_are_owed_to_the_next_round():
+    train = ["a", "b", "c", "d"]
+    assert schedule.orphaned_shards(train, [], [["a", "b"], ["c", "d"]]) == []
+    # the peer dealt c and d crashed: they are owed
+    assert schedule.orphaned_shards(train, [], [["a", "b"]]) == ["c", "d"]
+    # carried shards are owed once more than usual; a carried shard trained once is still owed once
+    assert schedule.orphaned_shards(train, ["c", "d"], [["a", "b", "c"], ["c", "d", "d"]]) == []
+    assert schedule.orphaned_shards(train, ["c"], [["a", "b", "c", "d"]]) == ["c"]
+    # nobody's work made it (no agreed records): the whole round is owed
+    assert schedule.orphaned_shards(train, ["a"], []) == ["a", "a", "b", "c", "d"]

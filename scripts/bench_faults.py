@@ -1,0 +1,155 @@
+"""What faults cost: the digits job on a local paid swarm, clean and with each fault of issue 5.
+
+    python scripts/bench_faults.py --rounds 8
+
+Every scenario is a fresh swarm of 3 real peers (separate processes, 127.0.0.1) on a local anvil
+chain, running the same paid job; the clean run is the baseline of the same invocation.
+
+- kill in training / kill in all-reduce: one peer SIGKILLs its whole process group in round 3
+  (tests/swarm/faulty_peer.py), mid-training or once its all-reduce group has formed.
+- sigterm: one peer gets SIGTERM after round 2 and must leave cleanly.
+- whole swarm restart: all three are SIGKILLed after round 3 and restarted from their data dirs.
+
+Columns: rounds completed; final validation accuracy and its difference from the clean run;
+recovery time (the slowest round's duration minus the clean run's median round); data lost
+(training shard-rounds dealt but never in an agreed model by the job's end: must be 0); wrong
+payouts (rounds whose on-chain contribution root is not the tree of the round's agreed work, plus
+GPUX that left the consumer without reaching a contributor: must be 0).
+
+Prints a table and writes it, with this command, to docs/benchmarks.md ("## Faults").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchdoc import write_section  # scripts/ is on sys.path when run as a script
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+FAULTY_PEER = [sys.executable, str(ROOT / "tests" / "swarm" / "faulty_peer.py")]
+SCENARIOS = ["clean", "kill in training", "kill in all-reduce", "sigterm", "whole swarm restart"]
+
+
+def run_scenario(name: str, rounds: int, job_file: Path, work: Path) -> dict:
+    from ledger.chain import GPUX
+    from ledger.wallet import keyfile_address
+    from local_swarm import LocalSwarm
+    from swarm.client import Client
+
+    with LocalSwarm(work / name.replace(" ", "-")) as swarm:
+        chain = swarm.start_chain(consumer_gpux=1000)
+        ledger, consumer = swarm.ledger, keyfile_address(chain["consumer"])
+        for index in range(3):
+            fault = {"kill in training": "KILL_IN_TRAINING", "kill in all-reduce": "KILL_IN_ALLREDUCE"}.get(name)
+            if fault and index == 2:
+                swarm.start_peer(command=[*FAULTY_PEER, fault, "3"])
+            else:
+                swarm.start_peer()
+        before = ledger.balance(consumer)
+        started = time.time()
+        job_id = swarm.cli("job", "submit", str(job_file), "--peer", swarm.maddrs[0], "--budget", "100",
+                           "--wallet", str(chain["consumer"]), "--deployment", str(chain["deployment"])).stdout.strip()
+        if name == "sigterm":
+            swarm.wait_for(lambda: swarm.status(job_id)["rounds_done"] >= 2, timeout=300, what="two rounds")
+            swarm.procs[2].send_signal(signal.SIGTERM)
+            swarm.procs[2].wait(timeout=30)
+        if name == "whole swarm restart":
+            swarm.wait_for(lambda: swarm.status(job_id)["rounds_done"] >= 3, timeout=300, what="three rounds")
+            for index in range(3):
+                swarm.kill_peer(index)
+            for index in range(3):
+                swarm.restart_peer(index)
+        via = 0 if name != "whole swarm restart" else 1
+        swarm.wait_for(lambda: swarm.status(job_id, via)["state"] == "finished", timeout=600, what="the job")
+        wall = time.time() - started
+        out = work / f"{name.replace(' ', '-')}-out"
+        swarm.cli("job", "result", job_id, "--peer", swarm.maddrs[via], "-o", str(out))
+        report = json.loads((out / "report.json").read_text())
+        swarm.cli("job", "refund", job_id, "--peer", swarm.maddrs[via], "--wallet", str(chain["consumer"]),
+                  "--deployment", str(chain["deployment"]))
+        for wallet in swarm.wallets:  # everyone collects, the crashed peer too (from its key file)
+            swarm.cli("wallet", "claim", job_id, "--peer", swarm.maddrs[via], "--keyfile", str(wallet),
+                      "--deployment", str(chain["deployment"]))
+        paid = sum(ledger.balance(keyfile_address(w)) for w in swarm.wallets)
+        spent = before - ledger.balance(consumer)
+        with Client(swarm.maddrs[via]) as client:
+            trees = client.posted_trees(job_id, ledger)
+        wrong_rounds = 0
+        for r in report["rounds"]:
+            work_done = sorted(v for v in r["samples_by_peer"].values() if v)
+            tree = trees.get(r["round"])
+            units = sorted(u for u in (tree.units(keyfile_address(w)) for w in swarm.wallets) if u) if tree else []
+            wrong_rounds += units != work_done
+        train_shards = statistics.mode(sum(r["shards"].values()) for r in report["rounds"])
+        finished = [r["finished_at"] for r in report["rounds"]]
+        durations = [b - a for a, b in zip([report["submitted_at"], *finished], finished)]
+        return {
+            "rounds": len(report["rounds"]),
+            "accuracy": report["final"]["val_accuracy"],
+            "durations": durations,
+            "lost": len(report["rounds"]) * train_shards - sum(sum(r["shards"].values()) for r in report["rounds"]),
+            "wrong_rounds": wrong_rounds,
+            "unaccounted_gpux": (spent - paid) / GPUX,
+            "wall": wall,
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--scenarios", nargs="+", default=SCENARIOS, choices=SCENARIOS)
+    parser.add_argument("--write", default=str(ROOT / "docs" / "benchmarks.md"), help="'' to skip writing")
+    args = parser.parse_args()
+
+    import yaml
+
+    from make_digits_csv import write_digits_csv
+
+    work = Path(tempfile.mkdtemp(prefix="gpuflex-bench-faults-"))
+    write_digits_csv(work / "digits.csv")
+    job = {
+        "name": "digits-mlp", "task": "classification", "model": {"catalog": "mlp", "hidden": [128, 64]},
+        "data": {"path": str(work / "digits.csv"), "format": "csv", "label_column": "label"},
+        "training": {"rounds": args.rounds, "local_steps": 20, "batch_size": 32, "lr": 0.001, "seed": 0},
+        "swarm": {"min_peers": 2, "max_peers": 3},
+    }
+    job_file = work / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job))
+    scenarios = ["clean", *[s for s in args.scenarios if s != "clean"]]
+    results = {}
+    for name in scenarios:
+        print(f"running: {name}", file=sys.stderr, flush=True)
+        results[name] = run_scenario(name, args.rounds, job_file, work)
+    clean = results["clean"]
+    typical = statistics.median(clean["durations"])
+    lines = [
+        "| scenario | rounds completed | accuracy | vs clean (points) | recovery time (s) | data lost (shard-rounds) "
+        "| wrong payouts (rounds / GPUX) | wall time (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, res in results.items():
+        recovery = max(res["durations"][1:]) - typical if name != "clean" else 0.0
+        lines.append(
+            f"| {name} | {res['rounds']}/{args.rounds} | {res['accuracy']:.3f} "
+            f"| {100 * (res['accuracy'] - clean['accuracy']):+.1f} | {recovery:.1f} | {res['lost']} "
+            f"| {res['wrong_rounds']} / {res['unaccounted_gpux']:.6f} | {res['wall']:.0f} |"
+        )
+    lines.append("")
+    lines.append(f"3 peers on one {sys.platform} machine (127.0.0.1, CPU), digits MLP, {args.rounds} rounds, a paid "
+                 f"job (100 GPUX on anvil). Clean median round: {typical:.1f} s.")
+    print("\n".join(lines))
+    if args.write:
+        command = "python scripts/bench_faults.py " + " ".join(sys.argv[1:])
+        write_section(Path(args.write), "Faults", command, lines)
+
+
+if __name__ == "__main__":
+    main()
