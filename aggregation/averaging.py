@@ -128,7 +128,9 @@ class RoundAverager(DecentralizedAverager):
         kwargs.setdefault("min_matchmaking_time", 2.0)
         kwargs.setdefault("request_timeout", 1.0)
         kwargs.setdefault("allreduce_timeout", 120.0)
-        kwargs.setdefault("next_chunk_timeout", 30.0)
+        # how long a reducer waits for a sender's next part before dropping it: a part is 512 KiB,
+        # a second on a slow home link; a dead member costs the round this long (then a retry)
+        kwargs.setdefault("next_chunk_timeout", 10.0)
         super().__init__(
             tensors,
             dht,

@@ -101,6 +101,8 @@ class ProgressRecord(_Body):
     group: list[str] = []  # peer ids that took part in this peer's all-reduce
     shards: list[str] = []  # the training shards this peer used this round (its work in the model)
     carried: list[str] = []  # shards this round owed from the last one (dealt on top of the usual deal)
+    update_id: str | None = None  # sha256 of this peer's trained weights before the merge (its update)
+    prev_round: str | None = None  # digest of the previous round (peer.provenance): the history's chain
     val_rows: int = Field(default=0, ge=0)
     val_loss_sum: float = 0.0
     val_correct: int = Field(default=0, ge=0)  # classification

@@ -11,6 +11,7 @@ Every decision (where to enter, which shards, when to start the all-reduce) come
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -33,7 +34,7 @@ from dht.records import (
     progress_key,
     result_key,
 )
-from peer import schedule
+from peer import provenance, schedule
 from peer.runtime import PEER_TTL
 from peer.payout import JobClosed, RoundPayouts, escrow_closed
 from peer.local_training import (
@@ -198,7 +199,7 @@ class JobRunner:
 
         # claim this round's shards (the deal is the same on every peer) and fetch what is missing
         # every shard once, plus what the last round's agreed model is missing (a peer crashed)
-        carried = self._carried_into(r)
+        carried, prev_round = self._carried_into(r)
         mine = (schedule.assign_shards(self.train_ids, roster, seed=t.seed, round_no=r).get(self.me, [])
                 + schedule.assign_shards(carried, roster, seed=t.seed + 1, round_no=r).get(self.me, []))
         self.peer.hold_lease(leases_key(self.job.job_id, r), LeaseRecord(
@@ -212,6 +213,7 @@ class JobRunner:
             generator=round_generator(t.seed, r, mine), loss=self.loss, should_stop=self.peer.stopping.is_set,
         )
         seconds_training = time.time() - started
+        update_id = hashlib.sha256(model_to_bytes(model)).hexdigest()  # our update, named in the history
         train_loss = train_loss if samples else None  # more peers than shards: this one had no rows
         metrics, job = self.peer.metrics, self.job.job_id
         metrics.samples.labels(job).inc(samples)
@@ -220,7 +222,7 @@ class JobRunner:
             metrics.train_loss.labels(job).set(train_loss)
         self._publish_progress(
             r, "trained", samples=samples, train_loss=train_loss, base_model_id=base_model_id, shards=mine,
-            carried=carried,
+            carried=carried, update_id=update_id, prev_round=prev_round,
         )
 
         # a peer that arrived as the round was being dealt may only now see that it was dealt
@@ -248,7 +250,7 @@ class JobRunner:
                 outer.apply(update)
         seconds_merging = time.time() - merge_started
         if adopted:  # our update is not in the model we adopted: our shards are owed to the next round
-            mine, samples = [], 0
+            mine, samples, update_id = [], 0, None
         if len(group) > 1:
             metrics.allreduce_seconds.observe(seconds_merging)
             # butterfly: send (n-1)/n of our tensors to their reducers, and as a reducer send our
@@ -264,7 +266,8 @@ class JobRunner:
         sums = evaluate(model, self._load_shards(my_val), task=self.manifest.task, loss=self.loss)
         self._publish_progress(
             r, "merged", samples=samples, train_loss=train_loss, base_model_id=base_model_id, model_id=model_id,
-            group=group, shards=mine, carried=carried, seconds_training=seconds_training,
+            group=group, shards=mine, carried=carried, update_id=update_id, prev_round=prev_round,
+            seconds_training=seconds_training,
             seconds_merging=seconds_merging, **sums,
         )
         metrics.rounds.labels(job).inc()
@@ -419,14 +422,19 @@ class JobRunner:
 
         return self._wait_for(complete, timeout=30.0) or agreed_now()
 
-    def _carried_into(self, r: int) -> list[str]:
-        """Shards round ``r`` owes from round ``r - 1`` (same answer on every peer: agreed records)."""
+    def _carried_into(self, r: int) -> tuple[list[str], str | None]:
+        """What round ``r`` takes from round ``r - 1``: the shards it owes and its digest.
+
+        The same answer on every peer: both come from the previous round's agreed records.
+        (No agreed records: nothing is carried; the audit will show the gap.)
+        """
         if r == 1:
-            return []
+            return [], provenance.genesis(self.job.job_id, self.job.dataset_id)
         agreed = self._agreed_records(r - 1)
         if not agreed:
-            return []
-        return schedule.orphaned_shards(self.train_ids, agreed[0].carried, [p.shards for p in agreed])
+            return [], None
+        owed = schedule.orphaned_shards(self.train_ids, agreed[0].carried, [p.shards for p in agreed])
+        return owed, provenance.round_digest(r - 1, agreed)
 
     def _wait_for_merged_model(self, r: int) -> str:
         return self._wait_for(lambda: schedule.majority_model(self._state(r).merged), timeout=None)

@@ -229,6 +229,46 @@ def job_result(
         typer.echo(f"  {key} {value:.4f}" if isinstance(value, float) else f"  {key} {value}")
 
 
+@job_app.command("audit")
+def job_audit(
+    job_id: str,
+    peer: str = PeerOption,
+    deployment: Optional[Path] = typer.Option(
+        None, "--deployment", help="Chain deployment file: also check each round's contribution root on chain."),
+    skip_models: bool = typer.Option(False, "--skip-models", help="Do not download and re-hash every round's model."),
+) -> None:
+    """Walk the job's signed round chain and print its timeline; exit 1 on any break."""
+    from swarm.client import Client
+
+    try:
+        ledger = None
+        if deployment is not None:
+            from ledger.chain import Ledger
+
+            ledger = Ledger.from_file(deployment.expanduser())
+        with Client(peer) as client:
+            audit = client.audit(job_id, ledger=ledger, check_models=not skip_models)
+    except GPUFlexError as e:
+        _fail(e)
+    typer.echo(f"{'round':>5}  {'peers':>5}  {'shards':>6}  {'samples':>7}  {'loss':>7}  {'val_acc':>7}  "
+               f"{'model':<12}  {'digest':<12}  check")
+    for r in audit.rounds:
+        loss = f"{r.train_loss:.4f}" if r.train_loss is not None else "-"
+        acc = f"{r.val_accuracy:.4f}" if r.val_accuracy is not None else "-"
+        typer.echo(f"{r.round:>5}  {len(r.peers):>5}  {r.shards:>6}  {r.samples:>7}  {loss:>7}  {acc:>7}  "
+                   f"{(r.model_id or '-')[:12]:<12}  {(r.digest or '-')[:12]:<12}  "
+                   f"{'ok' if not r.breaks else 'BROKEN: ' + '; '.join(r.breaks)}")
+    for problem in audit.problems:
+        typer.echo(f"BROKEN: {problem}")
+    if audit.rejected_records:
+        typer.echo(f"note: {audit.rejected_records} forged or malformed records were ignored")
+    if not audit.ok:
+        typer.echo(f"error: job {job_id}: the history does not check out", err=True)
+        raise typer.Exit(1)
+    state = "finished" if audit.finished else "in progress"
+    typer.echo(f"job {job_id}: {len(audit.rounds)} rounds, chain intact, {state}")
+
+
 @job_app.command("refund")
 def job_refund(
     job_id: str,

@@ -44,6 +44,19 @@ from swarm.report_files import write_report_files
 from swarm.spec import BLOB_REF, JobSpec, load_job_file, stop_condition_met
 
 
+@dataclass
+class Audit:
+    job_id: str
+    rounds: list  # peer.provenance.RoundAudit, one per round that has records
+    problems: list[str]  # breaks that belong to no single round
+    finished: bool
+    rejected_records: int  # forged or malformed records ignored during the walk
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.rounds) and not self.problems and not any(r.breaks for r in self.rounds)
+
+
 class JobNotFound(GPUFlexError):
     """No live job record with this id in the swarm."""
 
@@ -297,6 +310,11 @@ class Client:
     def result(self, job_id: str, out_dir: str | os.PathLike) -> ResultFiles:
         """Download the final model and report, verified against the final round's signed records."""
         model_id = self._agreed_model_id(job_id)
+        audit = self.audit(job_id, check_models=False)
+        if not audit.ok:
+            breaks = [f"round {r.round}: {b}" for r in audit.rounds for b in r.breaks] + audit.problems
+            raise ResultUnverified(f"job {job_id}: the job's history does not check out "
+                                   f"({breaks[0] if breaks else 'no rounds'}); see `gpuflex job audit {job_id}`")
         results = [s.body for s in self.records.read(result_key(job_id), ResultRecord)]
         candidates = [r for r in results if r.model_id == model_id]
         if not candidates:
@@ -319,6 +337,49 @@ class Client:
         (out / "report.json").write_bytes(report_bytes)
         extras = write_report_files(report, out)  # report.md and plots, drawn here from the verified report
         return ResultFiles(out, out / "model.safetensors", out / "report.json", model_id, verified=True, extras=extras)
+
+    # ---------------------------------------------------------------- audit
+    def audit(self, job_id: str, *, ledger=None, check_models: bool = True) -> "Audit":
+        """Walk the job's round chain (peer.provenance) and check everything it names.
+
+        Each round: an agreed model, the base model is the last round's model, ``prev_round`` is
+        the last round's digest, every contribution names its update. Then, if asked, every
+        round's model is downloaded and re-hashed; for a paid job with a ``ledger``, every round
+        with work must have its contribution root on chain; the result must name the last round's
+        model. Records that fail their signature check never reach the walk: they are counted.
+        """
+        from peer.provenance import audit_rounds
+
+        job = self._job(job_id)
+        rejected_before = self.records.rejected
+        rounds = []
+        for r in range(1, job.spec["training"]["rounds"] + 1):
+            progress = [s.body for s in self.records.read(progress_key(job_id, r), ProgressRecord)]
+            if not progress:
+                break
+            rounds.append(progress)
+        audits = audit_rounds(job_id, job.dataset_id, rounds)
+        if check_models:
+            for audit in audits:
+                if audit.model_id:
+                    try:
+                        self._download(audit.model_id)  # download_blob re-hashes what it receives
+                    except BlobUnavailable as e:
+                        audit.breaks.append(f"model not retrievable intact: {e}")
+        if job.escrow and ledger is not None:
+            trees = self.posted_trees(job_id, ledger)
+            for audit in audits:
+                if audit.samples and audit.round not in trees:
+                    audit.breaks.append("no contribution root on chain matches the round's agreed work")
+        problems = []
+        results = [s.body for s in self.records.read(result_key(job_id), ResultRecord)]
+        if results:
+            last = audits[-1] if audits else None
+            if last is None or not any(r.model_id == last.model_id and r.rounds_completed == last.round
+                                       for r in results):
+                problems.append("no result record names the last round's agreed model")
+        return Audit(job_id, audits, problems, finished=bool(results),
+                     rejected_records=self.records.rejected - rejected_before)
 
     # ---------------------------------------------------------------- helpers
     def _agreed_model_id(self, job_id: str) -> str:

@@ -75,6 +75,13 @@ def test_three_peers_train_digits_submitted_via_one_peer_fetched_via_another(loc
         report["final"]["val_accuracy"], abs=1e-9
     )
 
+    # the history checks out: 10 chained rounds, every model re-hashed, the result names the last one
+    audited = local_swarm.cli("job", "audit", job_id, "--peer", local_swarm.maddrs[0]).stdout.splitlines()
+    assert audited[-1] == f"job {job_id}: 10 rounds, chain intact, finished"
+    timeline = [line.split() for line in audited[1:-1]]
+    assert [int(row[0]) for row in timeline] == list(range(1, 11)) and all(row[-1] == "ok" for row in timeline)
+    assert timeline[-1][6] == report["model_id"][:12]
+
     # iterate: a new job that starts from this result (already in the swarm, nothing re-sent)
     again = digits_job(training={"rounds": 2})
     warm_id = local_swarm.cli("job", "submit", again, "--peer", local_swarm.maddrs[1], "--from", job_id).stdout.strip()

@@ -133,3 +133,28 @@ def test_the_whole_swarm_killed_and_restarted_resumes_without_redoing_a_round(lo
             redone += [int(m) for m in re.findall(r"round (\d+)/8 done", log.read()) if int(m) <= finished]
     assert redone == []
     assert report["final"]["val_accuracy"] >= 0.9
+
+
+def test_a_swarm_that_grows_from_two_to_four_and_shrinks_to_three_finishes(local_swarm, digits_job, tmp_path):
+    for _ in range(2):
+        local_swarm.start_peer()
+    job_file = digits_job(training={"rounds": 12}, swarm={"min_peers": 2})
+    job_id = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0]).stdout.strip()
+    local_swarm.wait_for(lambda: local_swarm.status(job_id)["rounds_done"] >= 2, timeout=240, what="two rounds")
+    for _ in range(2):
+        local_swarm.start_peer()
+
+    def peers_in_last_round():
+        status = local_swarm.status(job_id)
+        return status["history"] and len(status["peers"]) == 4 and status["rounds_done"]
+
+    local_swarm.wait_for(peers_in_last_round, timeout=240, what="a round with four peers")
+    local_swarm.procs[3].send_signal(signal.SIGTERM)
+    assert local_swarm.procs[3].wait(timeout=10) == 0
+    report = finish_and_fetch(local_swarm, job_id, tmp_path / "out")
+
+    sizes = [len(r["peers_done"]) for r in report["rounds"]]
+    assert sizes[0] == 2 and 4 in sizes[1:-1] and sizes[-1] == 3  # grew, then shrank
+    assert all(r["model_id"] for r in report["rounds"])
+    assert sum(sum(r["shards"].values()) for r in report["rounds"]) == len(sizes) * count_train_shards(job_file)
+    assert report["final"]["val_accuracy"] >= 0.9

@@ -41,6 +41,15 @@ def test_money_moves_from_consumer_to_the_peers_that_worked(local_swarm, digits_
     local_swarm.wait_for(lambda: local_swarm.status(job_id)["state"] == "finished", timeout=240, what="the paid job")
     local_swarm.cli("job", "result", job_id, "--peer", local_swarm.maddrs[1], "-o", str(tmp_path / "out"))
     report = json.loads((tmp_path / "out" / "report.json").read_text())
+    # every round's contribution root on chain is the tree of the round's agreed, chained work
+    # (the last round's root may still be on its way to the chain: wait for it, not for a time)
+    def audit_with_chain():
+        done = local_swarm.cli("job", "audit", job_id, "--peer", local_swarm.maddrs[2], "--skip-models",
+                               "--deployment", str(chain["deployment"]), check=False)
+        return done.stdout if done.returncode == 0 else None
+
+    audited = local_swarm.wait_for(audit_with_chain, timeout=60, what="an intact audit with chain roots", poll=2.0)
+    assert "4 rounds, chain intact, finished" in audited and "BROKEN" not in audited
     refund = local_swarm.cli("job", "refund", job_id, "--peer", local_swarm.maddrs[2], "--wallet",
                              str(chain["consumer"]), "--deployment", str(chain["deployment"]))
     assert refund.stdout.startswith("refunded ")
