@@ -15,9 +15,10 @@ kind         key                                          one subkey per
 peer         ``gpuflex.peers``                            peer (heartbeat, short expiry)
 job          ``gpuflex.jobs``                             job (author: the peer that took it)
 lease        ``gpuflex.job.<id>.leases.<round>``          peer: the shards it trains this round
-progress     ``gpuflex.job.<id>.round.<round>``           peer: joined / trained / merged
+progress     ``gpuflex.job.<id>.round.<round>``           peer: joined / trained / merged / left
 result       ``gpuflex.job.<id>.result``                  peer: final model and report ids
 attestation  ``gpuflex.job.<id>.attest.<round>``         peer: its signature over the round's pay
+verdict      ``gpuflex.job.<id>.verdict.<round>``        (verifier, target): a re-execution's finding
 provider     ``gpuflex.blob.<sha256>``                    peer that serves this blob
 ===========  ===========================================  ====================================
 """
@@ -51,6 +52,10 @@ def result_key(job_id: str) -> str:
 
 def attestation_key(job_id: str, round_no: int) -> str:
     return f"gpuflex.job.{job_id}.attest.{round_no}"
+
+
+def verdict_key(job_id: str, round_no: int) -> str:
+    return f"gpuflex.job.{job_id}.verdict.{round_no}"
 
 
 def provider_key(blob_id: str) -> str:
@@ -102,6 +107,7 @@ class ProgressRecord(_Body):
     shards: list[str] = []  # the training shards this peer used this round (its work in the model)
     carried: list[str] = []  # shards this round owed from the last one (dealt on top of the usual deal)
     update_id: str | None = None  # sha256 of this peer's trained weights before the merge (its update)
+    optimizer_state_id: str | None = None  # blob: its optimizer state at the round's start (re-execution)
     prev_round: str | None = None  # digest of the previous round (peer.provenance): the history's chain
     val_rows: int = Field(default=0, ge=0)
     val_loss_sum: float = 0.0
@@ -130,6 +136,17 @@ class AttestationRecord(_Body):
     attestation: dict[str, Any]
 
 
+class VerdictRecord(_Body):
+    """A verifier's finding on one re-executed contribution (published under subkey ``target:``)."""
+
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+    round: int = Field(ge=1)
+    target: str  # the peer whose contribution was re-executed
+    ok: bool
+    distance: float | None = None  # relative error of the claimed update vs the re-executed one
+    reason: str = ""
+
+
 class ProviderRecord(_Body):
     blob_id: str = Field(pattern=SHA256_HEX)
     maddrs: list[str]
@@ -143,6 +160,7 @@ RECORD_KINDS: dict[str, type[_Body]] = {
     "progress": ProgressRecord,
     "result": ResultRecord,
     "attestation": AttestationRecord,
+    "verdict": VerdictRecord,
     "provider": ProviderRecord,
 }
 KIND_OF = {cls: kind for kind, cls in RECORD_KINDS.items()}
@@ -154,6 +172,7 @@ _KEY_PATTERNS = {
     "progress": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.round\.[0-9]+$"),
     "result": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.result$"),
     "attestation": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.attest\.[0-9]+$"),
+    "verdict": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.verdict\.[0-9]+$"),
     "provider": re.compile(r"gpuflex\.blob\.[0-9a-f]{64}$"),
 }
 

@@ -30,11 +30,20 @@ from dht.records import (
     LeaseRecord,
     ProgressRecord,
     ResultRecord,
+    VerdictRecord,
     leases_key,
     progress_key,
     result_key,
+    verdict_key,
 )
 from peer import provenance, schedule
+from peer.verification import (
+    faults,
+    load_optimizer_state,
+    optimizer_state_bytes,
+    update_distance,
+    verification_plan,
+)
 from peer.runtime import PEER_TTL
 from peer.payout import JobClosed, RoundPayouts, escrow_closed
 from peer.local_training import (
@@ -65,6 +74,10 @@ class JobStopped(GPUFlexError):
     """The peer is shutting down, or the job can not continue here."""
 
 
+class Banned(GPUFlexError):
+    """Re-execution rejected this peer's work too often: the job's peers no longer deal it shards."""
+
+
 class FinishedElsewhere(Exception):
     """The swarm published the job's result while this peer was waiting (it stopped early)."""
 
@@ -93,6 +106,7 @@ class JobRunner:
         self.val_ids = [s.id for s in self.manifest.shards if s.split == "val"]
         self.loss = loss_fn(self.manifest.task, self.manifest.target_mean, self.manifest.target_std)
         self.payouts = RoundPayouts(job, peer.ledger, self.records, self._wait_for) if job.escrow else None
+        self.fault_rounds: dict[str, set[int]] = {}  # peer -> rounds its work was rejected (verdicts)
 
     # ---------------------------------------------------------------- the job, top to bottom
     def run(self) -> None:
@@ -119,6 +133,10 @@ class JobRunner:
                 load_model_bytes(model, self.peer.blobs_service.fetch(base_model_id))
                 loaded_round = base_round
                 logger.info(f"job {self.job.job_id}: joining at round {round_no} from round {base_round}'s model")
+            for r in range(1, round_no):  # the verdicts so far decide who is banned (a joiner reads them)
+                verdicts = (s.body for s in self.records.read(verdict_key(self.job.job_id, r), VerdictRecord))
+                for target in faults(verdicts):
+                    self.fault_rounds.setdefault(target, set()).add(r)
             # DiLoCo keeps the round's base and the outer momentum; plain averaging needs neither.
             # (A peer that joins late starts with zero momentum: issue 5's checkpoints carry it.)
             outer = None
@@ -207,13 +225,17 @@ class JobRunner:
         ))  # renewed by the heartbeat
         data = self._load_shards(mine)
 
+        # commit to where we start from, so another peer can re-run exactly this work
+        verifying = self.spec.verification.fraction > 0
+        optimizer_state_id = self._keep(optimizer_state_bytes(optimizer)) if verifying else None
         started = time.time()
         train_loss, samples = train_local(
             model, optimizer, data, steps=t.local_steps, batch_size=t.batch_size,
             generator=round_generator(t.seed, r, mine), loss=self.loss, should_stop=self.peer.stopping.is_set,
         )
         seconds_training = time.time() - started
-        update_id = hashlib.sha256(model_to_bytes(model)).hexdigest()  # our update, named in the history
+        update = model_to_bytes(model)  # our update, named in the history (kept for re-execution)
+        update_id = self._keep(update) if verifying else hashlib.sha256(update).hexdigest()
         train_loss = train_loss if samples else None  # more peers than shards: this one had no rows
         metrics, job = self.peer.metrics, self.job.job_id
         metrics.samples.labels(job).inc(samples)
@@ -222,7 +244,7 @@ class JobRunner:
             metrics.train_loss.labels(job).set(train_loss)
         self._publish_progress(
             r, "trained", samples=samples, train_loss=train_loss, base_model_id=base_model_id, shards=mine,
-            carried=carried, update_id=update_id, prev_round=prev_round,
+            carried=carried, update_id=update_id, prev_round=prev_round, optimizer_state_id=optimizer_state_id,
         )
 
         # a peer that arrived as the round was being dealt may only now see that it was dealt
@@ -267,7 +289,7 @@ class JobRunner:
         self._publish_progress(
             r, "merged", samples=samples, train_loss=train_loss, base_model_id=base_model_id, model_id=model_id,
             group=group, shards=mine, carried=carried, update_id=update_id, prev_round=prev_round,
-            seconds_training=seconds_training,
+            optimizer_state_id=optimizer_state_id, seconds_training=seconds_training,
             seconds_merging=seconds_merging, **sums,
         )
         metrics.rounds.labels(job).inc()
@@ -276,10 +298,85 @@ class JobRunner:
         self.peer.release_lease(leases_key(self.job.job_id, r))
         if self.peer.stopping.is_set():  # the round is merged and published: leave before settling
             raise JobStopped(f"job {self.job.job_id}: stopped after round {r}")
+        rejected = self._verify(r, group, model_id, prev_round)
         if self.payouts is not None:  # paid job: the group signs what each member did, one posts it
-            self.payouts.settle(r, group, self._wait_for_merged_records(r, group))
+            self.payouts.settle(r, group, self._wait_for_merged_records(r, group), rejected=rejected)
         logger.info(f"job {self.job.job_id}: round {r}/{t.rounds} done, loss {train_loss:.4f}, group {len(group)}")
         return group, model_id
+
+    # ---------------------------------------------------------------- verification
+    def _verify(self, r: int, group: list[str], model_id: str, prev_round: str | None) -> set[str]:
+        """Re-run the contributions this peer was drawn to check; return the round's rejected peers.
+
+        Only the verdict of a target's drawn verifier counts, so no peer can get another's work
+        rejected. A verdict that never comes (its verifier died) rejects nothing.
+        """
+        v = self.spec.verification
+        if v.fraction <= 0 or len(group) < 2:
+            return set()
+        contributions = {p.peer_id: p for p in self._agreed_records(r) if p.samples > 0}
+        plan = verification_plan(f"{prev_round}|{model_id}", list(contributions), v.fraction)
+        key = verdict_key(self.job.job_id, r)
+        for target, verifier in plan.items():
+            if verifier == self.me:
+                verdict = self._reexecute(r, contributions[target])
+                self.records.publish(key, verdict, ttl=RECORD_TTL, subkey_prefix=target.encode() + b":")
+                if not verdict.ok:
+                    logger.warning(f"job {self.job.job_id}: round {r}: rejected {target}'s contribution: "
+                                   f"{verdict.reason}")
+
+        def drawn_verdicts():
+            found = {s.body.target: s.body for s in self.records.read(key, VerdictRecord)
+                     if plan.get(s.body.target) == s.author}
+            return found if set(found) == set(plan) else None
+
+        verdicts = self._wait_for(drawn_verdicts, timeout=120.0) or {}
+        rejected = {target for target, verdict in verdicts.items() if not verdict.ok}
+        for target in rejected:
+            self.fault_rounds.setdefault(target, set()).add(r)
+        return rejected
+
+    def _reexecute(self, r: int, claim: ProgressRecord) -> VerdictRecord:
+        """Train exactly what ``claim`` says it trained and compare with the update it committed."""
+        t, v = self.spec.training, self.spec.verification
+
+        def verdict(ok: bool, reason: str = "", distance: float | None = None) -> VerdictRecord:
+            return VerdictRecord(peer_id=self.me, job_id=self.job.job_id, round=r, target=claim.peer_id, ok=ok,
+                                 distance=distance, reason=reason)
+
+        if not (claim.base_model_id and claim.update_id and claim.optimizer_state_id):
+            return verdict(False, "the contribution does not name its base, update and optimizer state")
+        try:
+            base = self.peer.blobs_service.fetch(claim.base_model_id)
+            claimed = load_safetensors(self.peer.blobs_service.fetch(claim.update_id))
+            state = self.peer.blobs_service.fetch(claim.optimizer_state_id)
+            data = self._load_shards(claim.shards)
+        except GPUFlexError as e:
+            return verdict(False, f"its committed blobs can not be fetched: {e}")
+        model = build_model(self.spec.model, self.manifest, seed=t.seed).to(self.peer.device)
+        load_model_bytes(model, base)
+        base_state = {k: w.detach().clone().cpu() for k, w in model.state_dict().items()}
+        optimizer = make_optimizer(t.optimizer, model.parameters(), lr=t.lr, weight_decay=t.weight_decay,
+                                   momentum=t.momentum)
+        try:
+            load_optimizer_state(optimizer, state)
+        except Exception as e:  # not a state this optimizer can take: nothing to re-run from
+            return verdict(False, f"its committed optimizer state does not load: {e}")
+        _, samples = train_local(model, optimizer, data, steps=t.local_steps, batch_size=t.batch_size,
+                                 generator=round_generator(t.seed, r, claim.shards), loss=self.loss)
+        rerun = {k: w.detach().cpu() for k, w in model.state_dict().items()}
+        distance = update_distance(rerun, claimed, base_state)
+        if samples != claim.samples:
+            return verdict(False, f"claims {claim.samples} samples, the re-run processed {samples}", distance)
+        if not distance <= v.tolerance:
+            return verdict(False, f"its update is {distance:.3g} away from the re-run's (tolerance {v.tolerance})",
+                           distance)
+        return verdict(True, distance=distance)
+
+    def _keep(self, data: bytes) -> str:
+        blob_id = self.peer.blobs.put(data)
+        self.peer.announce([blob_id])
+        return blob_id
 
     # ---------------------------------------------------------------- merging
     def _merge(self, r, model, tensors, averager: RoundAverager, trained: set[str], samples: int,
@@ -323,7 +420,8 @@ class JobRunner:
         for r in range(1, last_round + 1):
             progress = [s.body for s in self.records.read(progress_key(self.job.job_id, r), ProgressRecord)]
             rounds.append(round_summary(r, progress, self.manifest.task))
-        report = build_report(self.job, self.manifest, rounds, model_id=model_id, finished_at=time.time())
+        report = build_report(self.job, self.manifest, rounds, model_id=model_id, finished_at=time.time(),
+                              faults={p: sorted(rs) for p, rs in sorted(self.fault_rounds.items())})
         report_id = self.peer.blobs.put(json.dumps(report, indent=2, sort_keys=True).encode())
         self.peer.announce([model_id, report_id])
         result = ResultRecord(peer_id=self.me, job_id=self.job.job_id, rounds_completed=last_round,
@@ -366,14 +464,18 @@ class JobRunner:
     def _wait_for_roster(self, r: int, previous_group: list[str], min_peers: int) -> frozenset[str]:
         """Wait until the round has enough peers, everyone from last round is back, and the set settles."""
         seen = {"roster": None, "since": time.time()}
+        banned = {p for p, rounds in self.fault_rounds.items() if len(rounds) >= self.spec.verification.max_faults}
+        if self.me in banned:
+            raise Banned(f"job {self.job.job_id}: this peer's work was rejected in rounds "
+                         f"{sorted(self.fault_rounds[self.me])}; it is banned from the job")
 
         def settled():
-            joined = self._state(r).joined
+            joined = self._state(r).joined - banned  # a banned peer is dealt nothing, by everyone
             if joined != seen["roster"]:
                 seen["roster"], seen["since"] = joined, time.time()
             if self.records.read(result_key(self.job.job_id), ResultRecord):
                 raise FinishedElsewhere(self.job.job_id)  # stopped early without us: nothing left to do
-            expected = [p for p in previous_group if p != self.me]
+            expected = [p for p in previous_group if p != self.me and p not in banned]
             ready = schedule.roster_ready(joined, expected=expected, alive=self.peer.alive_peers(), min_peers=min_peers)
             return joined if ready and time.time() - seen["since"] >= ROSTER_SETTLE else None
 

@@ -69,6 +69,15 @@ def train_local(
     model.train()
     if len(data) == 0:
         return 0.0, 0
+    # dropout and friends draw from torch's global generator: seed it from the round's, inside a
+    # fork, so a verifier replaying the round draws the same masks and the caller's state is kept
+    devices = [data.features.device] if data.features.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        return _steps(model, optimizer, data, steps, batch_size, generator, loss, should_stop)
+
+
+def _steps(model, optimizer, data, steps, batch_size, generator, loss, should_stop) -> tuple[float, int]:
     order = torch.randperm(len(data), generator=generator)
     cursor, total_loss, samples = 0, 0.0, 0
     for _ in range(steps):

@@ -51,19 +51,29 @@ def escrow_closed(job: JobRecord, ledger) -> str | None:
     return status if status in ("cancelled", "finished", "expired") else None
 
 
+def payable(merged: list[ProgressRecord], group, rejected=frozenset()) -> dict[str, ProgressRecord]:
+    """The contributions a round pays for: the group's merged work that has a wallet and passed
+    verification. (The client rebuilds on-chain trees with the same rule.)"""
+    return {p.peer_id: p for p in merged
+            if p.peer_id in group and p.wallet and p.samples > 0 and p.peer_id not in rejected}
+
+
 class RoundPayouts:
     def __init__(self, job: JobRecord, ledger, records: RecordStore, wait_for: Callable):
         self.job, self.ledger, self.records, self._wait_for = job, ledger, records, wait_for
         self.job_key = bytes.fromhex(job.escrow["job_key"].removeprefix("0x"))
         self.trees: dict[int, object] = {}
 
-    def settle(self, r: int, group: list[str], merged: list[ProgressRecord]) -> None:
-        """Sign this round's contribution tree; the group's first peer posts it with a quorum."""
+    def settle(self, r: int, group: list[str], merged: list[ProgressRecord], rejected: set[str] = frozenset()) -> None:
+        """Sign this round's contribution tree; the group's first peer posts it with a quorum.
+
+        ``rejected``: peers whose contribution failed re-execution this round; they earn nothing.
+        """
         from ledger.chain import ContractReverted
         from ledger.merkle import ContributionTree
         from ledger.signing import RoundAttestation
 
-        paid = {p.peer_id: p for p in merged if p.peer_id in group and p.wallet and p.samples > 0}
+        paid = payable(merged, group, rejected)
         if not paid:
             return
         tree = ContributionTree({p.wallet: p.samples for p in paid.values()})

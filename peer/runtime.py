@@ -125,7 +125,7 @@ class Peer:
     # ---------------------------------------------------------------- what the peer does all day
     def run_forever(self) -> None:
         """Pick a job, work on it to the end, pick the next; until asked to stop."""
-        from peer.job_runner import JobClosed, JobRunner, JobStopped  # imports torch-heavy modules
+        from peer.job_runner import Banned, JobClosed, JobRunner, JobStopped  # imports torch-heavy modules
 
         while not self.stopping.is_set():
             job = self._next_job()
@@ -138,7 +138,7 @@ class Peer:
                 self._finished_jobs.add(job.job_id)
             except JobStopped:
                 break
-            except JobClosed as e:
+            except (JobClosed, Banned) as e:
                 logger.info(str(e))
                 self._finished_jobs.add(job.job_id)
             except Exception:

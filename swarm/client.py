@@ -29,14 +29,17 @@ from dht.records import (
     ProgressRecord,
     ProviderRecord,
     ResultRecord,
+    VerdictRecord,
     leases_key,
     progress_key,
     provider_key,
     result_key,
+    verdict_key,
 )
 from dht.store import RecordStore
 from peer.intake import send_submission
 from peer.loop import LoopThread
+from peer.payout import payable
 from peer.runtime import PEER_TTL
 from peer.transfer import BlobUnavailable, download_blob
 from swarm.report import job_status, round_summary
@@ -247,7 +250,8 @@ class Client:
             if not groups or not ledger.round(key, r).posted:
                 continue
             group = set(groups.most_common(1)[0][0])
-            tree = ContributionTree({p.wallet: p.samples for p in merged if p.peer_id in group})
+            paid = payable(merged, group, self.rejected(job, r, merged))
+            tree = ContributionTree({p.wallet: p.samples for p in paid.values()})
             if tree.root == ledger.round(key, r).root:
                 trees[r] = tree
         return trees
@@ -337,6 +341,20 @@ class Client:
         (out / "report.json").write_bytes(report_bytes)
         extras = write_report_files(report, out)  # report.md and plots, drawn here from the verified report
         return ResultFiles(out, out / "model.safetensors", out / "report.json", model_id, verified=True, extras=extras)
+
+    def rejected(self, job: JobRecord, r: int, merged: list[ProgressRecord]) -> set[str]:
+        """Peers whose round-``r`` work its drawn verifier rejected (the peers' own rule)."""
+        from peer.provenance import agreed_model
+        from peer.verification import verification_plan
+
+        fraction = job.spec.get("verification", {}).get("fraction", 0.0)
+        model_id = agreed_model(merged)
+        agreed = [p for p in merged if p.model_id == model_id and p.samples > 0]
+        if not fraction or not agreed:
+            return set()
+        plan = verification_plan(f"{agreed[0].prev_round}|{model_id}", [p.peer_id for p in agreed], fraction)
+        return {s.body.target for s in self.records.read(verdict_key(job.job_id, r), VerdictRecord)
+                if plan.get(s.body.target) == s.author and not s.body.ok}
 
     # ---------------------------------------------------------------- audit
     def audit(self, job_id: str, *, ledger=None, check_models: bool = True) -> "Audit":

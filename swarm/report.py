@@ -53,7 +53,8 @@ def round_summary(round_no: int, progress: list[ProgressRecord], task: str) -> d
     }
 
 
-def build_report(job: JobRecord, manifest, rounds: list[dict], *, model_id: str, finished_at: float) -> dict:
+def build_report(job: JobRecord, manifest, rounds: list[dict], *, model_id: str, finished_at: float,
+                 faults: dict[str, list[int]] | None = None) -> dict:
     participants: dict[str, dict] = {}
     for summary in rounds:
         for peer, samples in summary["samples_by_peer"].items():
@@ -77,6 +78,7 @@ def build_report(job: JobRecord, manifest, rounds: list[dict], *, model_id: str,
         "stopped_early": ({"after_round": len(rounds), "condition": job.spec["training"].get("stop_when")}
                           if len(rounds) < job.spec["training"]["rounds"] else None),
         "participants": participants,
+        "faults": faults or {},  # peer -> rounds whose contribution failed re-execution (paid nothing)
         "submitted_at": job.submitted_at,
         "finished_at": finished_at,
         "wall_time_s": finished_at - job.submitted_at,

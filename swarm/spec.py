@@ -227,6 +227,26 @@ class AggregationSpec(BaseModel):
         return {}
 
 
+class VerificationSpec(BaseModel):
+    """How much of each round's work is re-executed by another peer, and how strictly.
+
+    ``tolerance`` is a relative error: ``|re-executed - claimed| / |claimed - base|`` over all
+    weights. Two CPUs (or thread counts, or BLAS builds) sum in different orders, so an honest
+    update re-executed elsewhere is close, not always equal. Measured on a digits-sized MLP with
+    Adam (tests/peer/test_verification.py): the same thread count replays bit-identically (0),
+    1 vs 2 threads differ by 2e-7; a peer that skipped 3/4 of its steps is off by 2.3, and 1e-3
+    of noise on the weights by far more than 1e-2. 1e-3 sits between with orders of margin.
+    Re-execution on a different device kind (GPU vs CPU) is not expected to pass: verifiers
+    should run the contributor's device kind (not enforced yet).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    fraction: float = Field(default=0.25, ge=0.0, le=1.0)  # of a round's contributions (at least one)
+    tolerance: float = Field(default=1e-3, gt=0.0, lt=1.0)
+    max_faults: PositiveInt = 2  # rejected contributions before a peer is banned from the job
+
+
 class JobSpec(BaseModel):
     """A whole job. Build it with :func:`load_job_file` or :meth:`JobSpec.from_dict`."""
 
@@ -239,6 +259,7 @@ class JobSpec(BaseModel):
     training: TrainingSpec
     swarm: SwarmSpec = Field(default_factory=SwarmSpec)
     aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
+    verification: VerificationSpec = Field(default_factory=VerificationSpec)
 
     @model_validator(mode="after")
     def _check(self) -> JobSpec:

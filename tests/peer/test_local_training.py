@@ -72,3 +72,18 @@ def test_regression_loss_is_on_the_standardised_scale():
     assert loss(out, y).item() == pytest.approx(1.0)
     sums = evaluate(torch.nn.Identity(), Batches(out, y), task="regression", loss=loss)
     assert sums["val_sq_error_sum"] == pytest.approx(200.0) and sums["val_abs_error_sum"] == pytest.approx(20.0)
+
+
+def test_dropout_masks_replay_too_so_a_verifier_can_re_run_the_round():
+    def run():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 32), torch.nn.Dropout(0.5), torch.nn.Linear(32, 2))
+        opt = make_optimizer("sgd", model.parameters(), lr=0.1, weight_decay=0.0, momentum=0.0)
+        torch.manual_seed(12345 + len(calls))  # whatever the process's global RNG happens to be
+        calls.append(1)
+        train_local(model, opt, _data(), steps=5, batch_size=16, generator=round_generator(3, 2, ["s"]),
+                    loss=loss_fn("classification", None, None))
+        return [p.detach().clone() for p in model.parameters()]
+
+    calls = []
+    assert all(torch.equal(a, b) for a, b in zip(run(), run()))

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script 
 class Fault(enum.Enum):
     KILL_IN_TRAINING = "kill in the middle of local training"
     KILL_IN_ALLREDUCE = "kill in the middle of the all-reduce (after the group formed)"
+    CLAIM_UNDONE_WORK = "train a quarter of the steps, claim all of them, every round (verifies honestly)"
 
 
 def crash() -> None:
@@ -30,6 +31,26 @@ def install(fault: Fault, at_round: int) -> None:
     import peer.job_runner as job_runner
     from aggregation.averaging import RoundAverager
 
+    if fault is Fault.CLAIM_UNDONE_WORK:
+        train_local, verifying = job_runner.train_local, {"now": False}
+
+        class LazyRunner(job_runner.JobRunner):
+            def _reexecute(self, *args):
+                verifying["now"] = True
+                try:
+                    return super()._reexecute(*args)
+                finally:
+                    verifying["now"] = False
+
+        def train_a_quarter(model, optimizer, data, *, steps, **kwargs):
+            if verifying["now"]:
+                return train_local(model, optimizer, data, steps=steps, **kwargs)
+            loss, samples = train_local(model, optimizer, data, steps=max(1, steps // 4), **kwargs)
+            return loss, samples * steps // max(1, steps // 4)
+
+        job_runner.train_local = train_a_quarter
+        job_runner.JobRunner = LazyRunner
+        return
     if fault is Fault.KILL_IN_TRAINING:
         train_local, now = job_runner.train_local, {"round": None}
 

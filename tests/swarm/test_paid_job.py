@@ -125,3 +125,50 @@ def test_a_cancelled_job_stops_and_refunds_what_was_not_earned(local_swarm, digi
     assert earned > 0
     assert before - ledger.balance(consumer) == earned  # the refund is everything not earned
     assert local_swarm.status(job_id)["rounds_done"] == rounds_then  # and nobody kept training
+
+
+@pytest.mark.skipif(NO_ANVIL is not None, reason=f"anvil is not installed: {NO_ANVIL}")
+def test_a_peer_that_claims_work_it_did_not_do_is_rejected_banned_and_not_paid(local_swarm, digits_job, tmp_path):
+    import sys
+    from pathlib import Path
+
+    from ledger.chain import GPUX
+    from ledger.wallet import keyfile_address
+
+    chain = local_swarm.start_chain(consumer_gpux=200)
+    ledger = local_swarm.ledger
+    consumer = keyfile_address(chain["consumer"])
+    for _ in range(2):
+        local_swarm.start_peer()
+    lazy = [sys.executable, str(Path(__file__).with_name("faulty_peer.py")), "CLAIM_UNDONE_WORK", "1"]
+    local_swarm.start_peer(command=lazy)
+    job_file = digits_job(training={"rounds": 5}, swarm={"min_peers": 2, "max_peers": 3},
+                          verification={"fraction": 1.0, "max_faults": 2})
+    before = ledger.balance(consumer)
+    job_id = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0], "--budget", "100",
+                             "--wallet", str(chain["consumer"]), "--deployment", str(chain["deployment"])).stdout.strip()
+    local_swarm.wait_for(lambda: local_swarm.status(job_id)["state"] == "finished", timeout=300, what="the job")
+    local_swarm.cli("job", "result", job_id, "--peer", local_swarm.maddrs[0], "-o", str(tmp_path / "out"))
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    local_swarm.cli("job", "refund", job_id, "--peer", local_swarm.maddrs[0], "--wallet", str(chain["consumer"]),
+                    "--deployment", str(chain["deployment"]))
+    for wallet in local_swarm.wallets:  # the lazy peer tries to collect too
+        local_swarm.cli("wallet", "claim", job_id, "--peer", local_swarm.maddrs[0], "--keyfile", str(wallet),
+                        "--deployment", str(chain["deployment"]))
+
+    lazy_log = (local_swarm.root / "peer2.log").read_text()
+    assert "banned from the job" in lazy_log
+    honest_logs = (local_swarm.root / "peer0.log").read_text() + (local_swarm.root / "peer1.log").read_text()
+    assert "rejected" in honest_logs and "away from the re-run" in honest_logs
+    assert len(report["rounds"][-1]["peers_done"]) == 2  # banned: dealt nothing in the last rounds
+    honest_ids = set(report["rounds"][-1]["peers_done"])
+    assert len(report["faults"]) == 1 and len(next(iter(report["faults"].values()))) == 2
+    assert not honest_ids & set(report["faults"])
+    honest_samples = sorted(v["samples"] for p, v in report["participants"].items() if p in honest_ids)
+    price = 100 * GPUX // (5 * 20 * 32 * 3)
+    honest, lazy_wallet = local_swarm.wallets[:2], local_swarm.wallets[2]
+    assert ledger.balance(keyfile_address(lazy_wallet)) == 0  # rejected every round it worked: paid nothing
+    assert sorted(ledger.balance(keyfile_address(w)) for w in honest) == [price * n for n in honest_samples]
+    assert before - ledger.balance(consumer) == price * sum(honest_samples)  # the rest came back
+    # (its two lazy updates are in the model: robust aggregation is what keeps a poisoner out of it)
+    assert report["final"]["val_accuracy"] >= 0.85

@@ -1,0 +1,110 @@
+"""Re-execution: who checks whom, and that honest work passes while shortcuts and noise do not."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dht.records import VerdictRecord
+from peer.local_training import Batches, loss_fn, make_optimizer, round_generator, train_local
+from peer.verification import (
+    banned,
+    load_optimizer_state,
+    optimizer_state_bytes,
+    update_distance,
+    verification_plan,
+)
+from swarm.spec import VerificationSpec
+
+pytestmark = pytest.mark.timeout(120)
+TOLERANCE = VerificationSpec().tolerance
+JOB = "0123456789abcdef01234567"
+
+
+def test_the_plan_is_deterministic_never_self_checking_and_covers_the_fraction():
+    peers = [f"peer{i}" for i in range(8)]
+    plan = verification_plan("digest|model", peers, 0.25)
+    assert plan == verification_plan("digest|model", list(reversed(peers)), 0.25)
+    assert len(plan) == 2 and all(target != verifier for target, verifier in plan.items())
+    assert len(verification_plan("digest|model", peers, 1.0)) == 8
+    assert len(verification_plan("digest|model", peers, 0.01)) == 1  # at least one
+    assert verification_plan("digest|model", ["alone"], 1.0) == {} and verification_plan("d", peers, 0.0) == {}
+    # the draw depends on the round's outcome: another model, another sample (over many rounds)
+    drawn = {tuple(sorted(verification_plan(f"d|{m}", peers, 0.25))) for m in range(20)}
+    assert len(drawn) > 5
+
+
+def _digits_like(seed=0, n=512):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 64)).astype(np.float32)
+    y = (x[:, :10].argmax(axis=1)).astype(np.int64)
+    return Batches.from_arrays([(x, y)], torch.device("cpu"))
+
+
+def _start():
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64),
+                                torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    optimizer = make_optimizer("adam", model.parameters(), lr=1e-3, weight_decay=0.0, momentum=0.0)
+    # a round in: the optimizer has state, as it would from earlier rounds
+    train_local(model, optimizer, _digits_like(1), steps=5, batch_size=32, generator=round_generator(0, 1, ["a"]),
+                loss=loss_fn("classification", None, None))
+    return model, optimizer
+
+
+def _round(model, optimizer, steps=20, threads=None):
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        _, samples = train_local(model, optimizer, _digits_like(), steps=steps, batch_size=32,
+                                 generator=round_generator(0, 2, ["s1", "s2"]),
+                                 loss=loss_fn("classification", None, None))
+    finally:
+        torch.set_num_threads(before)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, samples
+
+
+def _replay_setup():
+    model, optimizer = _start()
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = optimizer_state_bytes(optimizer)
+    return model, optimizer, base, state
+
+
+def _rerun(base, state, threads=None, steps=20):
+    model, _ = _start()
+    model.load_state_dict(base)
+    optimizer = make_optimizer("adam", model.parameters(), lr=1e-3, weight_decay=0.0, momentum=0.0)
+    load_optimizer_state(optimizer, state)
+    return _round(model, optimizer, steps=steps, threads=threads)
+
+
+def test_an_honest_update_re_executed_with_other_threads_is_far_inside_the_tolerance():
+    model, optimizer, base, state = _replay_setup()
+    claimed, samples = _round(model, optimizer, threads=2)
+    rerun, rerun_samples = _rerun(base, state, threads=1)
+    assert samples == rerun_samples == 20 * 32
+    distance = update_distance(rerun, claimed, base)
+    assert distance < TOLERANCE / 100  # float reordering only: the margin the tolerance is chosen for
+
+
+def test_skipped_steps_and_added_noise_are_far_outside_the_tolerance():
+    model, optimizer, base, state = _replay_setup()
+    lazy, _ = _round(model, optimizer, steps=5)  # did a quarter of the work
+    rerun, _ = _rerun(base, state)
+    assert update_distance(rerun, lazy, base) > 100 * TOLERANCE
+    noisy = {k: v + 1e-3 * torch.randn_like(v) for k, v in rerun.items()}  # a poisoned update
+    assert update_distance(rerun, noisy, base) > 10 * TOLERANCE
+    assert update_distance(rerun, {**rerun, "extra": torch.zeros(1)}, base) == math.inf
+
+
+def test_a_peer_is_banned_after_max_faults_rounds_not_after_max_faults_verdicts():
+    def v(target, r, ok):
+        return VerdictRecord(peer_id="verifier", job_id=JOB, round=r, target=target, ok=ok)
+
+    verdicts = [v("lazy", 1, False), v("lazy", 1, False), v("honest", 1, True), v("lazy", 3, False),
+                v("once", 2, False)]
+    assert banned(verdicts, max_faults=2) == {"lazy"}
+    assert banned(verdicts, max_faults=1) == {"lazy", "once"}
