@@ -86,7 +86,8 @@ def run_scenario(name: str, rounds: int, job_file: Path, work: Path) -> dict:
         for r in report["rounds"]:
             work_done = sorted(v for v in r["samples_by_peer"].values() if v)
             tree = trees.get(r["round"])
-            units = sorted(u for u in (tree.units(keyfile_address(w)) for w in swarm.wallets) if u) if tree else []
+            wallets = [keyfile_address(w) for w in swarm.wallets]
+            units = sorted(tree.units(w) for w in wallets if w in tree) if tree else []
             wrong_rounds += units != work_done
         train_shards = statistics.mode(sum(r["shards"].values()) for r in report["rounds"])
         finished = [r["finished_at"] for r in report["rounds"]]
