@@ -131,6 +131,7 @@ class JobRunner:
                     break  # loading took a while: look again, the swarm may have moved on meanwhile
                 base_model_id = self._wait_for_merged_model(base_round)
                 load_model_bytes(model, self.peer.blobs_service.fetch(base_model_id))
+                self._resume_optimizer(optimizer, base_round)
                 loaded_round = base_round
                 logger.info(f"job {self.job.job_id}: joining at round {round_no} from round {base_round}'s model")
             for r in range(1, round_no):  # the verdicts so far decide who is banned (a joiner reads them)
@@ -281,15 +282,18 @@ class JobRunner:
             metrics.allreduce_bytes.labels("sent").inc(moved)
             metrics.allreduce_bytes.labels("received").inc(moved)
 
-        # the merged model is this round's checkpoint: store it, serve it, evaluate it
+        # the merged model is this round's checkpoint: store it, serve it, evaluate it; on a
+        # checkpoint round also keep our optimizer state, to resume with it after an outage
         model_id = self.peer.blobs.put(model_to_bytes(model))
+        checkpoint = r % t.checkpoint_every == 0 or r == t.rounds
+        resume_state_id = self.peer.blobs.put(optimizer_state_bytes(optimizer)) if checkpoint else None
         self.peer.announce([model_id])
         my_val = schedule.assign_shards(self.val_ids, group, seed=t.seed, round_no=r).get(self.me, [])
         sums = evaluate(model, self._load_shards(my_val), task=self.manifest.task, loss=self.loss)
         self._publish_progress(
             r, "merged", samples=samples, train_loss=train_loss, base_model_id=base_model_id, model_id=model_id,
             group=group, shards=mine, carried=carried, update_id=update_id, prev_round=prev_round,
-            optimizer_state_id=optimizer_state_id, seconds_training=seconds_training,
+            optimizer_state_id=optimizer_state_id, resume_state_id=resume_state_id, seconds_training=seconds_training,
             seconds_merging=seconds_merging, **sums,
         )
         metrics.rounds.labels(job).inc()
@@ -372,6 +376,22 @@ class JobRunner:
             return verdict(False, f"its update is {distance:.3g} away from the re-run's (tolerance {v.tolerance})",
                            distance)
         return verdict(True, distance=distance)
+
+    def _resume_optimizer(self, optimizer, base_round: int) -> None:
+        """Back after an outage: take up our optimizer state from our last checkpoint round.
+
+        The model is the last merged round's (every round keeps it); the optimizer's moments are
+        ours alone and kept every ``checkpoint_every`` rounds, so they may be that many rounds old.
+        A peer new to the job starts with a fresh optimizer, as before.
+        """
+        every = self.spec.training.checkpoint_every
+        for r in range(base_round, max(0, base_round - every), -1):
+            own = [s.body for s in self.records.read(progress_key(self.job.job_id, r), ProgressRecord)
+                   if s.author == self.me and s.body.phase == "merged" and s.body.resume_state_id]
+            if own and self.peer.blobs.has(own[0].resume_state_id):
+                load_optimizer_state(optimizer, self.peer.blobs.path(own[0].resume_state_id).read_bytes())
+                logger.info(f"job {self.job.job_id}: optimizer state restored from round {r}'s checkpoint")
+                return
 
     def _keep(self, data: bytes) -> str:
         blob_id = self.peer.blobs.put(data)
@@ -555,6 +575,6 @@ class JobRunner:
         record = ProgressRecord(peer_id=self.me, job_id=self.job.job_id, round=r, phase=phase, time=time.time(),
                                 wallet=self.peer.wallet_address, **fields)
         self.records.publish(progress_key(self.job.job_id, r), record, ttl=RECORD_TTL)
-        if phase == "merged":  # a finished round: the checkpoint the swarm resumes from after an outage
+        if phase == "merged":  # a finished round: what the swarm resumes from after an outage
             self.peer.journal.remember(progress_key(self.job.job_id, r), record, ttl=RECORD_TTL)
 

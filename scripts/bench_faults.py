@@ -145,7 +145,10 @@ def main() -> None:
         )
     lines.append("")
     lines.append(f"3 peers on one {sys.platform} machine (127.0.0.1, CPU), digits MLP, {args.rounds} rounds, a paid "
-                 f"job (100 GPUX on anvil). Clean median round: {typical:.1f} s.")
+                 f"job (100 GPUX on anvil). Clean median round: {typical:.1f} s. Recovery time: the slowest "
+                 f"round minus the clean median (a crashed member costs the heartbeat lapse or one 10 s chunk "
+                 f"timeout, then a retry; a restart costs the peers' start-up). Wall time runs from submit to "
+                 f"finish; it varies with how fast all three peers first pick the job up.")
     print("\n".join(lines))
     if args.write:
         command = "python scripts/bench_faults.py " + " ".join(sys.argv[1:])

@@ -168,6 +168,9 @@ class TrainingSpec(BaseModel):
     weight_decay: float = Field(default=0.0, ge=0.0)
     momentum: float = Field(default=0.0, ge=0.0, lt=1.0)  # sgd only
     stop_when: str | None = None  # e.g. 'val_accuracy>=0.95': peers stop after the first round that meets it
+    # every N rounds (and the last) each peer also keeps its optimizer state: after an outage of the
+    # whole swarm, training resumes from the last merged model with the moments of this checkpoint
+    checkpoint_every: PositiveInt = 1
 
     @model_validator(mode="after")
     def _check(self) -> TrainingSpec:
