@@ -37,10 +37,11 @@ from dht.records import (
     verdict_key,
 )
 from peer import provenance, schedule
+from peer.verification import banned as verification_banned
 from peer.verification import (
-    faults,
     load_optimizer_state,
     optimizer_state_bytes,
+    rejected_targets,
     update_distance,
     verification_plan,
 )
@@ -106,7 +107,7 @@ class JobRunner:
         self.val_ids = [s.id for s in self.manifest.shards if s.split == "val"]
         self.loss = loss_fn(self.manifest.task, self.manifest.target_mean, self.manifest.target_std)
         self.payouts = RoundPayouts(job, peer.ledger, self.records, self._wait_for) if job.escrow else None
-        self.fault_rounds: dict[str, set[int]] = {}  # peer -> rounds its work was rejected (verdicts)
+        self.rejections: dict[int, set[str]] = {}  # round -> peers whose work re-execution rejected
 
     # ---------------------------------------------------------------- the job, top to bottom
     def run(self) -> None:
@@ -135,9 +136,7 @@ class JobRunner:
                 loaded_round = base_round
                 logger.info(f"job {self.job.job_id}: joining at round {round_no} from round {base_round}'s model")
             for r in range(1, round_no):  # the verdicts so far decide who is banned (a joiner reads them)
-                verdicts = (s.body for s in self.records.read(verdict_key(self.job.job_id, r), VerdictRecord))
-                for target in faults(verdicts):
-                    self.fault_rounds.setdefault(target, set()).add(r)
+                self.rejections[r] = self._past_rejections(r)
             # DiLoCo keeps the round's base and the outer momentum; plain averaging needs neither.
             # (A peer that joins late starts with zero momentum: issue 5's checkpoints carry it.)
             outer = None
@@ -312,33 +311,44 @@ class JobRunner:
     def _verify(self, r: int, group: list[str], model_id: str, prev_round: str | None) -> set[str]:
         """Re-run the contributions this peer was drawn to check; return the round's rejected peers.
 
-        Only the verdict of a target's drawn verifier counts, so no peer can get another's work
-        rejected. A verdict that never comes (its verifier died) rejects nothing.
+        Only the verdicts of a target's drawn verifiers count, and a strict majority of them must
+        reject it (``peer.verification.rejected_targets``). A verdict that never comes (its
+        verifier died) rejects nothing.
         """
         v = self.spec.verification
         if v.fraction <= 0 or len(group) < 2:
             return set()
         contributions = {p.peer_id: p for p in self._agreed_records(r) if p.samples > 0}
-        plan = verification_plan(f"{prev_round}|{model_id}", list(contributions), v.fraction)
+        plan = verification_plan(f"{prev_round}|{model_id}", list(contributions), v.fraction, v.verifiers)
         key = verdict_key(self.job.job_id, r)
-        for target, verifier in plan.items():
-            if verifier == self.me:
+        for target, verifiers in plan.items():
+            if self.me in verifiers:
                 verdict = self._reexecute(r, contributions[target])
                 self.records.publish(key, verdict, ttl=RECORD_TTL, subkey_prefix=target.encode() + b":")
                 if not verdict.ok:
                     logger.warning(f"job {self.job.job_id}: round {r}: rejected {target}'s contribution: "
                                    f"{verdict.reason}")
+        drawn = {(verifier, target) for target, verifiers in plan.items() for verifier in verifiers}
 
-        def drawn_verdicts():
-            found = {s.body.target: s.body for s in self.records.read(key, VerdictRecord)
-                     if plan.get(s.body.target) == s.author}
-            return found if set(found) == set(plan) else None
+        def all_verdicts():
+            found = [(s.author, s.body) for s in self.records.read(key, VerdictRecord)]
+            return found if drawn <= {(author, verdict.target) for author, verdict in found} else None
 
-        verdicts = self._wait_for(drawn_verdicts, timeout=120.0) or {}
-        rejected = {target for target, verdict in verdicts.items() if not verdict.ok}
-        for target in rejected:
-            self.fault_rounds.setdefault(target, set()).add(r)
-        return rejected
+        verdicts = self._wait_for(all_verdicts, timeout=120.0) or [
+            (s.author, s.body) for s in self.records.read(key, VerdictRecord)]
+        self.rejections[r] = rejected_targets(plan, verdicts)
+        return self.rejections[r]
+
+    def _past_rejections(self, r: int) -> set[str]:
+        """Round ``r``'s rejected contributions, recomputed from its records (for a peer joining later)."""
+        v = self.spec.verification
+        agreed = [p for p in self._agreed_records(r) if p.samples > 0]
+        if v.fraction <= 0 or not agreed:
+            return set()
+        plan = verification_plan(f"{agreed[0].prev_round}|{agreed[0].model_id}", [p.peer_id for p in agreed],
+                                 v.fraction, v.verifiers)
+        return rejected_targets(plan, [(s.author, s.body) for s in self.records.read(
+            verdict_key(self.job.job_id, r), VerdictRecord)])
 
     def _reexecute(self, r: int, claim: ProgressRecord) -> VerdictRecord:
         """Train exactly what ``claim`` says it trained and compare with the update it committed."""
@@ -393,6 +403,14 @@ class JobRunner:
                 logger.info(f"job {self.job.job_id}: optimizer state restored from round {r}'s checkpoint")
                 return
 
+    def _faults(self) -> dict[str, list[int]]:
+        """Peer -> the rounds its work was rejected in."""
+        out: dict[str, list[int]] = {}
+        for r, peers in sorted(self.rejections.items()):
+            for peer in sorted(peers):
+                out.setdefault(peer, []).append(r)
+        return out
+
     def _keep(self, data: bytes) -> str:
         blob_id = self.peer.blobs.put(data)
         self.peer.announce([blob_id])
@@ -441,7 +459,7 @@ class JobRunner:
             progress = [s.body for s in self.records.read(progress_key(self.job.job_id, r), ProgressRecord)]
             rounds.append(round_summary(r, progress, self.manifest.task))
         report = build_report(self.job, self.manifest, rounds, model_id=model_id, finished_at=time.time(),
-                              faults={p: sorted(rs) for p, rs in sorted(self.fault_rounds.items())})
+                              faults=self._faults())
         report_id = self.peer.blobs.put(json.dumps(report, indent=2, sort_keys=True).encode())
         self.peer.announce([model_id, report_id])
         result = ResultRecord(peer_id=self.me, job_id=self.job.job_id, rounds_completed=last_round,
@@ -484,10 +502,10 @@ class JobRunner:
     def _wait_for_roster(self, r: int, previous_group: list[str], min_peers: int) -> frozenset[str]:
         """Wait until the round has enough peers, everyone from last round is back, and the set settles."""
         seen = {"roster": None, "since": time.time()}
-        banned = {p for p, rounds in self.fault_rounds.items() if len(rounds) >= self.spec.verification.max_faults}
+        banned = verification_banned(self.rejections, self.spec.verification.max_faults)
         if self.me in banned:
             raise Banned(f"job {self.job.job_id}: this peer's work was rejected in rounds "
-                         f"{sorted(self.fault_rounds[self.me])}; it is banned from the job")
+                         f"{self._faults()[self.me]}; it is banned from the job")
 
         def settled():
             joined = self._state(r).joined - banned  # a banned peer is dealt nothing, by everyone

@@ -30,16 +30,32 @@ def _rank(*parts: object) -> bytes:
     return hashlib.sha256("|".join(map(str, parts)).encode()).digest()
 
 
-def verification_plan(randomness: str, contributors: Sequence[str], fraction: float) -> dict[str, str]:
-    """``{target: verifier}``: ``ceil(fraction * n)`` contributions (at least one), each re-run by
-    the next contributor on a ring shuffled by ``randomness`` (never by itself)."""
+def verification_plan(randomness: str, contributors: Sequence[str], fraction: float,
+                      verifiers: int = 2) -> dict[str, list[str]]:
+    """``{target: [verifiers]}``: ``ceil(fraction * n)`` contributions (at least one), each re-run
+    by the next ``verifiers`` contributors on a ring shuffled by ``randomness`` (never by itself)."""
     peers = sorted(set(contributors))
     if len(peers) < 2 or fraction <= 0:
         return {}
     ring = sorted(peers, key=lambda p: _rank(randomness, "ring", p))
     count = min(len(peers), max(1, math.ceil(fraction * len(peers))))
+    per_target = min(max(1, verifiers), len(peers) - 1)
     targets = sorted(peers, key=lambda p: _rank(randomness, "target", p))[:count]
-    return {t: ring[(ring.index(t) + 1) % len(ring)] for t in targets}
+    return {t: [ring[(ring.index(t) + k) % len(ring)] for k in range(1, per_target + 1)] for t in targets}
+
+
+def rejected_targets(plan: Mapping[str, Sequence[str]], verdicts: Iterable[tuple[str, VerdictRecord]]) -> set[str]:
+    """Targets a strict majority of their *drawn* verifiers rejected (``verdicts``: (signer, verdict)).
+
+    A verdict from anyone not drawn for that target is ignored, and a missing verdict counts as
+    no rejection: one lying verifier can neither get honest work rejected (with two or more
+    drawn) nor, alone, be forced to speak. With two verifiers both must reject.
+    """
+    against: dict[str, set[str]] = defaultdict(set)
+    for author, verdict in verdicts:
+        if author in plan.get(verdict.target, ()) and not verdict.ok:
+            against[verdict.target].add(author)
+    return {t for t, authors in against.items() if 2 * len(authors) > len(plan[t])}
 
 
 def update_distance(reexecuted: Mapping[str, torch.Tensor], claimed: Mapping[str, torch.Tensor],
@@ -70,14 +86,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, data: bytes) -> None:
     optimizer.load_state_dict(torch.load(io.BytesIO(data), weights_only=True, map_location="cpu"))
 
 
-def faults(verdicts: Iterable[VerdictRecord]) -> dict[str, int]:
-    """Rounds in which each peer had a contribution rejected (one count per round)."""
-    rejected: dict[str, set[int]] = defaultdict(set)
-    for verdict in verdicts:
-        if not verdict.ok:
-            rejected[verdict.target].add(verdict.round)
-    return {peer: len(rounds) for peer, rounds in rejected.items()}
-
-
-def banned(verdicts: Iterable[VerdictRecord], max_faults: int) -> set[str]:
-    return {peer for peer, count in faults(verdicts).items() if count >= max_faults}
+def banned(rejections: Mapping[int, Iterable[str]], max_faults: int) -> set[str]:
+    """Peers rejected in at least ``max_faults`` rounds (``rejections``: round -> rejected peers)."""
+    counts: dict[str, int] = defaultdict(int)
+    for peers in rejections.values():
+        for peer in set(peers):
+            counts[peer] += 1
+    return {peer for peer, count in counts.items() if count >= max_faults}

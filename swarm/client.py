@@ -343,18 +343,20 @@ class Client:
         return ResultFiles(out, out / "model.safetensors", out / "report.json", model_id, verified=True, extras=extras)
 
     def rejected(self, job: JobRecord, r: int, merged: list[ProgressRecord]) -> set[str]:
-        """Peers whose round-``r`` work its drawn verifier rejected (the peers' own rule)."""
+        """Peers whose round-``r`` work its drawn verifiers rejected (the peers' own rule)."""
         from peer.provenance import agreed_model
-        from peer.verification import verification_plan
+        from peer.verification import rejected_targets, verification_plan
+        from swarm.spec import VerificationSpec
 
-        fraction = job.spec.get("verification", {}).get("fraction", 0.0)
+        v = VerificationSpec.model_validate(job.spec.get("verification", {}))
         model_id = agreed_model(merged)
         agreed = [p for p in merged if p.model_id == model_id and p.samples > 0]
-        if not fraction or not agreed:
+        if not v.fraction or not agreed:
             return set()
-        plan = verification_plan(f"{agreed[0].prev_round}|{model_id}", [p.peer_id for p in agreed], fraction)
-        return {s.body.target for s in self.records.read(verdict_key(job.job_id, r), VerdictRecord)
-                if plan.get(s.body.target) == s.author and not s.body.ok}
+        plan = verification_plan(f"{agreed[0].prev_round}|{model_id}", [p.peer_id for p in agreed], v.fraction,
+                                 v.verifiers)
+        return rejected_targets(plan, [(s.author, s.body) for s in self.records.read(
+            verdict_key(job.job_id, r), VerdictRecord)])
 
     # ---------------------------------------------------------------- audit
     def audit(self, job_id: str, *, ledger=None, check_models: bool = True) -> "Audit":

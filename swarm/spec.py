@@ -248,6 +248,7 @@ class VerificationSpec(BaseModel):
     fraction: float = Field(default=0.25, ge=0.0, le=1.0)  # of a round's contributions (at least one)
     tolerance: float = Field(default=1e-3, gt=0.0, lt=1.0)
     max_faults: PositiveInt = 2  # rejected contributions before a peer is banned from the job
+    verifiers: PositiveInt = 2  # re-runs per sampled contribution; a strict majority must reject it
 
 
 class JobSpec(BaseModel):

@@ -12,6 +12,7 @@ from peer.verification import (
     banned,
     load_optimizer_state,
     optimizer_state_bytes,
+    rejected_targets,
     update_distance,
     verification_plan,
 )
@@ -24,15 +25,32 @@ JOB = "0123456789abcdef01234567"
 
 def test_the_plan_is_deterministic_never_self_checking_and_covers_the_fraction():
     peers = [f"peer{i}" for i in range(8)]
-    plan = verification_plan("digest|model", peers, 0.25)
-    assert plan == verification_plan("digest|model", list(reversed(peers)), 0.25)
-    assert len(plan) == 2 and all(target != verifier for target, verifier in plan.items())
+    plan = verification_plan("digest|model", peers, 0.25, verifiers=2)
+    assert plan == verification_plan("digest|model", list(reversed(peers)), 0.25, verifiers=2)
+    assert len(plan) == 2 and all(len(set(vs)) == 2 and t not in vs for t, vs in plan.items())
     assert len(verification_plan("digest|model", peers, 1.0)) == 8
     assert len(verification_plan("digest|model", peers, 0.01)) == 1  # at least one
     assert verification_plan("digest|model", ["alone"], 1.0) == {} and verification_plan("d", peers, 0.0) == {}
+    assert [len(vs) for vs in verification_plan("d", ["a", "b"], 1.0, verifiers=3).values()] == [1, 1]
     # the draw depends on the round's outcome: another model, another sample (over many rounds)
     drawn = {tuple(sorted(verification_plan(f"d|{m}", peers, 0.25))) for m in range(20)}
     assert len(drawn) > 5
+
+
+def _v(author, target, ok, r=1):
+    return author, VerdictRecord(peer_id=author, job_id=JOB, round=r, target=target, ok=ok)
+
+
+def test_a_strict_majority_of_the_drawn_verifiers_must_reject():
+    plan = {"cheat": ["x", "y"], "honest": ["y", "z"]}
+    # both drawn verifiers reject the cheat; one liar (z) alone cannot get honest work rejected
+    verdicts = [_v("x", "cheat", False), _v("y", "cheat", False), _v("y", "honest", True), _v("z", "honest", False)]
+    assert rejected_targets(plan, verdicts) == {"cheat"}
+    # verdicts from peers not drawn for that target count for nothing
+    assert rejected_targets(plan, [_v("mallory", "honest", False), _v("z", "honest", False)]) == set()
+    # a missing verdict is not a rejection; with one verifier drawn, its verdict decides
+    assert rejected_targets(plan, [_v("x", "cheat", False)]) == set()
+    assert rejected_targets({"t": ["x"]}, [_v("x", "t", False)]) == {"t"}
 
 
 def _digits_like(seed=0, n=512):
@@ -100,11 +118,7 @@ def test_skipped_steps_and_added_noise_are_far_outside_the_tolerance():
     assert update_distance(rerun, {**rerun, "extra": torch.zeros(1)}, base) == math.inf
 
 
-def test_a_peer_is_banned_after_max_faults_rounds_not_after_max_faults_verdicts():
-    def v(target, r, ok):
-        return VerdictRecord(peer_id="verifier", job_id=JOB, round=r, target=target, ok=ok)
-
-    verdicts = [v("lazy", 1, False), v("lazy", 1, False), v("honest", 1, True), v("lazy", 3, False),
-                v("once", 2, False)]
-    assert banned(verdicts, max_faults=2) == {"lazy"}
-    assert banned(verdicts, max_faults=1) == {"lazy", "once"}
+def test_a_peer_is_banned_after_max_faults_rounds():
+    rejections = {1: {"lazy"}, 2: {"once"}, 3: {"lazy"}, 4: set()}
+    assert banned(rejections, max_faults=2) == {"lazy"}
+    assert banned(rejections, max_faults=1) == {"lazy", "once"}
