@@ -201,6 +201,8 @@ class JobRunner:
             if self.me not in (self._state(r).merged or {}):  # a merged round stays merged
                 self._publish_progress(r, "left")
                 logger.info(f"job {self.job.job_id}: shutting down, handed round {r} back")
+            else:
+                logger.info(f"job {self.job.job_id}: shutting down, stopped after round {r}")
             raise JobStopped(f"job {self.job.job_id}: left at round {r}") from None
 
     def _round(self, r, model, optimizer, averager, previous_group, base_model_id, outer, feedback):
@@ -377,7 +379,8 @@ class JobRunner:
         except Exception as e:  # not a state this optimizer can take: nothing to re-run from
             return verdict(False, f"its committed optimizer state does not load: {e}")
         _, samples = train_local(model, optimizer, data, steps=t.local_steps, batch_size=t.batch_size,
-                                 generator=round_generator(t.seed, r, claim.shards), loss=self.loss)
+                                 generator=round_generator(t.seed, r, claim.shards), loss=self.loss,
+                                 should_stop=self.peer.stopping.is_set)  # a re-run is as long as a round
         rerun = {k: w.detach().cpu() for k, w in model.state_dict().items()}
         distance = update_distance(rerun, claimed, base_state)
         if samples != claim.samples:
