@@ -106,6 +106,8 @@ class ProgressRecord(_Body):
     group: list[str] = []  # peer ids that took part in this peer's all-reduce
     shards: list[str] = []  # the training shards this peer used this round (its work in the model)
     carried: list[str] = []  # shards this round owed from the last one (dealt on top of the usual deal)
+    roster: list[str] = []  # the peers this round's shards were dealt among (who was dealt what)
+    device: str | None = None  # the device kind it trained on (cpu, cuda, mps): verifiers re-run on the same
     update_id: str | None = None  # sha256 of this peer's trained weights before the merge (its update)
     optimizer_state_id: str | None = None  # blob: its optimizer state at the round's start (re-execution)
     resume_state_id: str | None = None  # blob: its optimizer state after the round (checkpoint rounds)

@@ -39,9 +39,12 @@ from dht.records import (
 from peer import provenance, schedule
 from peer.verification import banned as verification_banned
 from peer.verification import (
+    can_rerun,
+    claim_problems,
     load_optimizer_state,
     optimizer_state_bytes,
     rejected_targets,
+    round_rejections,
     update_distance,
     verification_plan,
 )
@@ -246,7 +249,7 @@ class JobRunner:
             metrics.train_loss.labels(job).set(train_loss)
         self._publish_progress(
             r, "trained", samples=samples, train_loss=train_loss, base_model_id=base_model_id, shards=mine,
-            carried=carried, update_id=update_id, prev_round=prev_round, optimizer_state_id=optimizer_state_id,
+            carried=carried, roster=sorted(roster), update_id=update_id, prev_round=prev_round, optimizer_state_id=optimizer_state_id,
         )
 
         # a peer that arrived as the round was being dealt may only now see that it was dealt
@@ -293,7 +296,7 @@ class JobRunner:
         sums = evaluate(model, self._load_shards(my_val), task=self.manifest.task, loss=self.loss)
         self._publish_progress(
             r, "merged", samples=samples, train_loss=train_loss, base_model_id=base_model_id, model_id=model_id,
-            group=group, shards=mine, carried=carried, update_id=update_id, prev_round=prev_round,
+            group=group, shards=mine, carried=carried, roster=sorted(roster), update_id=update_id, prev_round=prev_round,
             optimizer_state_id=optimizer_state_id, resume_state_id=resume_state_id, seconds_training=seconds_training,
             seconds_merging=seconds_merging, **sums,
         )
@@ -311,17 +314,23 @@ class JobRunner:
 
     # ---------------------------------------------------------------- verification
     def _verify(self, r: int, group: list[str], model_id: str, prev_round: str | None) -> set[str]:
-        """Re-run the contributions this peer was drawn to check; return the round's rejected peers.
+        """Check the round's claims, re-run the contributions this peer was drawn to check, and
+        return the round's rejected peers (``peer.verification.round_rejections``).
 
-        Only the verdicts of a target's drawn verifiers count, and a strict majority of them must
-        reject it (``peer.verification.rejected_targets``). A verdict that never comes (its
-        verifier died) rejects nothing.
+        Every claim is checked against the deal (no re-run needed); only the verdicts of a target's
+        drawn verifiers count, and a strict majority of them must reject it. A verdict that never
+        comes (its verifier died) rejects nothing.
         """
-        v = self.spec.verification
-        if v.fraction <= 0 or len(group) < 2:
+        v, t = self.spec.verification, self.spec.training
+        if len(group) < 2:
             return set()
         contributions = {p.peer_id: p for p in self._agreed_records(r) if p.samples > 0}
-        plan = verification_plan(f"{prev_round}|{model_id}", list(contributions), v.fraction, v.verifiers)
+        false_claims = claim_problems(list(contributions.values()), self.train_ids, seed=t.seed, round_no=r,
+                                      max_samples=t.local_steps * t.batch_size)
+        for target, why in sorted(false_claims.items()):
+            logger.warning(f"job {self.job.job_id}: round {r}: rejected {target}'s contribution: {why}")
+        plan = verification_plan(f"{prev_round}|{model_id}", list(contributions), v.fraction, v.verifiers,
+                                 devices={p: c.device for p, c in contributions.items()})
         key = verdict_key(self.job.job_id, r)
         for target, verifiers in plan.items():
             if self.me in verifiers:
@@ -336,21 +345,18 @@ class JobRunner:
             found = [(s.author, s.body) for s in self.records.read(key, VerdictRecord)]
             return found if drawn <= {(author, verdict.target) for author, verdict in found} else None
 
-        verdicts = self._wait_for(all_verdicts, timeout=120.0) or [
+        verdicts = (self._wait_for(all_verdicts, timeout=120.0) if plan else None) or [
             (s.author, s.body) for s in self.records.read(key, VerdictRecord)]
-        self.rejections[r] = rejected_targets(plan, verdicts)
+        self.rejections[r] = rejected_targets(plan, verdicts) | set(false_claims)
         return self.rejections[r]
 
     def _past_rejections(self, r: int) -> set[str]:
         """Round ``r``'s rejected contributions, recomputed from its records (for a peer joining later)."""
-        v = self.spec.verification
+        v, t = self.spec.verification, self.spec.training
         agreed = [p for p in self._agreed_records(r) if p.samples > 0]
-        if v.fraction <= 0 or not agreed:
-            return set()
-        plan = verification_plan(f"{agreed[0].prev_round}|{agreed[0].model_id}", [p.peer_id for p in agreed],
-                                 v.fraction, v.verifiers)
-        return rejected_targets(plan, [(s.author, s.body) for s in self.records.read(
-            verdict_key(self.job.job_id, r), VerdictRecord)])
+        verdicts = [(s.author, s.body) for s in self.records.read(verdict_key(self.job.job_id, r), VerdictRecord)]
+        return round_rejections(agreed, verdicts, fraction=v.fraction, verifiers=v.verifiers, train_ids=self.train_ids,
+                                seed=t.seed, round_no=r, max_samples=t.local_steps * t.batch_size)
 
     def _reexecute(self, r: int, claim: ProgressRecord) -> VerdictRecord:
         """Train exactly what ``claim`` says it trained and compare with the update it committed."""
@@ -366,10 +372,16 @@ class JobRunner:
             base = self.peer.blobs_service.fetch(claim.base_model_id)
             claimed = load_safetensors(self.peer.blobs_service.fetch(claim.update_id))
             state = self.peer.blobs_service.fetch(claim.optimizer_state_id)
-            data = self._load_shards(claim.shards)
+            parts = self._shard_arrays(claim.shards)
         except GPUFlexError as e:
             return verdict(False, f"its committed blobs can not be fetched: {e}")
-        model = build_model(self.spec.model, self.manifest, seed=t.seed).to(self.peer.device)
+        # on the contributor's device kind when we have it (every peer has a CPU); else on ours,
+        # judged by the looser cross-device tolerance
+        same_kind = can_rerun(self.peer.device.type, claim.device)
+        device = torch.device(claim.device or "cpu") if same_kind and claim.device != self.peer.device.type \
+            else self.peer.device
+        tolerance = v.tolerance if same_kind else v.cross_device_tolerance
+        model = build_model(self.spec.model, self.manifest, seed=t.seed).to(device)
         load_model_bytes(model, base)
         base_state = {k: w.detach().clone().cpu() for k, w in model.state_dict().items()}
         optimizer = make_optimizer(t.optimizer, model.parameters(), lr=t.lr, weight_decay=t.weight_decay,
@@ -378,6 +390,7 @@ class JobRunner:
             load_optimizer_state(optimizer, state)
         except Exception as e:  # not a state this optimizer can take: nothing to re-run from
             return verdict(False, f"its committed optimizer state does not load: {e}")
+        data = Batches.from_arrays(parts, device)
         _, samples = train_local(model, optimizer, data, steps=t.local_steps, batch_size=t.batch_size,
                                  generator=round_generator(t.seed, r, claim.shards), loss=self.loss,
                                  should_stop=self.peer.stopping.is_set)  # a re-run is as long as a round
@@ -385,9 +398,9 @@ class JobRunner:
         distance = update_distance(rerun, claimed, base_state)
         if samples != claim.samples:
             return verdict(False, f"claims {claim.samples} samples, the re-run processed {samples}", distance)
-        if not distance <= v.tolerance:
-            return verdict(False, f"its update is {distance:.3g} away from the re-run's (tolerance {v.tolerance})",
-                           distance)
+        if not distance <= tolerance:
+            return verdict(False, f"its update is {distance:.3g} away from the re-run's (tolerance {tolerance}, "
+                                  f"re-run on {device.type}, trained on {claim.device or 'cpu'})", distance)
         return verdict(True, distance=distance)
 
     def _resume_optimizer(self, optimizer, base_round: int) -> None:
@@ -587,14 +600,17 @@ class JobRunner:
         return self.peer.blobs.put(model_to_bytes(model))
 
     def _load_shards(self, shard_ids: list[str]) -> Batches:
+        return Batches.from_arrays(self._shard_arrays(shard_ids), self.peer.device)
+
+    def _shard_arrays(self, shard_ids: list[str]) -> list:
         parts = [decode_shard(self.peer.blobs_service.fetch(s), s) for s in shard_ids]
         if parts:
             self.peer.announce(shard_ids)  # we verified them: now we serve them too
-        return Batches.from_arrays(parts, self.peer.device)
+        return parts
 
     def _publish_progress(self, r: int, phase: str, **fields) -> None:
         record = ProgressRecord(peer_id=self.me, job_id=self.job.job_id, round=r, phase=phase, time=time.time(),
-                                wallet=self.peer.wallet_address, **fields)
+                                wallet=self.peer.wallet_address, device=self.peer.device.type, **fields)
         self.records.publish(progress_key(self.job.job_id, r), record, ttl=RECORD_TTL)
         if phase == "merged":  # a finished round: what the swarm resumes from after an outage
             self.peer.journal.remember(progress_key(self.job.job_id, r), record, ttl=RECORD_TTL)

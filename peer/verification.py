@@ -18,30 +18,48 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from dht.records import VerdictRecord
+from dht.records import ProgressRecord, VerdictRecord
+from peer.schedule import assign_shards
 
 
 def _rank(*parts: object) -> bytes:
     return hashlib.sha256("|".join(map(str, parts)).encode()).digest()
 
 
-def verification_plan(randomness: str, contributors: Sequence[str], fraction: float,
-                      verifiers: int = 2) -> dict[str, list[str]]:
+def can_rerun(verifier_device: str | None, contributor_device: str | None) -> bool:
+    """Every peer can re-run CPU work; GPU work only on the same device kind."""
+    return contributor_device in (None, "cpu") or verifier_device == contributor_device
+
+
+def verification_plan(randomness: str, contributors: Sequence[str], fraction: float, verifiers: int = 2,
+                      devices: Mapping[str, str | None] | None = None) -> dict[str, list[str]]:
     """``{target: [verifiers]}``: ``ceil(fraction * n)`` contributions (at least one), each re-run
-    by the next ``verifiers`` contributors on a ring shuffled by ``randomness`` (never by itself)."""
+    by the next ``verifiers`` contributors on a ring shuffled by ``randomness`` (never by itself).
+
+    ``devices`` (peer -> device kind): a target's verifiers are the next peers on the ring that
+    can run its device kind (:func:`can_rerun`: a CUDA contribution goes to CUDA peers), and only
+    when there are too few of those, the next others (who re-run it on their own kind, with the
+    job's ``cross_device_tolerance``).
+    """
     peers = sorted(set(contributors))
     if len(peers) < 2 or fraction <= 0:
         return {}
+    devices = devices or {}
     ring = sorted(peers, key=lambda p: _rank(randomness, "ring", p))
     count = min(len(peers), max(1, math.ceil(fraction * len(peers))))
     per_target = min(max(1, verifiers), len(peers) - 1)
     targets = sorted(peers, key=lambda p: _rank(randomness, "target", p))[:count]
-    return {t: [ring[(ring.index(t) + k) % len(ring)] for k in range(1, per_target + 1)] for t in targets}
+    plan = {}
+    for t in targets:
+        after = [ring[(ring.index(t) + k) % len(ring)] for k in range(1, len(ring))]
+        same = [p for p in after if can_rerun(devices.get(p), devices.get(t))]
+        plan[t] = (same + [p for p in after if p not in same])[:per_target]
+    return plan
 
 
 def rejected_targets(plan: Mapping[str, Sequence[str]], verdicts: Iterable[tuple[str, VerdictRecord]]) -> set[str]:
@@ -56,6 +74,47 @@ def rejected_targets(plan: Mapping[str, Sequence[str]], verdicts: Iterable[tuple
         if author in plan.get(verdict.target, ()) and not verdict.ok:
             against[verdict.target].add(author)
     return {t for t, authors in against.items() if 2 * len(authors) > len(plan[t])}
+
+
+def claim_problems(contributions: Sequence[ProgressRecord], train_ids: Sequence[str], *, seed: int,
+                   round_no: int, max_samples: int) -> dict[str, str]:
+    """``{peer: why}`` for contributions whose claim is false on its face, checked by everyone.
+
+    No re-run is needed to see these: the round's deal is a pure function of its roster (the one
+    the group's majority dealt with), so a peer listing shards that were dealt to another, or
+    more samples than ``local_steps * batch_size``, claims work that is not its own. Unlike re-execution this covers every contribution, every round.
+    """
+    def majority(values):
+        counted = Counter(tuple(v) for v in values)
+        return list(counted.most_common(1)[0][0]) if counted else []
+
+    roster, carried = majority(p.roster for p in contributions), majority(p.carried for p in contributions)
+    deal = assign_shards(train_ids, roster, seed=seed, round_no=round_no)
+    extra = assign_shards(carried, roster, seed=seed + 1, round_no=round_no)
+    problems = {}
+    for p in contributions:
+        dealt = deal.get(p.peer_id, []) + extra.get(p.peer_id, [])
+        if p.samples > max_samples:
+            problems[p.peer_id] = f"claims {p.samples} samples, a round holds at most {max_samples}"
+        elif roster and sorted(p.shards) != sorted(dealt):
+            problems[p.peer_id] = (f"claims {len(p.shards)} shards, {len(set(p.shards) - set(dealt))} of them "
+                                   f"not dealt to it")
+    return problems
+
+
+def round_rejections(contributions: Sequence[ProgressRecord], verdicts: Iterable[tuple[str, VerdictRecord]], *,
+                     fraction: float, verifiers: int, train_ids: Sequence[str], seed: int, round_no: int,
+                     max_samples: int) -> set[str]:
+    """The round's rejected contributors: false claims (:func:`claim_problems`, every contribution)
+    and contributions a strict majority of their drawn verifiers rejected. ``contributions``: the
+    agreed group's merged records with samples; the same answer on every peer and for the consumer."""
+    if not contributions:
+        return set()
+    first = contributions[0]
+    plan = verification_plan(f"{first.prev_round}|{first.model_id}", [p.peer_id for p in contributions], fraction,
+                             verifiers, devices={p.peer_id: p.device for p in contributions})
+    problems = claim_problems(contributions, train_ids, seed=seed, round_no=round_no, max_samples=max_samples)
+    return rejected_targets(plan, verdicts) | set(problems)
 
 
 def update_distance(reexecuted: Mapping[str, torch.Tensor], claimed: Mapping[str, torch.Tensor],

@@ -154,6 +154,7 @@ class Client:
         self.records = RecordStore.start(load_or_create_identity(self._home), initial_peers=[peer], client_mode=True)
         self.loop = LoopThread("gpuflex-client")
         self.p2p = self.loop.run(self.records.dht.replicate_p2p())
+        self._train_ids: dict[str, list[str]] = {}  # dataset id -> its training shards (verdicts need the deal)
 
     def close(self) -> None:
         self.loop.run(self.p2p.shutdown(), timeout=10)  # closes our connection; the daemon belongs to the DHT
@@ -343,20 +344,26 @@ class Client:
         return ResultFiles(out, out / "model.safetensors", out / "report.json", model_id, verified=True, extras=extras)
 
     def rejected(self, job: JobRecord, r: int, merged: list[ProgressRecord]) -> set[str]:
-        """Peers whose round-``r`` work its drawn verifiers rejected (the peers' own rule)."""
+        """Peers whose round-``r`` work was rejected: a false claim, or its drawn verifiers' majority
+        (the peers' own rule, ``peer.verification.round_rejections``)."""
         from peer.provenance import agreed_model
-        from peer.verification import rejected_targets, verification_plan
-        from swarm.spec import VerificationSpec
+        from peer.verification import round_rejections
+        from swarm.shards import DatasetManifest
+        from swarm.spec import JobSpec
 
-        v = VerificationSpec.model_validate(job.spec.get("verification", {}))
+        spec = JobSpec.from_dict(job.spec, source=f"job {job.job_id}")
         model_id = agreed_model(merged)
         agreed = [p for p in merged if p.model_id == model_id and p.samples > 0]
-        if not v.fraction or not agreed:
+        if not agreed:
             return set()
-        plan = verification_plan(f"{agreed[0].prev_round}|{model_id}", [p.peer_id for p in agreed], v.fraction,
-                                 v.verifiers)
-        return rejected_targets(plan, [(s.author, s.body) for s in self.records.read(
-            verdict_key(job.job_id, r), VerdictRecord)])
+        if job.dataset_id not in self._train_ids:
+            manifest = DatasetManifest.from_bytes(self._download(job.dataset_id), job.dataset_id)
+            self._train_ids[job.dataset_id] = [s.id for s in manifest.shards if s.split == "train"]
+        v, t = spec.verification, spec.training
+        verdicts = [(s.author, s.body) for s in self.records.read(verdict_key(job.job_id, r), VerdictRecord)]
+        return round_rejections(agreed, verdicts, fraction=v.fraction, verifiers=v.verifiers,
+                                train_ids=self._train_ids[job.dataset_id], seed=t.seed, round_no=r,
+                                max_samples=t.local_steps * t.batch_size)
 
     # ---------------------------------------------------------------- audit
     def audit(self, job_id: str, *, ledger=None, check_models: bool = True) -> "Audit":

@@ -239,14 +239,19 @@ class VerificationSpec(BaseModel):
     Adam (tests/peer/test_verification.py): the same thread count replays bit-identically (0),
     1 vs 2 threads differ by 2e-7; a peer that skipped 3/4 of its steps is off by 2.3, and 1e-3
     of noise on the weights by far more than 1e-2. 1e-3 sits between with orders of margin.
-    Re-execution on a different device kind (GPU vs CPU) is not expected to pass: verifiers
-    should run the contributor's device kind (not enforced yet).
+    Verifiers re-run on the contributor's device kind: every peer can re-run CPU work on its
+    CPU, and GPU work is drawn to peers with the same kind (``peer.verification.verification_plan``).
+    Only when a group has too few of those is it re-run on another kind, and then judged by
+    ``cross_device_tolerance``: GPU kernels sum in other orders than CPU ones (and TF32 may be on),
+    so 1e-2, ten times looser; still far below a skipped-steps cheat (2.3). Not yet measured on a
+    GPU (none was available to us): tighten it once measured.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     fraction: float = Field(default=0.25, ge=0.0, le=1.0)  # of a round's contributions (at least one)
     tolerance: float = Field(default=1e-3, gt=0.0, lt=1.0)
+    cross_device_tolerance: float = Field(default=1e-2, gt=0.0, lt=1.0)  # re-run on another device kind
     max_faults: PositiveInt = 2  # rejected contributions before a peer is banned from the job
     verifiers: PositiveInt = 2  # re-runs per sampled contribution; a strict majority must reject it
 

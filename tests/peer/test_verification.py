@@ -6,13 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from dht.records import VerdictRecord
+from dht.records import ProgressRecord, VerdictRecord
 from peer.local_training import Batches, loss_fn, make_optimizer, round_generator, train_local
+from peer.schedule import assign_shards
 from peer.verification import (
     banned,
+    can_rerun,
+    claim_problems,
     load_optimizer_state,
     optimizer_state_bytes,
     rejected_targets,
+    round_rejections,
     update_distance,
     verification_plan,
 )
@@ -122,3 +126,56 @@ def test_a_peer_is_banned_after_max_faults_rounds():
     rejections = {1: {"lazy"}, 2: {"once"}, 3: {"lazy"}, 4: set()}
     assert banned(rejections, max_faults=2) == {"lazy"}
     assert banned(rejections, max_faults=1) == {"lazy", "once"}
+
+
+def test_gpu_work_is_drawn_to_peers_of_its_kind_and_cpu_work_to_anyone():
+    assert can_rerun("cuda", "cpu") and can_rerun("cpu", None) and can_rerun("cuda", "cuda")
+    assert not can_rerun("cpu", "cuda") and not can_rerun("mps", "cuda")
+    peers = [f"peer{i}" for i in range(8)]
+    devices = {p: ("cuda" if i % 4 == 0 else "cpu") for i, p in enumerate(peers)}  # peer0, peer4: GPUs
+    plan = verification_plan("d|m", peers, 1.0, verifiers=2, devices=devices)
+    assert plan["peer0"][0] == "peer4" and plan["peer4"][0] == "peer0"  # the only other GPU comes first
+    assert all(len(vs) == 2 and t not in vs for t, vs in plan.items())  # then others fill in
+    # without device kinds (or all the same kind) the plan is the plain ring
+    assert verification_plan("d|m", peers, 1.0, devices={p: "cpu" for p in peers}) == verification_plan(
+        "d|m", peers, 1.0)
+
+
+SHARDS = [f"{i:064x}" for i in range(12)]
+ROSTER = ["pa", "pb", "pc"]
+
+
+def _claims(**overrides):
+    deal = assign_shards(SHARDS, ROSTER, seed=0, round_no=3)
+    records = {p: ProgressRecord(peer_id=p, job_id=JOB, round=3, phase="merged", samples=640, shards=deal[p],
+                                 roster=ROSTER, model_id="m" * 64, prev_round="d") for p in ROSTER}
+    for peer, fields in overrides.items():
+        records[peer] = records[peer].model_copy(update=fields)
+    return list(records.values())
+
+
+def test_claims_of_shards_dealt_to_another_or_of_impossible_samples_are_false_on_their_face():
+    assert claim_problems(_claims(), SHARDS, seed=0, round_no=3, max_samples=640) == {}
+    deal = assign_shards(SHARDS, ROSTER, seed=0, round_no=3)
+    # pc lists pa's shards on top of its own (and the samples to match): another peer's units
+    thief = _claims(pc={"shards": deal["pc"] + deal["pa"], "samples": 1280})
+    problems = claim_problems(thief, SHARDS, seed=0, round_no=3, max_samples=640)
+    assert set(problems) == {"pc"} and "1280 samples" in problems["pc"]
+    swapped = _claims(pc={"shards": deal["pa"]})  # same count, someone else's shards
+    assert claim_problems(swapped, SHARDS, seed=0, round_no=3, max_samples=640) == {
+        "pc": "claims 4 shards, 4 of them not dealt to it"}
+    # a liar about the roster does not change the deal: the group's majority roster decides
+    liar = _claims(pc={"roster": ["pc"], "shards": SHARDS})
+    assert set(claim_problems(liar, SHARDS, seed=0, round_no=3, max_samples=10**6)) == {"pc"}
+
+
+def test_round_rejections_joins_false_claims_and_the_verifiers_majority():
+    deal = assign_shards(SHARDS, ROSTER, seed=0, round_no=3)
+    claims = _claims(pc={"shards": deal["pc"] + deal["pa"]})
+    plan = verification_plan("d|" + "m" * 64, ROSTER, 1.0, 2)
+    against_pb = [_v(v, "pb", False, r=3) for v in plan["pb"]]
+    rejected = round_rejections(claims, against_pb, fraction=1.0, verifiers=2, train_ids=SHARDS, seed=0,
+                                round_no=3, max_samples=640)
+    assert rejected == {"pb", "pc"}
+    assert round_rejections([], against_pb, fraction=1.0, verifiers=2, train_ids=SHARDS, seed=0, round_no=3,
+                            max_samples=640) == set()

@@ -21,6 +21,8 @@ class Fault(enum.Enum):
     KILL_IN_TRAINING = "kill in the middle of local training"
     KILL_IN_ALLREDUCE = "kill in the middle of the all-reduce (after the group formed)"
     CLAIM_UNDONE_WORK = "train a quarter of the steps, claim all of them, every round (verifies honestly)"
+    CLAIM_OTHERS_UNITS = "train honestly, but also list another peer's shards and samples as its own"
+    POISON_UPDATE = "train honestly, then send the update sign-flipped and scaled 10x (verifies honestly)"
 
 
 def crash() -> None:
@@ -31,7 +33,22 @@ def install(fault: Fault, at_round: int) -> None:
     import peer.job_runner as job_runner
     from aggregation.averaging import RoundAverager
 
-    if fault is Fault.CLAIM_UNDONE_WORK:
+    if fault is Fault.CLAIM_OTHERS_UNITS:
+        from peer.schedule import assign_shards
+
+        class GreedyRunner(job_runner.JobRunner):
+            def _publish_progress(self, r, phase, **fields):
+                if phase in ("trained", "merged") and fields.get("samples") and fields.get("roster"):
+                    deal = assign_shards(self.train_ids, fields["roster"], seed=self.spec.training.seed, round_no=r)
+                    victim = next(p for p in sorted(deal) if p != self.me)
+                    fields = {**fields, "shards": fields["shards"] + deal[victim], "samples": 2 * fields["samples"]}
+                super()._publish_progress(r, phase, **fields)
+
+        job_runner.JobRunner = GreedyRunner
+        return
+    if fault in (Fault.CLAIM_UNDONE_WORK, Fault.POISON_UPDATE):
+        import torch
+
         train_local, verifying = job_runner.train_local, {"now": False}
 
         class LazyRunner(job_runner.JobRunner):
@@ -48,7 +65,17 @@ def install(fault: Fault, at_round: int) -> None:
             loss, samples = train_local(model, optimizer, data, steps=max(1, steps // 4), **kwargs)
             return loss, samples * steps // max(1, steps // 4)
 
-        job_runner.train_local = train_a_quarter
+        def train_then_poison(model, optimizer, data, **kwargs):
+            base = {k: w.detach().clone() for k, w in model.state_dict().items()}
+            result = train_local(model, optimizer, data, **kwargs)
+            if not verifying["now"]:
+                with torch.no_grad():
+                    for name, w in model.state_dict().items():
+                        if w.is_floating_point():
+                            w.copy_(base[name] - 10.0 * (w - base[name]))
+            return result
+
+        job_runner.train_local = train_a_quarter if fault is Fault.CLAIM_UNDONE_WORK else train_then_poison
         job_runner.JobRunner = LazyRunner
         return
     if fault is Fault.KILL_IN_TRAINING:

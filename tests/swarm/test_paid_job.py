@@ -127,23 +127,36 @@ def test_a_cancelled_job_stops_and_refunds_what_was_not_earned(local_swarm, digi
     assert local_swarm.status(job_id)["rounds_done"] == rounds_then  # and nobody kept training
 
 
+CHEATS = {  # fault -> (honest peers, job overrides, what the honest peers' logs say)
+    "CLAIM_UNDONE_WORK": (2, {"verification": {"fraction": 1.0, "max_faults": 2}}, "away from the re-run"),
+    # no re-execution at all: the claim alone shows the samples (and shards) were another peer's
+    "CLAIM_OTHERS_UNITS": (2, {"verification": {"fraction": 0.0, "max_faults": 2}}, "a round holds at most"),
+    # one of four sends a sign-flipped 10x update: CenteredClip keeps it from wrecking the model,
+    # re-execution keeps it from being paid
+    "POISON_UPDATE": (3, {"verification": {"fraction": 1.0, "max_faults": 2},
+                          "aggregation": {"reducer": "centered_clip"}}, "away from the re-run"),
+}
+
+
 @pytest.mark.skipif(NO_ANVIL is not None, reason=f"anvil is not installed: {NO_ANVIL}")
-def test_a_peer_that_claims_work_it_did_not_do_is_rejected_banned_and_not_paid(local_swarm, digits_job, tmp_path):
+@pytest.mark.parametrize("fault", list(CHEATS))
+def test_a_cheating_peer_is_rejected_banned_and_not_paid(local_swarm, digits_job, tmp_path, fault):
     import sys
     from pathlib import Path
 
     from ledger.chain import GPUX
     from ledger.wallet import keyfile_address
 
+    honest_peers, overrides, evidence = CHEATS[fault]
     chain = local_swarm.start_chain(consumer_gpux=200)
     ledger = local_swarm.ledger
     consumer = keyfile_address(chain["consumer"])
-    for _ in range(2):
+    for _ in range(honest_peers):
         local_swarm.start_peer()
-    lazy = [sys.executable, str(Path(__file__).with_name("faulty_peer.py")), "CLAIM_UNDONE_WORK", "1"]
-    local_swarm.start_peer(command=lazy)
-    job_file = digits_job(training={"rounds": 5}, swarm={"min_peers": 2, "max_peers": 3},
-                          verification={"fraction": 1.0, "max_faults": 2})
+    cheat = [sys.executable, str(Path(__file__).with_name("faulty_peer.py")), fault, "1"]
+    local_swarm.start_peer(command=cheat)
+    peers = honest_peers + 1
+    job_file = digits_job(training={"rounds": 5}, swarm={"min_peers": peers - 1, "max_peers": peers}, **overrides)
     before = ledger.balance(consumer)
     job_id = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0], "--budget", "100",
                              "--wallet", str(chain["consumer"]), "--deployment", str(chain["deployment"])).stdout.strip()
@@ -152,23 +165,24 @@ def test_a_peer_that_claims_work_it_did_not_do_is_rejected_banned_and_not_paid(l
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     local_swarm.cli("job", "refund", job_id, "--peer", local_swarm.maddrs[0], "--wallet", str(chain["consumer"]),
                     "--deployment", str(chain["deployment"]))
-    for wallet in local_swarm.wallets:  # the lazy peer tries to collect too
+    for wallet in local_swarm.wallets:  # the cheat tries to collect too
         local_swarm.cli("wallet", "claim", job_id, "--peer", local_swarm.maddrs[0], "--keyfile", str(wallet),
                         "--deployment", str(chain["deployment"]))
 
-    lazy_log = (local_swarm.root / "peer2.log").read_text()
-    assert "banned from the job" in lazy_log
-    honest_logs = (local_swarm.root / "peer0.log").read_text() + (local_swarm.root / "peer1.log").read_text()
-    assert "rejected" in honest_logs and "away from the re-run" in honest_logs
-    assert len(report["rounds"][-1]["peers_done"]) == 2  # banned: dealt nothing in the last rounds
+    cheat_log = (local_swarm.root / f"peer{honest_peers}.log").read_text()
+    assert "banned from the job" in cheat_log
+    honest_logs = "".join((local_swarm.root / f"peer{i}.log").read_text() for i in range(honest_peers))
+    assert "rejected" in honest_logs and evidence in honest_logs
+    assert len(report["rounds"][-1]["peers_done"]) == honest_peers  # banned: dealt nothing in the last rounds
     honest_ids = set(report["rounds"][-1]["peers_done"])
     assert len(report["faults"]) == 1 and len(next(iter(report["faults"].values()))) == 2
-    assert not honest_ids & set(report["faults"])
+    assert not honest_ids & set(report["faults"])  # nobody honest was rejected (the thief's victim neither)
     honest_samples = sorted(v["samples"] for p, v in report["participants"].items() if p in honest_ids)
-    price = 100 * GPUX // (5 * 20 * 32 * 3)
-    honest, lazy_wallet = local_swarm.wallets[:2], local_swarm.wallets[2]
-    assert ledger.balance(keyfile_address(lazy_wallet)) == 0  # rejected every round it worked: paid nothing
+    price = 100 * GPUX // (5 * 20 * 32 * peers)
+    honest, cheat_wallet = local_swarm.wallets[:honest_peers], local_swarm.wallets[honest_peers]
+    assert ledger.balance(keyfile_address(cheat_wallet)) == 0  # rejected every round it worked: paid nothing
     assert sorted(ledger.balance(keyfile_address(w)) for w in honest) == [price * n for n in honest_samples]
     assert before - ledger.balance(consumer) == price * sum(honest_samples)  # the rest came back
-    # (its two lazy updates are in the model: robust aggregation is what keeps a poisoner out of it)
+    # the cheat's two rounds are in the model (the lazy's short updates, the thief's real ones, the
+    # poisoner's clipped ones): the job still trains
     assert report["final"]["val_accuracy"] >= 0.85
