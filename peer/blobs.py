@@ -42,5 +42,14 @@ class BlobStore:
     def size(self, blob_id: str) -> int:
         return self.path(blob_id).stat().st_size
 
+    def discard(self, blob_id: str) -> int:
+        """Delete a blob if held; returns the bytes freed."""
+        try:
+            size = self.size(blob_id)
+            self.path(blob_id).unlink()
+            return size
+        except FileNotFoundError:
+            return 0
+
     def ids(self) -> list[str]:
         return sorted(p.name for p in self.root.glob("??/*") if not p.name.startswith("."))

@@ -111,6 +111,11 @@ class JobRunner:
         self.loss = loss_fn(self.manifest.task, self.manifest.target_mean, self.manifest.target_std)
         self.payouts = RoundPayouts(job, peer.ledger, self.records, self._wait_for) if job.escrow else None
         self.rejections: dict[int, set[str]] = {}  # round -> peers whose work re-execution rejected
+        # blobs only a round's re-execution needs (our update and optimizer state, what we fetched
+        # to re-run others): dropped two rounds later. Round models stay: they are the history.
+        self.for_reexecution: dict[int, set[str]] = {}
+        self.models: set[str] = set()  # never dropped (an update can be byte-equal to a model)
+        self.resume_state_id: str | None = None  # our latest checkpoint of the optimizer
 
     # ---------------------------------------------------------------- the job, top to bottom
     def run(self) -> None:
@@ -168,6 +173,7 @@ class JobRunner:
                     group = []
                 round_no += 1
             self._publish_result(model, base_model_id, group, last_round)
+            self._drop_blobs(upto=t.rounds, resume_state=True)  # done: nothing is re-run or resumed
             if self.payouts is not None:
                 paid = self.payouts.claim()
                 logger.info(f"job {self.job.job_id}: claimed {paid / 10**18:.6f} GPUX for this peer's rounds")
@@ -232,7 +238,7 @@ class JobRunner:
 
         # commit to where we start from, so another peer can re-run exactly this work
         verifying = self.spec.verification.fraction > 0
-        optimizer_state_id = self._keep(optimizer_state_bytes(optimizer)) if verifying else None
+        optimizer_state_id = self._keep(optimizer_state_bytes(optimizer), r) if verifying else None
         started = time.time()
         train_loss, samples = train_local(
             model, optimizer, data, steps=t.local_steps, batch_size=t.batch_size,
@@ -240,7 +246,7 @@ class JobRunner:
         )
         seconds_training = time.time() - started
         update = model_to_bytes(model)  # our update, named in the history (kept for re-execution)
-        update_id = self._keep(update) if verifying else hashlib.sha256(update).hexdigest()
+        update_id = self._keep(update, r) if verifying else hashlib.sha256(update).hexdigest()
         train_loss = train_loss if samples else None  # more peers than shards: this one had no rows
         metrics, job = self.peer.metrics, self.job.job_id
         metrics.samples.labels(job).inc(samples)
@@ -289,8 +295,13 @@ class JobRunner:
         # the merged model is this round's checkpoint: store it, serve it, evaluate it; on a
         # checkpoint round also keep our optimizer state, to resume with it after an outage
         model_id = self.peer.blobs.put(model_to_bytes(model))
+        self.models.add(model_id)
         checkpoint = r % t.checkpoint_every == 0 or r == t.rounds
         resume_state_id = self.peer.blobs.put(optimizer_state_bytes(optimizer)) if checkpoint else None
+        if resume_state_id:  # only the latest checkpoint is ever resumed from
+            previous, self.resume_state_id = self.resume_state_id, resume_state_id
+            if previous and previous != resume_state_id:
+                self.for_reexecution.setdefault(r, set()).add(previous)
         self.peer.announce([model_id])
         my_val = schedule.assign_shards(self.val_ids, group, seed=t.seed, round_no=r).get(self.me, [])
         sums = evaluate(model, self._load_shards(my_val), task=self.manifest.task, loss=self.loss)
@@ -309,6 +320,7 @@ class JobRunner:
         rejected = self._verify(r, group, model_id, prev_round)
         if self.payouts is not None:  # paid job: the group signs what each member did, one posts it
             self.payouts.settle(r, group, self._wait_for_merged_records(r, group), rejected=rejected)
+        self._drop_blobs(upto=r - 2)  # a verifier still re-running those is a round too late anyway
         logger.info(f"job {self.job.job_id}: round {r}/{t.rounds} done, loss {train_loss:.4f}, group {len(group)}")
         return group, model_id
 
@@ -370,6 +382,7 @@ class JobRunner:
             return verdict(False, "the contribution does not name its base, update and optimizer state")
         try:
             base = self.peer.blobs_service.fetch(claim.base_model_id)
+            self.for_reexecution.setdefault(r, set()).update({claim.update_id, claim.optimizer_state_id})
             claimed = load_safetensors(self.peer.blobs_service.fetch(claim.update_id))
             state = self.peer.blobs_service.fetch(claim.optimizer_state_id)
             parts = self._shard_arrays(claim.shards)
@@ -416,6 +429,7 @@ class JobRunner:
                    if s.author == self.me and s.body.phase == "merged" and s.body.resume_state_id]
             if own and self.peer.blobs.has(own[0].resume_state_id):
                 load_optimizer_state(optimizer, self.peer.blobs.path(own[0].resume_state_id).read_bytes())
+                self.resume_state_id = own[0].resume_state_id  # dropped once a newer one is written
                 logger.info(f"job {self.job.job_id}: optimizer state restored from round {r}'s checkpoint")
                 return
 
@@ -427,10 +441,25 @@ class JobRunner:
                 out.setdefault(peer, []).append(r)
         return out
 
-    def _keep(self, data: bytes) -> str:
+    def _keep(self, data: bytes, r: int) -> str:
+        """Store and serve a blob that round ``r``'s re-execution needs."""
         blob_id = self.peer.blobs.put(data)
         self.peer.announce([blob_id])
+        self.for_reexecution.setdefault(r, set()).add(blob_id)
         return blob_id
+
+    def _drop_blobs(self, upto: int, resume_state: bool = False) -> None:
+        """Delete what only re-executions of rounds <= ``upto`` needed (never a model, never the
+        checkpoint we would resume from, unless the job is over)."""
+        rounds = [r for r in self.for_reexecution if r <= upto]
+        doomed = set().union(*(self.for_reexecution.pop(r) for r in rounds)) if rounds else set()
+        if resume_state and self.resume_state_id:
+            doomed.add(self.resume_state_id)
+        elif self.resume_state_id:
+            doomed.discard(self.resume_state_id)
+        freed = self.peer.discard(doomed - self.models)
+        if freed:
+            logger.debug(f"job {self.job.job_id}: dropped {len(doomed)} blobs ({freed} bytes) after round {upto}")
 
     # ---------------------------------------------------------------- merging
     def _merge(self, r, model, tensors, averager: RoundAverager, trained: set[str], samples: int,

@@ -197,6 +197,12 @@ class Peer:
             self._served.update(blob_ids)
         self.blobs_service.announce(blob_ids, self.maddrs)
 
+    def discard(self, blob_ids) -> int:
+        """Stop serving these blobs and delete them (their provider records lapse); returns bytes freed."""
+        with self._lock:
+            self._served.difference_update(blob_ids)
+        return sum(self.blobs.discard(b) for b in set(blob_ids))
+
     def hold_lease(self, key: str, lease: LeaseRecord) -> None:
         with self._lock:
             self._leases[key] = lease

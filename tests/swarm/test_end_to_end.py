@@ -9,7 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dht.records import ProgressRecord, progress_key
 from swarm.catalog import build_model
+from swarm.client import Client
 from swarm.datasets import load_dataset
 from swarm.shards import decode_shard, shard_dataset
 from swarm.quote import REFERENCE_TRAIN_FLOPS_PER_SAMPLE
@@ -81,6 +83,21 @@ def test_three_peers_train_digits_submitted_via_one_peer_fetched_via_another(loc
     timeline = [line.split() for line in audited[1:-1]]
     assert [int(row[0]) for row in timeline] == list(range(1, 11)) and all(row[-1] == "ok" for row in timeline)
     assert timeline[-1][6] == report["model_id"][:12]
+
+    # what only re-execution needed (updates, optimizer states) is deleted once the job is over;
+    # every round's model stays: it is the history the audit re-hashes
+    with Client(peer=local_swarm.maddrs[0]) as client:
+        merged = [s.body for r in range(1, 11) for s in client.records.read(progress_key(job_id, r), ProgressRecord)
+                  if s.body.phase == "merged"]
+    models = {p.model_id for p in merged}
+    commits = {b for p in merged for b in (p.update_id, p.optimizer_state_id, p.resume_state_id) if b} - models
+    assert models and commits
+
+    def held() -> set[str]:
+        return {b.name for i in range(3) for b in (local_swarm.root / f"peer{i}" / "blobs").glob("??/*")}
+
+    local_swarm.wait_for(lambda: not commits & held(), timeout=30, what="the peers to drop re-execution blobs")
+    assert models <= held()
 
     # iterate: a new job that starts from this result (already in the swarm, nothing re-sent)
     again = digits_job(training={"rounds": 2})
