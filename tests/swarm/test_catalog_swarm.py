@@ -24,6 +24,7 @@ from scripts.local_swarm import LocalSwarm
 from scripts.make_diabetes_csv import write_diabetes_csv
 from scripts.make_digits_images import write_digits_images
 from swarm.catalog import build_model
+from swarm.client import Client
 from swarm.datasets import load_dataset
 from swarm.shards import decode_shard, shard_dataset
 from swarm.spec import load_job_file
@@ -139,3 +140,17 @@ def test_catalog_model_trains_through_the_swarm(two_peers, data_dir, tmp_path, c
         chance = 1 / num_outputs
         assert accuracy >= chance + 0.25, (accuracy, chance)
     assert rounds[-1]["train_loss"] < rounds[0]["train_loss"]
+
+
+def test_a_layout_the_model_cannot_take_is_one_line_and_nothing_is_published(two_peers, data_dir):
+    job = {"name": "bad-layout", **JOBS["transformer"], "training": TRAINING}
+    job["model"] = {**job["model"], "input_shape": [5, 5]}  # 25 values; a row has 12 x 2
+    job_file = data_dir / "bad-layout.yaml"
+    job_file.write_text(yaml.safe_dump(job))
+
+    refused = two_peers.cli("job", "submit", str(job_file), "--peer", two_peers.maddrs[0], check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip() == (
+        "error: model.input_shape: [5, 5] holds 25 values but each sample has 24 features (shape [24])")
+    with Client(two_peers.maddrs[1]) as client:
+        assert "bad-layout" not in [job.spec["name"] for job in client.jobs()]
