@@ -4,8 +4,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DIGITS := examples/data/digits.csv
+DIGIT_IMAGES := examples/data/digits-images
+DIABETES := examples/data/diabetes.csv
 
-.PHONY: setup demo test clean prometheus
+.PHONY: setup demo test clean prometheus examples
 
 setup: $(STAMP)
 
@@ -19,8 +21,20 @@ $(STAMP): pyproject.toml package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error   # anvil, the local dev chain (package-lock.json)
 	touch $(STAMP)
 
+# The example datasets: generated from data that ships with scikit-learn (no download), never committed.
+examples: $(DIGITS) $(DIGIT_IMAGES) $(DIABETES)
+
 $(DIGITS): | $(STAMP)
 	$(PY) scripts/make_digits_csv.py --out $(DIGITS)
+
+# written to a temporary folder and renamed, so an interrupted run leaves no half folder behind
+$(DIGIT_IMAGES): | $(STAMP)
+	rm -rf $(DIGIT_IMAGES).tmp
+	$(PY) scripts/make_digits_images.py --out $(DIGIT_IMAGES).tmp
+	mv $(DIGIT_IMAGES).tmp $(DIGIT_IMAGES)
+
+$(DIABETES): | $(STAMP)
+	$(PY) scripts/make_diabetes_csv.py --out $(DIABETES)
 
 demo: $(STAMP) $(DIGITS)
 	$(PY) scripts/local_swarm.py --peers 3 --job examples/digits-mlp.yaml --out out/demo

@@ -264,8 +264,10 @@ def main() -> int:
             status = swarm.status(job_id, via=len(swarm.maddrs) - 1)
             if status["rounds_done"] != last_round[0]:
                 last_round[0] = status["rounds_done"]
-                acc = status.get("val_accuracy")
-                extra = f", val accuracy {acc:.3f}" if acc is not None else ""
+                # classification shows its accuracy, regression its errors (in the target's units)
+                extra = "".join(f", {name.replace('_', ' ')} {status[name]:.{digits}f}"
+                                for name, digits in (("val_accuracy", 3), ("val_mse", 1), ("val_mae", 2))
+                                if status.get(name) is not None)
                 loss = status["train_loss"]
                 print(
                     f"  {status['state']}: round {status['rounds_done']}/{status['rounds']}"

@@ -4,8 +4,11 @@ Every model is ``Sequential(normalize, body[, denormalize])``:
 
 - ``normalize`` holds the train split's feature mean/std as buffers, so they are part of the
   state dict: the exported model does its own preprocessing and a consumer feeds it raw features;
-- ``body`` is the catalog network (mlp, cnn, transformer) or the user's custom module, mapping
-  normalised ``(B, *feature_shape)`` inputs to ``(B, num_outputs)``;
+- ``body`` is the catalog network or the user's custom module, mapping normalised
+  ``(B, *feature_shape)`` inputs to ``(B, num_outputs)``. The catalog: ``mlp`` (any features,
+  flattened), ``cnn`` (ResNet basic blocks over ``(channels, height, width)``) and ``transformer``
+  (an encoder over ``(seq_len, token_features)`` sequences; flat features are one token each).
+  ``model.input_shape`` reshapes flat features (a csv row) to what the network wants;
 - ``denormalize`` (regression only) maps the body's standardised output back to target units, so
   predictions are in the units of the data. A trainer should compute the regression loss on
   standardised values, ``(output - y) / target_std``, to keep the loss scale-free.
@@ -84,18 +87,45 @@ class Reshape(nn.Module):
         return f"shape={self.shape}"
 
 
-class TabularTransformer(nn.Module):
-    """A small transformer encoder over features as tokens.
+class ResidualBlock(nn.Module):
+    """A ResNet basic block: ``relu(x' + conv-norm-relu-conv-norm(x))``.
 
-    Each scalar feature becomes one token (a shared ``Linear(1, d_model)`` value embedding plus a
-    learned per-position embedding, which tells the features apart); a learned CLS token is
-    prepended and the prediction is read from it after a pre-norm encoder.
+    ``x'`` is ``x`` itself when the channel count stays, else a 1x1 convolution (the ResNet
+    projection shortcut). GroupNorm, not BatchNorm (see the module docstring). The skip path lets
+    gradients reach early layers directly, which is what makes deeper stacks train.
     """
 
-    def __init__(self, num_features: int, num_outputs: int, d_model: int, layers: int, heads: int, dropout: float):
+    def __init__(self, channels_in: int, channels_out: int):
         super().__init__()
-        self.value_embedding = nn.Linear(1, d_model)
-        self.position_embedding = nn.Parameter(torch.empty(1, num_features, d_model))
+        self.conv1 = nn.Conv2d(channels_in, channels_out, kernel_size=3, padding=1, bias=False)
+        self.norm1 = nn.GroupNorm(_groups(channels_out), channels_out)
+        self.conv2 = nn.Conv2d(channels_out, channels_out, kernel_size=3, padding=1, bias=False)
+        self.norm2 = nn.GroupNorm(_groups(channels_out), channels_out)
+        self.shortcut = (
+            nn.Identity() if channels_in == channels_out else nn.Conv2d(channels_in, channels_out, kernel_size=1, bias=False)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class SequenceTransformer(nn.Module):
+    """A small transformer encoder over a sequence of ``seq_len`` tokens of ``token_features`` values.
+
+    Each token's values go through a shared ``Linear(token_features, d_model)`` embedding plus a
+    learned per-position embedding (which gives the encoder the order); a learned CLS token is
+    prepended and the prediction is read from it after a pre-norm encoder. Plain tabular features
+    are the special case ``token_features = 1``: each feature is one token.
+    """
+
+    def __init__(self, seq_len: int, token_features: int, num_outputs: int, d_model: int, layers: int, heads: int,
+                 dropout: float):
+        super().__init__()
+        self.seq_len, self.token_features = seq_len, token_features
+        self.value_embedding = nn.Linear(token_features, d_model)
+        self.position_embedding = nn.Parameter(torch.empty(1, seq_len, d_model))
         self.cls_token = nn.Parameter(torch.empty(1, 1, d_model))
         nn.init.normal_(self.position_embedding, std=0.02)
         nn.init.normal_(self.cls_token, std=0.02)
@@ -113,7 +143,8 @@ class TabularTransformer(nn.Module):
         self.head = nn.Linear(d_model, num_outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.value_embedding(x.flatten(1).unsqueeze(-1)) + self.position_embedding
+        sequence = x.reshape(x.shape[0], self.seq_len, self.token_features)
+        tokens = self.value_embedding(sequence) + self.position_embedding
         tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), tokens], dim=1)
         return self.head(self.norm(self.encoder(tokens)[:, 0]))
 
@@ -173,11 +204,7 @@ def _cnn(model: ModelSpec, feature_shape: tuple[int, ...], num_outputs: int) -> 
     channels_in, height, width = shape
     layers: list[nn.Module] = [Reshape(shape)]
     for channels in model.channels:
-        layers += [
-            nn.Conv2d(channels_in, channels, kernel_size=3, padding=1),
-            nn.GroupNorm(_groups(channels), channels),
-            nn.ReLU(),
-        ]
+        layers.append(ResidualBlock(channels_in, channels))
         # Pool only while there is something left to pool: tiny inputs (8x8 digits) would
         # otherwise shrink to nothing after a few blocks.
         if height >= 2 and width >= 2:
@@ -197,8 +224,17 @@ def _groups(channels: int, most: int = 8) -> int:
 
 
 def _transformer(model: ModelSpec, feature_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
-    num_features = math.prod(_input_shape(model, feature_shape))
-    return TabularTransformer(num_features, num_outputs, model.d_model, model.layers, model.heads, model.dropout)
+    shape = _input_shape(model, feature_shape)
+    if len(shape) == 1:  # flat features: each one is a token of one value
+        shape = (shape[0], 1)
+    if len(shape) != 2:
+        raise ModelBuildError(
+            f"model.input_shape: transformer needs (seq_len, token_features) inputs but features have shape "
+            f"{list(shape)}; set input_shape, e.g. [{math.prod(shape)}, 1]"
+        )
+    seq_len, token_features = shape
+    return SequenceTransformer(seq_len, token_features, num_outputs, model.d_model, model.layers, model.heads,
+                               model.dropout)
 
 
 def _input_shape(model: ModelSpec, feature_shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -111,13 +111,10 @@ class InitialWeightsMismatch(GPUFlexError):
     """``model.init_from`` (or ``--from``) does not fit the job's model."""
 
 
-def check_initial_weights(spec: JobSpec, manifest, data: bytes) -> None:
+def check_initial_weights(model, data: bytes) -> None:
     """Load the warm-start weights into the job's model here, so a mismatch fails before submit."""
     from safetensors.torch import load as load_safetensors
 
-    from swarm.catalog import build_model
-
-    model = build_model(spec.model, manifest, seed=spec.training.seed)
     try:
         model.load_state_dict(load_safetensors(data))
     except Exception as e:  # safetensors' or torch's own words on what does not fit
@@ -184,12 +181,16 @@ class Client:
         ``from_job`` (or ``model.init_from`` in the spec) starts training from a previous result
         instead of fresh weights; it is checked against the model before anything is sent.
         """
+        from swarm.catalog import build_model
         from swarm.datasets import load_dataset
         from swarm.shards import shard_dataset
 
         spec = job if isinstance(job, JobSpec) else load_job_file(job)
         dataset = dataset if dataset is not None else load_dataset(spec.data, spec.task)
         manifest, blobs = shard_dataset(dataset, spec)
+        # built once here so that a model that cannot take this data (input_shape, a custom build
+        # function) is one error now, not a failure on every peer after the job is published
+        model = build_model(spec.model, manifest, seed=spec.training.seed)
         public = spec.to_dict()
         public["data"]["path"] = Path(spec.data.path).name  # the consumer's directory layout stays private
         init = None
@@ -201,7 +202,7 @@ class Client:
             init = (hashlib.sha256(data).hexdigest(), data)
             blobs = {**blobs, init[0]: data}
         if init is not None:
-            check_initial_weights(spec, manifest, init[1])
+            check_initial_weights(model, init[1])
             public["model"]["init_from"] = BLOB_REF + init[0]
         escrow = None
         if budget is not None:  # a paid job: the budget is escrowed on chain before the job is announced

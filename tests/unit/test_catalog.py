@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from swarm.catalog import ModelBuildError, build_model, count_parameters, flops_per_sample
+from swarm.catalog import ModelBuildError, ResidualBlock, build_model, count_parameters, flops_per_sample
 from swarm.datasets import load_dataset
 from swarm.shards import DatasetManifest, decode_shard, shard_dataset
 from swarm.spec import JobSpec, ModelSpec
@@ -177,3 +177,54 @@ def test_mlp_learns_digits(digits):
     with torch.no_grad():
         accuracy = (net.eval()(x_val).argmax(dim=1) == y_val).float().mean().item()
     assert accuracy > 0.85, accuracy
+
+
+def sequence_manifest(feature_shape: list[int], num_outputs: int = 2) -> DatasetManifest:
+    width = int(np.prod(feature_shape))
+    return regression_manifest(width).model_copy(update={
+        "task": "classification", "feature_shape": feature_shape, "num_outputs": num_outputs,
+        "classes": [str(i) for i in range(num_outputs)], "target_mean": None, "target_std": None,
+    })
+
+
+def test_cnn_blocks_are_residual(digits):
+    _, manifest, blobs = digits
+    x, _ = split_arrays(manifest, blobs, "val")
+    net = build_model(ModelSpec(catalog="cnn", channels=[8, 8], input_shape=[1, 8, 8]), manifest).eval()
+    blocks = [m for m in net.body if isinstance(m, ResidualBlock)]
+    assert len(blocks) == 2
+    assert isinstance(blocks[0].shortcut, torch.nn.Conv2d) and isinstance(blocks[1].shortcut, torch.nn.Identity)
+    # with its residual branch silenced a block passes its (rectified) input straight through
+    inputs = torch.randn(3, 8, 4, 4)
+    with torch.no_grad():
+        blocks[1].norm2.weight.zero_()
+        blocks[1].norm2.bias.zero_()
+        torch.testing.assert_close(blocks[1](inputs), torch.relu(inputs))
+        assert torch.isfinite(net(x[:4])).all()
+
+
+@pytest.mark.parametrize(
+    ("feature_shape", "input_shape", "tokens"),
+    [([12], None, (12, 1)), ([12], [6, 2], (6, 2)), ([4, 3], None, (4, 3)), ([4, 3], [12, 1], (12, 1))],
+)
+def test_transformer_reads_rows_as_sequences(feature_shape, input_shape, tokens):
+    manifest = sequence_manifest(feature_shape)
+    spec = ModelSpec(catalog="transformer", d_model=16, layers=1, heads=2, input_shape=input_shape)
+    net = build_model(spec, manifest).eval()
+    assert (net.body.seq_len, net.body.token_features) == tokens
+    assert net.body.position_embedding.shape == (1, tokens[0], 16)
+    x = torch.randn(5, *feature_shape)
+    with torch.no_grad():
+        out = net(x)
+        assert out.shape == (5, 2)
+        # positions matter: the same tokens in another order give another output
+        reversed_tokens = x.reshape(5, *tokens).flip(1).reshape(5, *feature_shape)
+        assert not torch.allclose(net(reversed_tokens), out)
+
+
+def test_transformer_refuses_a_shape_that_is_not_a_sequence():
+    manifest = sequence_manifest([2, 3, 4])
+    with pytest.raises(ModelBuildError, match=r"^model\.input_shape: transformer needs \(seq_len, token_features\)"):
+        build_model(ModelSpec(catalog="transformer", d_model=16, heads=2), manifest)
+    with pytest.raises(ModelBuildError, match=r"^model\.input_shape: \[5, 5\] holds 25 values"):
+        build_model(ModelSpec(catalog="transformer", d_model=16, heads=2, input_shape=[5, 5]), manifest)
