@@ -18,12 +18,14 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import hivemind
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
+from hivemind.averaging.control import AveragingStage
 from hivemind.averaging.partition import AllreduceException, BannedException
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import averaging_pb2
@@ -99,6 +101,14 @@ class ExactAllReduceRunner(AllReduceRunner):
                 await self._ban_sender(self.sender_peer_ids[sender_index])
 
 
+@dataclass(frozen=True)
+class MergeTimings:
+    """Where a merge's seconds went: finding the group, then the butterfly (transfer and reduce)."""
+
+    matchmaking: float
+    allreduce: float
+
+
 class RoundAverager(DecentralizedAverager):
     """A ``DecentralizedAverager`` whose group key and target size are set per round.
 
@@ -123,6 +133,7 @@ class RoundAverager(DecentralizedAverager):
             self._parent_pid = None  # hivemind's __del__ reads it; the averager never started
             raise
         self._reducer, self._reducer_options = reducer, dict(reducer_options or {})
+        self.last_timings: MergeTimings | None = None  # of the last merge (None before the first)
         tensors = [t.detach().to("cpu", torch.float32, copy=True) for t in template]
         kwargs.setdefault("compression", make_compression(compression))
         kwargs.setdefault("min_matchmaking_time", 2.0)
@@ -212,14 +223,18 @@ class RoundAverager(DecentralizedAverager):
         with self.get_tensors() as shared:
             for dst, src in zip(shared, tensors):
                 dst.copy_(src.detach().to("cpu", torch.float32))
+        started = time.perf_counter()
         control = self.step(gather=dict(gather), weight=float(weight), timeout=timeout, allow_retries=False,
                             wait=False)
-        gathered, give_up_at = None, None
+        gathered, give_up_at, grouped_at = None, None, None
         while True:
             try:
-                gathered = control.result(timeout=0.2)
+                # poll finely until the group forms: that instant splits matchmaking from the all-reduce
+                gathered = control.result(timeout=0.2 if grouped_at else 0.005)
                 break
             except concurrent.futures.TimeoutError:
+                if grouped_at is None and control.stage.value >= AveragingStage.RUNNING_ALLREDUCE.value:
+                    grouped_at = time.perf_counter()
                 if stop is not None and stop.is_set():
                     give_up_at = give_up_at or time.monotonic() + grace_after_stop
                     if time.monotonic() > give_up_at:
@@ -227,6 +242,9 @@ class RoundAverager(DecentralizedAverager):
                         break
             except Exception:
                 break  # hivemind raises on a failed group; the caller decides what to do
+        finished = time.perf_counter()
+        grouped_at = grouped_at or finished  # grouped and reduced within one poll
+        self.last_timings = MergeTimings(matchmaking=grouped_at - started, allreduce=finished - grouped_at)
         if not gathered:
             return None
         with self.get_tensors() as shared:

@@ -118,7 +118,9 @@ class ProgressRecord(_Body):
     val_sq_error_sum: float = 0.0  # regression
     val_abs_error_sum: float = 0.0  # regression
     seconds_training: float = 0.0
-    seconds_merging: float = 0.0
+    seconds_merging: float = 0.0  # the merge: matchmaking, then the butterfly (transfer and reduce)
+    seconds_matchmaking: float = 0.0  # the part of seconds_merging spent forming the group
+    seconds_waiting: float = 0.0  # between its training and the merge: waiting for the others to finish
     time: float = 0.0
     wallet: str | None = None  # where this peer's pay for the round goes (paid jobs)
 

@@ -282,10 +282,14 @@ class JobRunner:
             else:
                 outer.apply(update)
         seconds_merging = time.time() - merge_started
+        seconds_waiting = merge_started - wait_started
+        timings = averager.last_timings if len(group) > 1 else None
+        seconds_matchmaking = timings.matchmaking if timings else 0.0
         if adopted:  # our update is not in the model we adopted: our shards are owed to the next round
             mine, samples, update_id = [], 0, None
         if len(group) > 1:
             metrics.allreduce_seconds.observe(seconds_merging)
+            metrics.matchmaking_seconds.observe(seconds_matchmaking)
             # butterfly: send (n-1)/n of our tensors to their reducers, and as a reducer send our
             # 1/n share of the average to the n-1 others; receiving mirrors it
             moved = 2 * averager.total_size * 4 * (len(group) - 1) / len(group)
@@ -309,7 +313,8 @@ class JobRunner:
             r, "merged", samples=samples, train_loss=train_loss, base_model_id=base_model_id, model_id=model_id,
             group=group, shards=mine, carried=carried, roster=sorted(roster), update_id=update_id, prev_round=prev_round,
             optimizer_state_id=optimizer_state_id, resume_state_id=resume_state_id, seconds_training=seconds_training,
-            seconds_merging=seconds_merging, **sums,
+            seconds_merging=seconds_merging, seconds_waiting=seconds_waiting, seconds_matchmaking=seconds_matchmaking,
+            **sums,
         )
         metrics.rounds.labels(job).inc()
         if sums["val_rows"] and self.manifest.task == "classification":

@@ -38,6 +38,9 @@ class PeerMetrics:
                                   ["job"], registry=registry)
         self.allreduce_seconds = Histogram("gpuflex_allreduce_seconds", "Wall time of a round's merge (matchmaking "
                                            "and transfer included).", buckets=ROUND_SECONDS_BUCKETS, registry=registry)
+        self.matchmaking_seconds = Histogram("gpuflex_matchmaking_seconds", "Part of a merge spent forming the "
+                                             "group, before any tensor moves.", buckets=ROUND_SECONDS_BUCKETS,
+                                             registry=registry)
         self.barrier_seconds = Histogram("gpuflex_round_wait_seconds", "Time waiting for the round's other peers to "
                                          "finish training.", buckets=ROUND_SECONDS_BUCKETS, registry=registry)
         self.allreduce_bytes = Counter("gpuflex_allreduce_bytes", "Tensor bytes this peer sent or received in "

@@ -80,15 +80,19 @@ def claim_problems(contributions: Sequence[ProgressRecord], train_ids: Sequence[
                    round_no: int, max_samples: int) -> dict[str, str]:
     """``{peer: why}`` for contributions whose claim is false on its face, checked by everyone.
 
-    No re-run is needed to see these: the round's deal is a pure function of its roster (the one
-    the group's majority dealt with), so a peer listing shards that were dealt to another, or
-    more samples than ``local_steps * batch_size``, claims work that is not its own. Unlike re-execution this covers every contribution, every round.
-    """
-    def majority(values):
-        counted = Counter(tuple(v) for v in values)
-        return list(counted.most_common(1)[0][0]) if counted else []
+    No re-run is needed to see these: a round holds at most ``local_steps * batch_size`` samples
+    per peer, and the round's deal is a pure function of its roster, so a peer listing shards
+    that were dealt to another claims work that is not its own. Unlike re-execution this covers
+    every contribution, every round.
 
-    roster, carried = majority(p.roster for p in contributions), majority(p.carried for p in contributions)
+    The shard check needs the group to agree on the roster. Peers read the DHT at slightly
+    different moments, so a peer joining at a round boundary can leave honest members with
+    different rosters (and deals); then only the sample bound is checked, which is what pay
+    follows anyway.
+    """
+    rosters = {tuple(p.roster) for p in contributions}
+    roster = list(rosters.pop()) if len(rosters) == 1 else []
+    carried = Counter(tuple(p.carried) for p in contributions).most_common(1)[0][0] if contributions else ()
     deal = assign_shards(train_ids, roster, seed=seed, round_no=round_no)
     extra = assign_shards(carried, roster, seed=seed + 1, round_no=round_no)
     problems = {}

@@ -48,6 +48,8 @@ def round_summary(round_no: int, progress: list[ProgressRecord], task: str) -> d
         "samples_by_peer": {p.peer_id: p.samples for p in worked},
         "seconds_training": max((p.seconds_training for p in progress), default=0.0),
         "seconds_merging": max((p.seconds_merging for p in progress), default=0.0),
+        "seconds_matchmaking": max((p.seconds_matchmaking for p in progress), default=0.0),
+        "seconds_waiting": max((p.seconds_waiting for p in progress), default=0.0),
         "finished_at": max((p.time for p in progress if p.phase == "merged"), default=None),
         **val_metrics(task, progress),
     }

@@ -69,14 +69,17 @@ def _markdown(report: dict, metric: str) -> str:
         "",
         "## Rounds",
         "",
-        f"| round | peers | samples | train loss | {metric.replace('_', ' ')} | training s | merge s |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        f"| round | peers | samples | train loss | {metric.replace('_', ' ')} | training s | waiting s | "
+        "matchmaking s | all-reduce s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rounds"]:
         loss = f"{r['train_loss']:.4f}" if r["train_loss"] is not None else "—"
         value = f"{r[metric]:.4f}" if r.get(metric) is not None else "—"
         lines.append(f"| {r['round']} | {len(r['peers_done'])} | {r['samples']} | {loss} | {value} | "
-                     f"{r['seconds_training']:.2f} | {r['seconds_merging']:.2f} |")
+                     f"{r['seconds_training']:.2f} | {r.get('seconds_waiting', 0.0):.2f} | "
+                     f"{r.get('seconds_matchmaking', 0.0):.2f} | "
+                     f"{r['seconds_merging'] - r.get('seconds_matchmaking', 0.0):.2f} |")
     lines += ["", "## Participants", "", "![contribution per peer](contributions.png)", "",
               "| peer | rounds | samples | shard-rounds |", "|---|---:|---:|---:|"]
     for peer, p in sorted(report["participants"].items()):

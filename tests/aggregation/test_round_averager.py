@@ -72,6 +72,9 @@ def test_group_ends_bit_identical_at_the_weighted_mean(dhts):
         results = _merge_all(averagers, weights, round_no=1)
         assert all(r is not None and len(r) == 3 for r in results)
         assert sorted(d["i"] for d in results[0].values()) == [0, 1, 2]  # everyone's metadata came along
+        for averager in averagers:  # the merge's seconds, split where the group formed
+            timings = averager.last_timings
+            assert timings.matchmaking > 0 and timings.allreduce >= 0
         assert_bit_identical(models)  # not just close
         for got, want in zip(models[0].parameters(), expected):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

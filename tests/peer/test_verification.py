@@ -164,9 +164,11 @@ def test_claims_of_shards_dealt_to_another_or_of_impossible_samples_are_false_on
     swapped = _claims(pc={"shards": deal["pa"]})  # same count, someone else's shards
     assert claim_problems(swapped, SHARDS, seed=0, round_no=3, max_samples=640) == {
         "pc": "claims 4 shards, 4 of them not dealt to it"}
-    # a liar about the roster does not change the deal: the group's majority roster decides
-    liar = _claims(pc={"roster": ["pc"], "shards": SHARDS})
-    assert set(claim_problems(liar, SHARDS, seed=0, round_no=3, max_samples=10**6)) == {"pc"}
+    # rosters that differ (a peer joined at the round boundary) leave only the sample bound
+    split = _claims(pc={"roster": ROSTER + ["pd"], "shards": deal["pc"] + deal["pa"]})
+    assert claim_problems(split, SHARDS, seed=0, round_no=3, max_samples=640) == {}
+    assert set(claim_problems(_claims(pc={"roster": ["pc"], "samples": 700}), SHARDS, seed=0, round_no=3,
+                              max_samples=640)) == {"pc"}
 
 
 def test_round_rejections_joins_false_claims_and_the_verifiers_majority():
