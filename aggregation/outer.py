@@ -23,6 +23,8 @@ from __future__ import annotations
 from typing import Any, Iterable, Sequence
 
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from dht.errors import GPUFlexError
 
@@ -118,6 +120,22 @@ class OuterOptimizer:
         self._check_like_base(source, "model_params")
         for base, p in zip(self.base, source):
             base.copy_(p.detach().to("cpu", base.dtype))
+
+    def momentum_bytes(self) -> bytes:
+        """The momentum buffers (safetensors): with the round's model, all a peer needs to take
+        the swarm's next outer step. Every member of a round's group holds the same bits."""
+        return save_safetensors({f"m{i}": m.contiguous() for i, m in enumerate(self.momentum_buffers)})
+
+    @torch.no_grad()
+    def load_momentum_bytes(self, data: bytes) -> None:
+        """Take up the swarm's momentum (``momentum_bytes`` of a peer of the round's group)."""
+        loaded = load_safetensors(data)
+        buffers = [loaded.get(f"m{i}") for i in range(len(self.momentum_buffers))]
+        if len(loaded) != len(buffers) or any(b is None for b in buffers):
+            raise OuterConfigError(f"outer state holds {len(loaded)} buffers, the model has {len(buffers)}")
+        self._check_like_base(buffers, "outer state")
+        for dst, src in zip(self.momentum_buffers, buffers):
+            dst.copy_(src.to("cpu", dst.dtype))
 
     def state_dict(self) -> dict[str, Any]:
         """Hyperparameters, step count, base and momentum buffers (copies), for a checkpoint."""

@@ -111,6 +111,7 @@ class ProgressRecord(_Body):
     update_id: str | None = None  # sha256 of this peer's trained weights before the merge (its update)
     optimizer_state_id: str | None = None  # blob: its optimizer state at the round's start (re-execution)
     resume_state_id: str | None = None  # blob: its optimizer state after the round (checkpoint rounds)
+    outer_state_id: str | None = None  # blob: DiLoCo's outer momentum after the round (same on the whole group)
     prev_round: str | None = None  # digest of the previous round (peer.provenance): the history's chain
     val_rows: int = Field(default=0, ge=0)
     val_loss_sum: float = 0.0

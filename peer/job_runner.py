@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -146,10 +147,13 @@ class JobRunner:
             for r in range(1, round_no):  # the verdicts so far decide who is banned (a joiner reads them)
                 self.rejections[r] = self._past_rejections(r)
             # DiLoCo keeps the round's base and the outer momentum; plain averaging needs neither.
-            # (A peer that joins late starts with zero momentum: issue 5's checkpoints carry it.)
+            # A peer arriving late (or back from an outage) takes up the swarm's momentum with its
+            # model: with its own, its outer steps would differ and it would never agree again.
             outer = None
             if agg.outer == "diloco":
                 outer = OuterOptimizer(list(model.parameters()), lr=agg.outer_lr, momentum=agg.outer_momentum)
+                if loaded_round is not None:
+                    self._take_outer_state(outer, loaded_round, base_model_id)
             feedback = ErrorFeedback(make_compression(agg.compression)) if (
                 outer is not None and agg.compression != "none" and agg.error_feedback) else None
             group: list[str] = []
@@ -169,7 +173,7 @@ class JobRunner:
                     base_model_id = self._wait_for_merged_model(round_no)
                     load_model_bytes(model, self.peer.blobs_service.fetch(base_model_id))
                     if outer is not None:
-                        outer.rebase()
+                        self._take_outer_state(outer, round_no, base_model_id)
                     group = []
                 round_no += 1
             self._publish_result(model, base_model_id, group, last_round)
@@ -277,8 +281,8 @@ class JobRunner:
             if feedback is not None:
                 update = feedback.step(update)  # what the codec will drop is carried to the next round
             group, adopted = self._merge(r, model, update, averager, trained, samples, base_model_id)
-            if adopted:
-                outer.rebase()  # the model is the swarm's now: it is the next round's base
+            if adopted:  # the model is the swarm's now, and so must the momentum be
+                self._take_outer_state(outer, r, adopted)
             else:
                 outer.apply(update)
         seconds_merging = time.time() - merge_started
@@ -299,20 +303,22 @@ class JobRunner:
         # the merged model is this round's checkpoint: store it, serve it, evaluate it; on a
         # checkpoint round also keep our optimizer state, to resume with it after an outage
         model_id = self.peer.blobs.put(model_to_bytes(model))
-        self.models.add(model_id)
+        outer_state_id = self.peer.blobs.put(outer.momentum_bytes()) if outer is not None else None
+        self.models.update({model_id, outer_state_id} - {None})  # the round's state: kept, served
         checkpoint = r % t.checkpoint_every == 0 or r == t.rounds
         resume_state_id = self.peer.blobs.put(optimizer_state_bytes(optimizer)) if checkpoint else None
         if resume_state_id:  # only the latest checkpoint is ever resumed from
             previous, self.resume_state_id = self.resume_state_id, resume_state_id
             if previous and previous != resume_state_id:
                 self.for_reexecution.setdefault(r, set()).add(previous)
-        self.peer.announce([model_id])
+        self.peer.announce([model_id] + ([outer_state_id] if outer_state_id else []))
         my_val = schedule.assign_shards(self.val_ids, group, seed=t.seed, round_no=r).get(self.me, [])
         sums = evaluate(model, self._load_shards(my_val), task=self.manifest.task, loss=self.loss)
         self._publish_progress(
             r, "merged", samples=samples, train_loss=train_loss, base_model_id=base_model_id, model_id=model_id,
             group=group, shards=mine, carried=carried, roster=sorted(roster), update_id=update_id, prev_round=prev_round,
-            optimizer_state_id=optimizer_state_id, resume_state_id=resume_state_id, seconds_training=seconds_training,
+            optimizer_state_id=optimizer_state_id, resume_state_id=resume_state_id, outer_state_id=outer_state_id,
+            seconds_training=seconds_training,
             seconds_merging=seconds_merging, seconds_waiting=seconds_waiting, seconds_matchmaking=seconds_matchmaking,
             **sums,
         )
@@ -438,6 +444,17 @@ class JobRunner:
                 logger.info(f"job {self.job.job_id}: optimizer state restored from round {r}'s checkpoint")
                 return
 
+    def _take_outer_state(self, outer: OuterOptimizer, r: int, model_id: str) -> None:
+        """DiLoCo: make round ``r``'s agreed model our base and its group's momentum ours."""
+        states = Counter(s.body.outer_state_id for s in self.records.read(progress_key(self.job.job_id, r),
+                                                                           ProgressRecord)
+                         if s.body.phase == "merged" and s.body.model_id == model_id and s.body.outer_state_id)
+        if states:
+            outer.load_momentum_bytes(self.peer.blobs_service.fetch(states.most_common(1)[0][0]))
+        else:  # a swarm of one, or records from before outer states were kept
+            logger.warning(f"job {self.job.job_id}: no outer momentum for round {r}'s model; keeping ours")
+        outer.rebase()
+
     def _faults(self) -> dict[str, list[int]]:
         """Peer -> the rounds its work was rejected in."""
         out: dict[str, list[int]] = {}
@@ -468,14 +485,14 @@ class JobRunner:
 
     # ---------------------------------------------------------------- merging
     def _merge(self, r, model, tensors, averager: RoundAverager, trained: set[str], samples: int,
-               base_model_id: str) -> tuple[list[str], bool]:
+               base_model_id: str) -> tuple[list[str], str | None]:
         """All-reduce ``tensors`` in place with the round's group: returns (group, adopted).
 
         ``adopted``: our all-reduce failed and the model was replaced by the one the others agreed
-        on, so there is nothing left to apply.
+        on (its id), so there is nothing left to apply; None otherwise.
         """
         if len(trained) < 2:
-            return [self.me], False  # nobody to average with this round: the local result is the round's
+            return [self.me], None  # nobody to average with this round: the local result is the round's
         averager.prepare_round(r, len(trained))
         gathered = averager.merge(tensors, weight=samples, gather={"round": r, "base": base_model_id}, timeout=30.0,
                                   stop=self.peer.stopping)
@@ -491,14 +508,14 @@ class JobRunner:
                 gathered = averager.merge(tensors, weight=samples, gather={"round": r, "base": base_model_id},
                                           timeout=30.0, stop=self.peer.stopping)
         if gathered is not None:
-            return sorted(gathered), False
+            return sorted(gathered), None
         # no group formed for us (a peer died mid-round, a timeout): adopt the model the others agreed on
         logger.warning(f"job {self.job.job_id}: round {r} all-reduce failed here, adopting the swarm's model")
         agreed = self._wait_for(lambda: schedule.majority_model(self._state(r).merged), timeout=60.0)
         if agreed is None:
-            return [self.me], False
+            return [self.me], None
         load_model_bytes(model, self.peer.blobs_service.fetch(agreed))
-        return sorted(p for p, m in self._state(r).merged.items() if m == agreed), True
+        return sorted(p for p, m in self._state(r).merged.items() if m == agreed), agreed
 
     # ---------------------------------------------------------------- the end of the job
     def _publish_result(self, model, model_id: str, last_group: list[str], last_round: int) -> None:

@@ -45,18 +45,20 @@ def _gpuflex_worker(rank, peers, params, reps, part_bytes, maddrs, barrier, resu
     barrier.wait()
     if rank != 0:
         dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=list(maddrs))
-    model = torch.nn.Module()
-    model.weight = torch.nn.Parameter(torch.full((params,), float(rank)))
-    averager = RoundAverager(model, dht, job_id="b" * 24, max_peers=peers, part_size_bytes=part_bytes)
+    weight = torch.full((params,), float(rank))
+    averager = RoundAverager([weight], dht, job_id="b" * 24, max_peers=peers, part_size_bytes=part_bytes)
     times = []
     for rep in range(1, reps + 1):
+        weight.fill_(float(rank))
         barrier.wait()
         start = time.perf_counter()
         averager.prepare_round(rep, peers)
-        ok = averager.merge(weight=1.0, gather={}, timeout=300)
-        times.append(time.perf_counter() - start if ok else float("nan"))
+        ok = averager.merge([weight], weight=1.0, gather={}, timeout=300)
+        took = time.perf_counter() - start if ok else float("nan")
+        split = averager.last_timings
+        times.append((took, split.matchmaking, split.allreduce))
     expected = (peers - 1) / 2
-    correct = abs(model.weight[0].item() - expected) < 1e-5
+    correct = abs(weight[0].item() - expected) < 1e-5 and abs(weight[-1].item() - expected) < 1e-5
     results.put((rank, times, correct))
     barrier.wait()
     averager.shutdown()
@@ -75,7 +77,7 @@ def _gloo_worker(rank, peers, params, reps, port, results):
         start = time.perf_counter()
         dist.all_reduce(tensor)
         tensor /= peers
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start, 0.0, 0.0))
     results.put((rank, times, True))
     dist.barrier()
     dist.destroy_process_group()
@@ -94,9 +96,14 @@ def _run(target, peers, *args) -> list[float]:
             p.kill()
     if not all(ok for _, _, ok in gathered):
         raise RuntimeError(f"{target.__name__}: wrong average")
-    # a round ends when its slowest member is done: per repetition, the max over ranks
+    # a round ends when its slowest member is done: per repetition, the slowest rank's (total,
+    # matchmaking, all-reduce)
     per_rep = [max(times[i] for _, times, _ in gathered) for i in range(len(gathered[0][1]))]
     return per_rep[1:] if len(per_rep) > 1 else per_rep  # the first repetition warms connections up
+
+
+def _median(samples: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    return tuple(statistics.median(s[i] for s in samples) for i in range(3))
 
 
 def main() -> int:
@@ -104,27 +111,33 @@ def main() -> int:
     parser.add_argument("--params", type=int, default=10_000_000)
     parser.add_argument("--peers", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--part-bytes", type=int, default=2**19, help="hivemind's all-reduce part size")
+    parser.add_argument("--part-bytes", type=int, nargs="+", default=[2**19],
+                        help="hivemind's all-reduce part size(s) to try")
     parser.add_argument("--write", default=str(ROOT / "docs" / "benchmarks.md"))
     args = parser.parse_args()
 
     rows = []
     for peers in args.peers:
-        manager = mp.get_context("fork").Manager()
-        ours = _run(_gpuflex_worker, peers, args.params, args.reps, args.part_bytes, manager.list(), manager.Barrier(peers))
-        manager.shutdown()
-        gloo = _run(_gloo_worker, peers, args.params, args.reps, _free_port())
-        rows.append((peers, statistics.median(ours), statistics.median(gloo)))
-        print(f"peers={peers}: gpuflex {rows[-1][1]:.3f}s  gloo {rows[-1][2]:.3f}s", flush=True)
+        gloo = _median(_run(_gloo_worker, peers, args.params, args.reps, _free_port()))[0]
+        for part_bytes in args.part_bytes:
+            manager = mp.get_context("fork").Manager()
+            ours = _median(_run(_gpuflex_worker, peers, args.params, args.reps, part_bytes, manager.list(),
+                                manager.Barrier(peers)))
+            manager.shutdown()
+            rows.append((peers, part_bytes, *ours, gloo))
+            print(f"peers={peers} parts={part_bytes // 1024} KiB: gpuflex {ours[0]:.3f}s (matchmaking "
+                  f"{ours[1]:.3f}s, all-reduce {ours[2]:.3f}s)  gloo {gloo:.3f}s", flush=True)
 
     mb = args.params * 4 / 1e6
     table = [
         f"All-reduce of {args.params:,} fp32 parameters ({mb:.0f} MB), median of {args.reps - 1} timed repetitions "
-        f"after one warm-up, slowest peer per repetition; {os.cpu_count()} CPU cores, loopback.",
+        f"after one warm-up, slowest peer per repetition; {os.cpu_count()} CPU cores, loopback. Matchmaking: "
+        "from the merge call until the group formed; all-reduce: the butterfly (transfer and reduce).",
         "",
-        "| peers | gpuflex round merge (s) | gloo all_reduce (s) | ratio |",
-        "|---:|---:|---:|---:|",
-        *[f"| {p} | {ours:.3f} | {gloo:.3f} | {ours / gloo:.1f}x |" for p, ours, gloo in rows],
+        "| peers | part size | gpuflex round merge (s) | matchmaking (s) | all-reduce (s) | gloo all_reduce (s) | ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        *[f"| {p} | {b // 1024} KiB | {total:.3f} | {match:.3f} | {reduce:.3f} | {gloo:.3f} | {total / gloo:.1f}x |"
+          for p, b, total, match, reduce, gloo in rows],
     ]
     print("\n".join(table))
     command = "python scripts/bench_allreduce.py " + " ".join(sys.argv[1:])

@@ -184,3 +184,23 @@ def test_rejects_mismatched_shapes():
         outer.apply([torch.zeros(3)])
     with pytest.raises(ValueError):
         outer.apply([torch.zeros(2), torch.zeros(2)])
+
+
+def test_a_peer_that_takes_up_the_swarms_momentum_takes_the_same_outer_steps():
+    # two peers of a group, then a third that adopts their model mid-job: with their momentum
+    # bytes it steps bit-identically from then on; with its own zero momentum it would not
+    start = [torch.randn(4, 3, generator=torch.Generator().manual_seed(1)), torch.randn(5)]
+    peers = [OuterOptimizer([p.clone() for p in start]) for _ in range(2)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(3)]
+    for peer in peers:
+        peer.apply(grads[0])
+    late = OuterOptimizer([p.clone() for p in peers[0].params])
+    stale = OuterOptimizer([p.clone() for p in peers[0].params])
+    late.load_momentum_bytes(peers[0].momentum_bytes())
+    for g in grads[1:]:
+        for opt in (*peers, late, stale):
+            opt.apply(g)
+    assert all(torch.equal(a, b) for a, b in zip(late.params, peers[0].params))
+    assert not all(torch.equal(a, b) for a, b in zip(stale.params, peers[0].params))
+    with pytest.raises(OuterConfigError, match="buffers"):
+        OuterOptimizer([torch.zeros(2)]).load_momentum_bytes(peers[0].momentum_bytes())

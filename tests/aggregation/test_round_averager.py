@@ -108,7 +108,8 @@ def test_peers_in_different_rounds_never_average_together(dhts):
             averager.shutdown()
 
 
-def test_centered_clip_keeps_a_poisoned_peer_from_dragging_the_group(dhts):
+@pytest.mark.parametrize("reducer,options", [("centered_clip", {}), ("trimmed_mean", {"trim": 1})])
+def test_a_robust_reducer_keeps_a_poisoned_peer_from_dragging_the_group(dhts, reducer, options):
     honest = [_model(seed) for seed in range(3)]
     honest_mean = [torch.stack(ps).mean(0) for ps in zip(*[_params(m) for m in honest])]
     poisoned = _model(9)
@@ -116,7 +117,8 @@ def test_centered_clip_keeps_a_poisoned_peer_from_dragging_the_group(dhts):
         for p, h in zip(poisoned.parameters(), honest[0].parameters()):
             p.copy_(-1000 * h)  # a scaled, sign-flipped update
     models = honest + [poisoned]
-    averagers = [_averager(m, dht, "v", reducer="centered_clip") for m, dht in zip(models, dhts)]
+    averagers = [_averager(m, dht, reducer[0], reducer=reducer, reducer_options=options)
+                 for m, dht in zip(models, dhts)]
     try:
         results = _merge_all(averagers, [1.0] * 4, round_no=1)
         assert all(r is not None for r in results)

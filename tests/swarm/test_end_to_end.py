@@ -111,12 +111,14 @@ def test_three_peers_train_digits_submitted_via_one_peer_fetched_via_another(loc
     assert refused.returncode == 1 and "model.init_from" in refused.stderr and "Traceback" not in refused.stderr
 
 
-def test_a_peer_joining_late_loads_the_swarms_model_and_trains_later_rounds(local_swarm, digits_job, tmp_path):
+def test_a_peer_joining_late_takes_up_the_swarms_model_and_momentum_and_trains_later_rounds(local_swarm, digits_job, tmp_path):
     from swarm.client import Client
 
     local_swarm.start_peer()
     local_swarm.start_peer()
-    job_file = digits_job(training={"rounds": 14, "local_steps": 60})
+    # DiLoCo: the late peer must take up the swarm's outer momentum with its model, or its outer
+    # steps differ and its model never again matches the others' (it would count in no round)
+    job_file = digits_job(training={"rounds": 14, "local_steps": 60}, aggregation={"outer": "diloco"})
     with Client(local_swarm.maddrs[0]) as client:
         job = client.submit(load_job_file(job_file))  # a JobSpec object, as the SDK example builds
         local_swarm.wait_for(lambda: job.status()["rounds_done"] >= 2, timeout=180, what="round 2", poll=0.3)
