@@ -122,6 +122,7 @@ class ProgressRecord(_Body):
     seconds_merging: float = 0.0  # the merge: matchmaking, then the butterfly (transfer and reduce)
     seconds_matchmaking: float = 0.0  # the part of seconds_merging spent forming the group
     seconds_waiting: float = 0.0  # between its training and the merge: waiting for the others to finish
+    started: float = 0.0  # when this peer joined the round (its wall clock; the round's timeline)
     time: float = 0.0
     wallet: str | None = None  # where this peer's pay for the round goes (paid jobs)
 

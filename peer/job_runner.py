@@ -222,6 +222,7 @@ class JobRunner:
         t, swarm = self.spec.training, self.spec.swarm
         if self.payouts is not None and (closed := escrow_closed(self.job, self.peer.ledger)):
             raise JobClosed(f"job {self.job.job_id}: escrow {closed}, stopping before round {r}")
+        round_started = time.time()
         self._publish_progress(r, "joined", base_model_id=base_model_id)
         roster = self._wait_for_roster(r, previous_group, swarm.min_peers)
         if self.me not in (merged := self._state(r).merged or {}) and schedule.majority_model(merged):
@@ -259,7 +260,8 @@ class JobRunner:
             metrics.train_loss.labels(job).set(train_loss)
         self._publish_progress(
             r, "trained", samples=samples, train_loss=train_loss, base_model_id=base_model_id, shards=mine,
-            carried=carried, roster=sorted(roster), update_id=update_id, prev_round=prev_round, optimizer_state_id=optimizer_state_id,
+            carried=carried, started=round_started, roster=sorted(roster), update_id=update_id,
+            prev_round=prev_round, optimizer_state_id=optimizer_state_id,
         )
 
         # a peer that arrived as the round was being dealt may only now see that it was dealt
@@ -318,7 +320,7 @@ class JobRunner:
             r, "merged", samples=samples, train_loss=train_loss, base_model_id=base_model_id, model_id=model_id,
             group=group, shards=mine, carried=carried, roster=sorted(roster), update_id=update_id, prev_round=prev_round,
             optimizer_state_id=optimizer_state_id, resume_state_id=resume_state_id, outer_state_id=outer_state_id,
-            seconds_training=seconds_training,
+            seconds_training=seconds_training, started=round_started,
             seconds_merging=seconds_merging, seconds_waiting=seconds_waiting, seconds_matchmaking=seconds_matchmaking,
             **sums,
         )

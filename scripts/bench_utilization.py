@@ -91,8 +91,8 @@ def run_setting(local_steps: int, args, job_template: dict, work: Path) -> dict:
             records = [s.body for r in range(1, rounds + 1)
                        for s in client.records.read(progress_key(job_id, r), ProgressRecord)]
     merged = [p for p in records if p.phase == "merged"]
-    started = min(p.time for p in records if p.round == 1 and p.phase == "joined")
-    wall = max(p.time for p in merged) - started
+    started = min(p.started for p in merged if p.round == 1)
+    wall = max(p.time for p in merged) - started  # first join to the last merged record
     peers = sorted({p.peer_id for p in merged})
     utilization = statistics.mean(sum(p.seconds_training for p in merged if p.peer_id == peer) / wall
                                   for peer in peers)
