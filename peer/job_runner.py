@@ -169,6 +169,8 @@ class JobRunner:
                 except RoundMissed:
                     # be on the next round's roster before it is dealt, and take this round's model
                     logger.info(f"job {self.job.job_id}: round {round_no} went ahead without us, catching up")
+                    if self.me not in (self._state(round_no).merged or {}):
+                        self._publish_progress(round_no, "left")  # whoever dealt us in: don't wait for us
                     self._publish_progress(round_no + 1, "joined", base_model_id=base_model_id)
                     base_model_id = self._wait_for_merged_model(round_no)
                     load_model_bytes(model, self.peer.blobs_service.fetch(base_model_id))
@@ -577,14 +579,16 @@ class JobRunner:
                          f"{self._faults()[self.me]}; it is banned from the job")
 
         def settled():
-            joined = self._state(r).joined - banned  # a banned peer is dealt nothing, by everyone
+            state = self._state(r)
+            joined = state.joined - state.left - banned  # a banned peer is dealt nothing, by everyone
             if joined != seen["roster"]:
                 seen["roster"], seen["since"] = joined, time.time()
             if self.records.read(result_key(self.job.job_id), ResultRecord):
                 raise FinishedElsewhere(self.job.job_id)  # stopped early without us: nothing left to do
             expected = [p for p in previous_group if p != self.me and p not in banned]
             ready = schedule.roster_ready(joined, expected=expected, alive=self.peer.alive_peers(), min_peers=min_peers)
-            return joined if ready and time.time() - seen["since"] >= ROSTER_SETTLE else None
+            known = schedule.roster_known(joined, expected, self.me)
+            return joined if ready and (known or time.time() - seen["since"] >= ROSTER_SETTLE) else None
 
         return self._wait_for(settled, timeout=None)  # a job short of min_peers waits until peers come
 

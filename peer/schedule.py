@@ -135,6 +135,18 @@ def roster_ready(
     return len(joined) >= min_peers and not waiting_for
 
 
+def roster_known(joined: frozenset[str], previous_group: Iterable[str], me: str) -> bool:
+    """The round's joiners are exactly last round's group (with us): the roster is known.
+
+    Then the round starts at once instead of waiting ROSTER_SETTLE for the view to stop changing:
+    in a steady swarm that wait is pure overhead every round. A newcomer that every member but
+    one has not seen yet can still split the roster; it then finds itself dealt out (its
+    ``missed_round``), says it left the round, and the members deal it in next round.
+    """
+    group = set(previous_group) | {me}
+    return len(group) > 1 and joined == group
+
+
 def barrier_ready(
     roster: Iterable[str], trained: frozenset[str], alive: Iterable[str], left: frozenset[str] = frozenset()
 ) -> bool:

@@ -83,6 +83,13 @@ def test_roster_ready_waits_for_min_peers_and_for_last_rounds_live_peers():
     assert schedule.roster_ready(frozenset("ab"), expected="abc", alive="ab", min_peers=2)
 
 
+def test_the_roster_is_known_when_last_rounds_group_is_back_whole_and_alone():
+    assert schedule.roster_known(frozenset("abc"), previous_group="bc", me="a")  # starts at once
+    assert not schedule.roster_known(frozenset("abcd"), previous_group="bc", me="a")  # a newcomer: settle
+    assert not schedule.roster_known(frozenset("ab"), previous_group="bc", me="a")  # c not back (yet)
+    assert not schedule.roster_known(frozenset("a"), previous_group="", me="a")  # first round: settle
+
+
 def test_barrier_waits_for_live_roster_peers_only():
     assert not schedule.barrier_ready("abc", frozenset("ab"), alive="abc")
     assert schedule.barrier_ready("abc", frozenset("ab"), alive="ab")
