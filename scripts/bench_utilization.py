@@ -3,7 +3,8 @@
     python scripts/bench_utilization.py --local-steps 1 10 50 200 --total-steps 200
 
 The swarm runs inside its own network namespace (``unshare --net``), whose loopback carries a
-``tc netem`` qdisc: 25 ms of delay each way (50 ms round trip) and 100 Mbit/s. Every packet
+``tc netem`` qdisc: 25 ms of delay each way (50 ms round trip) and 100 Mbit/s (where the kernel
+has no netem: a token bucket filter, the rate without the delay; the table names which). Every packet
 between two peers crosses that one loopback, so the 4 peers share one 100 Mbit/s link (stricter
 than a link per pair). Needs root (or CAP_SYS_ADMIN and CAP_NET_ADMIN); without it the script
 says so and stops, rather than measure an unthrottled loopback. ``--no-netem`` runs on the plain
@@ -42,16 +43,25 @@ INSIDE = "GPUFLEX_BENCH_IN_NETNS"
 
 
 def enter_namespace(delay_ms: float, rate: str) -> None:
-    """Re-run this script in a fresh network namespace whose loopback is throttled; exits with it."""
+    """Re-run this script in a fresh network namespace whose loopback is throttled; exits with it.
+
+    netem gives the delay and the rate. A kernel without netem (some containers) still has the
+    token bucket filter: then the rate is enforced and the delay is not, and the table says so.
+    """
     if os.environ.get(INSIDE):
         return
     if shutil.which("unshare") is None or shutil.which("tc") is None:
         sys.exit("bench_utilization: needs unshare and tc (util-linux, iproute2); or run with --no-netem")
-    setup = (f"ip link set lo up && tc qdisc add dev lo root netem delay {delay_ms}ms rate {rate} && "
-             f"exec {sys.executable} {' '.join(map(_quote, sys.argv))}")
-    env = {**os.environ, INSIDE: f"netem delay {delay_ms}ms each way, rate {rate}"}
-    result = subprocess.run(["unshare", "--net", "sh", "-c", setup], env=env)
-    if result.returncode != 0 and not os.environ.get(INSIDE):
+    rerun = f"exec {sys.executable} {' '.join(map(_quote, sys.argv))}"
+    netem = f"netem delay {delay_ms}ms each way, rate {rate}"
+    tbf = f"tbf rate {rate} only (this kernel has no netem: no added delay)"
+    setup = (f"ip link set lo up && "
+             f"if tc qdisc add dev lo root netem delay {delay_ms}ms rate {rate} 2>/dev/null; "
+             f"then export {INSIDE}={_quote(netem)}; "
+             f"else tc qdisc add dev lo root tbf rate {rate} burst 64kb latency 100ms && "
+             f"export {INSIDE}={_quote(tbf)}; fi && {rerun}")
+    result = subprocess.run(["unshare", "--net", "sh", "-c", setup])
+    if result.returncode != 0:
         print("bench_utilization: could not enter a throttled network namespace (root is needed); "
               "--no-netem measures the plain loopback instead", file=sys.stderr)
     sys.exit(result.returncode)
@@ -132,7 +142,7 @@ def main() -> int:
     template = yaml.safe_load(Path(args.job).read_text())
     data = Path(template["data"]["path"])
     template["data"]["path"] = str(data if data.is_absolute() else (Path(args.job).parent / data).resolve())
-    link = os.environ.get(INSIDE, "plain loopback, no throttle")
+    link = os.environ.get(INSIDE) or "plain loopback, no throttle"
     rows = []
     with tempfile.TemporaryDirectory(prefix="gpuflex-util-") as tmp:
         for local_steps in args.local_steps:
@@ -145,8 +155,9 @@ def main() -> int:
     baseline = next((r["accuracy"] for r in rows if r["local_steps"] == 1), rows[0]["accuracy"])
     table = [
         f"{args.peers} peers on one {os.cpu_count()}-core machine, {Path(args.job).name} with DiLoCo (outer lr 0.7, "
-        f"Nesterov 0.9), {args.total_steps} local steps per peer in all; link: {link} (a network namespace's "
-        "loopback, shared by all peers). Seconds are means per round over peers.",
+        f"Nesterov 0.9), {args.total_steps} local steps per peer in all; link: {link}"
+        + ("" if args.no_netem else ", on a network namespace's loopback that all peers share")
+        + ". Seconds are means per round over peers.",
         "",
         "| local_steps | rounds | wall (s) | utilization | training | waiting | matchmaking | all-reduce | other "
         "| val accuracy | vs local_steps=1 (points) |",
