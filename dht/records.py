@@ -19,6 +19,7 @@ progress     ``gpuflex.job.<id>.round.<round>``           peer: joined / trained
 result       ``gpuflex.job.<id>.result``                  peer: final model and report ids
 attestation  ``gpuflex.job.<id>.attest.<round>``         peer: its signature over the round's pay
 verdict      ``gpuflex.job.<id>.verdict.<round>``        (verifier, target): a re-execution's finding
+rating       ``gpuflex.job.<id>.rating``                  carrier: the consumer's signed rating (dht.ratings)
 provider     ``gpuflex.blob.<sha256>``                    peer that serves this blob
 ===========  ===========================================  ====================================
 """
@@ -58,6 +59,10 @@ def verdict_key(job_id: str, round_no: int) -> str:
     return f"gpuflex.job.{job_id}.verdict.{round_no}"
 
 
+def rating_key(job_id: str) -> str:
+    return f"gpuflex.job.{job_id}.rating"
+
+
 def provider_key(blob_id: str) -> str:
     return f"gpuflex.blob.{blob_id}"
 
@@ -86,6 +91,7 @@ class JobRecord(_Body):
     # a paid job: where its budget is escrowed (chain_id, escrow, job_key, consumer, budget,
     # price_per_unit, deadline; all strings: amounts overflow msgpack's 64-bit ints)
     escrow: dict[str, str] | None = None
+    consumer_key: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")  # Ed25519: who may rate it
 
 
 class LeaseRecord(_Body):
@@ -154,6 +160,16 @@ class VerdictRecord(_Body):
     reason: str = ""
 
 
+class RatingRecord(_Body):
+    """The consumer's rating of its job (``dht.ratings``: signed by the consumer's own key)."""
+
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+    stars: int = Field(ge=1, le=5)
+    comment: str = Field(default="", max_length=1000)
+    rated_at: float
+    signature: str = Field(pattern=r"^[0-9a-f]{128}$")
+
+
 class ProviderRecord(_Body):
     blob_id: str = Field(pattern=SHA256_HEX)
     maddrs: list[str]
@@ -168,6 +184,7 @@ RECORD_KINDS: dict[str, type[_Body]] = {
     "result": ResultRecord,
     "attestation": AttestationRecord,
     "verdict": VerdictRecord,
+    "rating": RatingRecord,
     "provider": ProviderRecord,
 }
 KIND_OF = {cls: kind for kind, cls in RECORD_KINDS.items()}
@@ -180,6 +197,7 @@ _KEY_PATTERNS = {
     "result": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.result$"),
     "attestation": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.attest\.[0-9]+$"),
     "verdict": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.verdict\.[0-9]+$"),
+    "rating": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.rating$"),
     "provider": re.compile(r"gpuflex\.blob\.[0-9a-f]{64}$"),
 }
 

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import time
 from typing import AsyncIterator
 
@@ -45,14 +46,14 @@ def job_id_for(spec: dict, dataset_id: str, submitted_at: float, peer_id: str) -
 
 
 def submission_messages(spec: dict, manifest_bytes: bytes, blobs: dict[str, bytes], escrow: dict | None = None,
-                        submitted_at: float | None = None):
+                        submitted_at: float | None = None, consumer_key: str | None = None):
     """What a consumer sends: a header, then every shard in chunks.
 
     The consumer stamps the submission time, so the job id is fixed before anything is sent and
     a resent submission names the same job instead of publishing a second one.
     """
     header = {"spec": spec, "manifest": manifest_bytes, "submitted_at": submitted_at or time.time(),
-              **({"escrow": escrow} if escrow else {})}
+              **({"escrow": escrow} if escrow else {}), **({"consumer_key": consumer_key} if consumer_key else {})}
     yield BytesValue(value=MSGPackSerializer.dumps(header))
     for blob_id, data in blobs.items():
         for offset in range(0, max(len(data), 1), CHUNK_BYTES):
@@ -83,13 +84,13 @@ class SubmissionLost(GPUFlexError):
 
 async def send_submission(
     p2p: P2P, peer_id: str, spec: dict, manifest_bytes: bytes, blobs: dict[str, bytes], escrow: dict | None = None,
-    submitted_at: float | None = None,
+    submitted_at: float | None = None, consumer_key: str | None = None,
 ) -> str:
     """Send the job; resend it (same stamp, so the same job id) when the stream drops unanswered."""
     submitted_at = submitted_at or time.time()
 
     async def requests():
-        for message in submission_messages(spec, manifest_bytes, blobs, escrow, submitted_at):
+        for message in submission_messages(spec, manifest_bytes, blobs, escrow, submitted_at, consumer_key):
             yield message
 
     problem = None
@@ -144,6 +145,9 @@ class JobIntake:
                     raise JobRejected("the dataset manifest is not in canonical form (its hash is not its id)")
                 spec = JobSpec.from_dict(header["spec"], source="submitted job")
                 submitted_at = float(header["submitted_at"])
+                consumer_key = header.get("consumer_key")
+                if consumer_key is not None and not re.fullmatch(r"[0-9a-f]{64}", str(consumer_key)):
+                    raise JobRejected("consumer_key: not an Ed25519 public key (64 hex digits)")
                 if abs(time.time() - submitted_at) > MAX_CLOCK_SKEW_S:
                     raise JobRejected(f"the submission is stamped {time.time() - submitted_at:+.0f}s away from "
                                       f"this peer's clock (more than {MAX_CLOCK_SKEW_S:.0f}s): check the clocks")
@@ -167,10 +171,11 @@ class JobIntake:
             raise JobRejected(f"{len(missing)} of {len(wanted)} shards never arrived")
         # everything checked: only now write anything (in a thread: DHT calls block)
         return await asyncio.to_thread(
-            self._publish, spec, manifest, header["manifest"], received, header.get("escrow"), submitted_at)
+            self._publish, spec, manifest, header["manifest"], received, header.get("escrow"), submitted_at,
+            header.get("consumer_key"))
 
     def _publish(self, spec: JobSpec, manifest: DatasetManifest, manifest_bytes: bytes, received: dict,
-                 escrow: dict | None, submitted_at: float) -> str:
+                 escrow: dict | None, submitted_at: float, consumer_key: str | None = None) -> str:
         stored = [self.blobs.put(data, expected_id=blob_id) for blob_id, data in received.items()]
         stored.append(self.blobs.put(manifest_bytes))
         spec_dict = spec.to_dict()
@@ -183,6 +188,7 @@ class JobIntake:
             dataset_id=manifest.dataset_id,
             submitted_at=submitted_at,
             escrow=escrow,  # peers check it on chain themselves before working
+            consumer_key=consumer_key,  # only its holder may rate the job
         )
         if not self.records.publish(JOBS_KEY, record, ttl=JOB_TTL, subkey_prefix=job_id.encode() + b":"):
             raise JobRejected("the DHT refused the job record")

@@ -85,6 +85,8 @@ def job_submit(
     deadline_hours: float = typer.Option(24.0, "--deadline-hours", help="After this, an unfinished job refunds."),
     stop_when: Optional[str] = typer.Option(
         None, "--stop-when", help="Stop early once a round meets this, e.g. 'val_accuracy>=0.95' (overrides the file)."),
+    consumer_key: Optional[Path] = typer.Option(
+        None, "--consumer-key", help="Your signing key, made on first use (default ~/.gpuflex/consumer.key)."),
 ) -> None:
     """Validate the job file, shard the dataset, escrow the budget, hand it to a peer; prints the job id."""
     from swarm.spec import JobSpec, load_job_file
@@ -103,7 +105,7 @@ def job_submit(
         ledger = None
         if budget is not None:
             ledger = open_ledger(deployment, wallet or Path("~/.gpuflex/wallet.json"), None)
-        with Client(peer) as client:
+        with Client(peer, consumer_key=consumer_key) as client:
             job = client.submit(spec, from_job=from_job, budget=budget, ledger=ledger,
                                 deadline_hours=deadline_hours, dataset=dataset)
     except GPUFlexError as e:
@@ -166,6 +168,33 @@ def job_status(
     for key in sorted(k for k in status if k.startswith("val_")):
         typer.echo(f"  {key.replace('_', ' ')} {status[key]:.4f}")
     typer.echo(f"  peers {len(status['peers_done'])}/{len(status['peers'])} done this round (min {status['min_peers']})")
+    if status.get("rating"):
+        from swarm.report_files import stars
+
+        rating = status["rating"]
+        said = f": \"{rating['comment']}\"" if rating["comment"] else ""
+        typer.echo(f"  rated {stars(rating['stars'])} {rating['stars']}/5 by the consumer{said}")
+        typer.echo(f"    for the work of {', '.join(p[:12] for p in sorted(status['peers_done']))}")
+
+
+@job_app.command("rate")
+def job_rate(
+    job_id: str,
+    stars: int = typer.Argument(..., help="1 to 5."),
+    comment: str = typer.Option("", "--comment", help="A line on how it went."),
+    peer: str = PeerOption,
+    consumer_key: Optional[Path] = typer.Option(
+        None, "--consumer-key", help="The key the job was submitted with (default ~/.gpuflex/consumer.key)."),
+) -> None:
+    """Rate a job you submitted; the rating is kept with the job, next to the peers that did it."""
+    from swarm.client import Client
+
+    try:
+        with Client(peer, consumer_key=consumer_key) as client:
+            client.rate(job_id, stars, comment)
+    except GPUFlexError as e:
+        _fail(e)
+    typer.echo(f"rated job {job_id} {stars}/5")
 
 
 @job_app.command("watch")
@@ -223,6 +252,10 @@ def job_result(
     report = json.loads(files.report.read_text())
     typer.echo(f"model   {files.model}  (sha256 {files.model_id[:16]}…, verified)")
     typer.echo(f"report  {files.report}")
+    if files.tracking_run:
+        typer.echo(f"mlflow  run {files.tracking_run}")
+    if files.tracking_error:
+        typer.echo(f"warning: the result is fine, but logging it to MLflow failed: {files.tracking_error}", err=True)
     for extra in files.extras:
         typer.echo(f"        {extra}")
     for key, value in sorted(report.get("final", {}).items()):

@@ -28,11 +28,13 @@ from dht.records import (
     PeerRecord,
     ProgressRecord,
     ProviderRecord,
+    RatingRecord,
     ResultRecord,
     VerdictRecord,
     leases_key,
     progress_key,
     provider_key,
+    rating_key,
     result_key,
     verdict_key,
 )
@@ -40,11 +42,14 @@ from dht.store import RecordStore
 from peer.intake import send_submission
 from peer.loop import LoopThread
 from peer.payout import payable
+from dht.ratings import MAX_COMMENT, latest_rating, public_key_hex, sign_rating
 from peer.runtime import PEER_TTL
 from peer.transfer import BlobUnavailable, download_blob
+from swarm.consumer_key import consumer_key_path, load_consumer_key, load_or_create_consumer_key
 from swarm.report import job_status, round_summary
 from swarm.report_files import write_report_files
 from swarm.spec import BLOB_REF, JobSpec, load_job_file, stop_condition_met
+from swarm.tracking import track_result
 
 
 @dataclass
@@ -70,6 +75,13 @@ class ResultNotReady(GPUFlexError):
 
 class ResultUnverified(GPUFlexError):
     """The downloaded result does not match what the swarm's signed records say."""
+
+
+class RatingRefused(GPUFlexError):
+    """A rating that can not be given: stars out of range, or not the job's consumer."""
+
+
+RATING_TTL = 30 * 24 * 3600.0  # a rating outlives the job's own records
 
 
 def _escrow_key(job: JobRecord) -> bytes:
@@ -140,11 +152,14 @@ class ResultFiles:
     model_id: str
     verified: bool
     extras: list[Path] = field(default_factory=list)  # report.md, curves.png, contributions.png
+    tracking_run: str | None = None  # the MLflow run the result was logged to (job file's `tracking:`)
+    tracking_error: str | None = None  # why logging it failed (the files are fine)
 
 
 class Client:
-    def __init__(self, peer: str):
+    def __init__(self, peer: str, consumer_key: str | os.PathLike | None = None):
         self.peer = peer
+        self.consumer_key = consumer_key  # the consumer's key file (swarm.consumer_key): names who may rate
         self.peer_id = peer_id_from_maddr(peer)
         # a throwaway identity: the consumer's wallet key arrives with the ledger
         self._home = tempfile.mkdtemp(prefix="gpuflex-client-")
@@ -207,9 +222,9 @@ class Client:
         escrow = None
         if budget is not None:  # a paid job: the budget is escrowed on chain before the job is announced
             escrow = open_escrow(spec, manifest.dataset_id, budget, ledger, deadline_hours)
-        job_id = self.loop.run(
-            send_submission(self.p2p, self.peer_id, public, manifest.to_bytes(), blobs, escrow), timeout=600
-        )
+        consumer = public_key_hex(load_or_create_consumer_key(self.consumer_key))
+        job_id = self.loop.run(send_submission(self.p2p, self.peer_id, public, manifest.to_bytes(), blobs, escrow,
+                                               consumer_key=consumer), timeout=600)
         self._wait(lambda: self._job(job_id, missing_ok=True), timeout=30, what=f"job {job_id} to appear in the DHT")
         return Job(self, job_id)
 
@@ -291,6 +306,7 @@ class Client:
         results = [s.body for s in self.records.read(result_key(job_id), ResultRecord)]
         peers = {s.author: s for s in self.records.read(PEERS_KEY, PeerRecord)}
         status = job_status(job, rounds, results, len(peers))
+        status["rating"] = self.rating(job_id, job)
         # one row per peer of the current round: what it is, how fast, how much data, last heartbeat
         shards = {}
         if status["round"]:
@@ -341,8 +357,11 @@ class Client:
         out.mkdir(parents=True, exist_ok=True)
         (out / "model.safetensors").write_bytes(model_bytes)
         (out / "report.json").write_bytes(report_bytes)
-        extras = write_report_files(report, out)  # report.md and plots, drawn here from the verified report
-        return ResultFiles(out, out / "model.safetensors", out / "report.json", model_id, verified=True, extras=extras)
+        # report.md and plots, drawn here from the verified report (and the consumer's verified rating)
+        extras = write_report_files(report, out, rating=self.rating(job_id))
+        files = ResultFiles(out, out / "model.safetensors", out / "report.json", model_id, verified=True, extras=extras)
+        track_result(self._job(job_id).spec, report, files)  # the job file's `tracking:`, if any
+        return files
 
     def rejected(self, job: JobRecord, r: int, merged: list[ProgressRecord]) -> set[str]:
         """Peers whose round-``r`` work was rejected: a false claim, or its drawn verifiers' majority
@@ -365,6 +384,34 @@ class Client:
         return round_rejections(agreed, verdicts, fraction=v.fraction, verifiers=v.verifiers,
                                 train_ids=self._train_ids[job.dataset_id], seed=t.seed, round_no=r,
                                 max_samples=t.local_steps * t.batch_size)
+
+    # ---------------------------------------------------------------- ratings
+    def rate(self, job_id: str, stars: int, comment: str = "") -> RatingRecord:
+        """Rate a job you submitted (1-5 stars): signed with your consumer key, kept with the job."""
+        if not 1 <= stars <= 5:
+            raise RatingRefused(f"stars: {stars} is not in 1-5")
+        if len(comment) > MAX_COMMENT:
+            raise RatingRefused(f"comment: {len(comment)} characters, at most {MAX_COMMENT}")
+        job = self._job(job_id)
+        if not job.consumer_key:
+            raise RatingRefused(f"job {job_id} names no consumer key (submitted before ratings existed)")
+        key = load_consumer_key(self.consumer_key)
+        if public_key_hex(key) != job.consumer_key:
+            raise RatingRefused(f"job {job_id} was submitted with another consumer key than "
+                                f"{consumer_key_path(self.consumer_key)}: only its consumer may rate it")
+        rating = sign_rating(key, self.records.peer_id, job_id, stars, comment, time.time())
+        if not self.records.publish(rating_key(job_id), rating, ttl=RATING_TTL):
+            raise RatingRefused("the DHT refused the rating record")
+        return rating
+
+    def rating(self, job_id: str, job: JobRecord | None = None) -> dict | None:
+        """The consumer's latest rating of the job (forged ones are ignored and counted)."""
+        job = job or self._job(job_id)
+        found = [s.body for s in self.records.read(rating_key(job_id), RatingRecord)]
+        rating, ignored = latest_rating(found, job_id, job.consumer_key)
+        self.records.rejected += ignored
+        return None if rating is None else {"stars": rating.stars, "comment": rating.comment,
+                                            "rated_at": rating.rated_at}
 
     # ---------------------------------------------------------------- audit
     def audit(self, job_id: str, *, ledger=None, check_models: bool = True) -> "Audit":
@@ -479,6 +526,10 @@ class Job:
             if deadline is not None and time.time() > deadline:
                 raise ResultNotReady(f"job {self.job_id} still {status['state']} after {timeout:.0f}s")
             time.sleep(poll)
+
+    def rate(self, stars: int, comment: str = "") -> None:
+        """Rate the job (1-5): only with the consumer key it was submitted with."""
+        self.client.rate(self.job_id, stars, comment)
 
     def download(self, out_dir: str | os.PathLike) -> ResultFiles:
         return self.client.result(self.job_id, out_dir)

@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def write_report_files(report: dict, out_dir: Path) -> list[Path]:
-    """Write report.md, curves.png (loss and validation per round) and contributions.png."""
+def write_report_files(report: dict, out_dir: Path, rating: dict | None = None) -> list[Path]:
+    """Write report.md, curves.png (loss and validation per round) and contributions.png.
+
+    ``rating``: the consumer's verified rating (``Client.rating``), shown with the participants."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,11 +51,11 @@ def write_report_files(report: dict, out_dir: Path) -> list[Path]:
     plt.close(fig)
 
     markdown = out_dir / "report.md"
-    markdown.write_text(_markdown(report, metric))
+    markdown.write_text(_markdown(report, metric, rating))
     return [markdown, curves, contributions]
 
 
-def _markdown(report: dict, metric: str) -> str:
+def _markdown(report: dict, metric: str, rating: dict | None = None) -> str:
     final = report.get("final", {})
     lines = [
         f"# {report['name']} — job {report['job_id']}",
@@ -84,4 +86,11 @@ def _markdown(report: dict, metric: str) -> str:
               "| peer | rounds | samples | shard-rounds |", "|---|---:|---:|---:|"]
     for peer, p in sorted(report["participants"].items()):
         lines.append(f"| `{peer}` | {p['rounds']} | {p['samples']} | {p['shard_rounds']} |")
+    if rating:
+        lines += ["", f"Rated {stars(rating['stars'])} ({rating['stars']}/5) by the consumer"
+                  + (f": “{rating['comment']}”" if rating["comment"] else "") + ", for the work of the peers above."]
     return "\n".join(lines) + "\n"
+
+
+def stars(count: int) -> str:
+    return "★" * count + "☆" * (5 - count)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from dht.errors import GPUFlexError
 from swarm.datasets import DatasetError, inspect_columns
@@ -256,6 +256,33 @@ class VerificationSpec(BaseModel):
     verifiers: PositiveInt = 2  # re-runs per sampled contribution; a strict majority must reject it
 
 
+class MlflowSpec(BaseModel):
+    """Where the consumer's MLflow tracking server (or file store) is; the peers never touch it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str = Field(min_length=1)  # file:///path, http(s)://host (credentials: MLflow's own env vars)
+    experiment: str = Field(default="gpuflex", min_length=1, max_length=256)
+
+    @field_validator("uri")
+    @classmethod
+    def _tracking_uri(cls, uri: str) -> str:
+        from urllib.parse import urlparse
+
+        parsed = urlparse(uri)
+        if parsed.scheme not in ("file", "http", "https") or not (parsed.path or parsed.netloc):
+            raise ValueError(f"{uri!r} is not a file:, http: or https: tracking URI")
+        return uri
+
+
+class TrackingSpec(BaseModel):
+    """Experiment tracking of the verified result, done on the consumer's side (``swarm.tracking``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mlflow: MlflowSpec | None = None
+
+
 class JobSpec(BaseModel):
     """A whole job. Build it with :func:`load_job_file` or :meth:`JobSpec.from_dict`."""
 
@@ -269,6 +296,7 @@ class JobSpec(BaseModel):
     swarm: SwarmSpec = Field(default_factory=SwarmSpec)
     aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
     verification: VerificationSpec = Field(default_factory=VerificationSpec)
+    tracking: TrackingSpec | None = None
 
     @model_validator(mode="after")
     def _check(self) -> JobSpec:

@@ -17,6 +17,12 @@ os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
 
 
 @pytest.fixture(scope="session", autouse=True)
+def consumer_key_in_a_temporary_home(tmp_path_factory):
+    """Submits make a consumer key (~/.gpuflex/consumer.key): keep the tests' out of the real home."""
+    os.environ["GPUFLEX_CONSUMER_KEY"] = str(tmp_path_factory.mktemp("consumer") / "consumer.key")
+
+
+@pytest.fixture(scope="session", autouse=True)
 def reap_children():
     yield
     # torch's shared-memory manager serves this process until it exits: killing it makes the

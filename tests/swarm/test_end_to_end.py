@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from dht.records import ProgressRecord, progress_key
+from dht.ratings import sign_rating
+from dht.records import ProgressRecord, progress_key, rating_key
 from swarm.catalog import build_model
 from swarm.client import Client
+from swarm.consumer_key import load_consumer_key, load_or_create_consumer_key
 from swarm.datasets import load_dataset
 from swarm.shards import decode_shard, shard_dataset
 from swarm.quote import REFERENCE_TRAIN_FLOPS_PER_SAMPLE
@@ -83,6 +86,25 @@ def test_three_peers_train_digits_submitted_via_one_peer_fetched_via_another(loc
     timeline = [line.split() for line in audited[1:-1]]
     assert [int(row[0]) for row in timeline] == list(range(1, 11)) and all(row[-1] == "ok" for row in timeline)
     assert timeline[-1][6] == report["model_id"][:12]
+
+    # the consumer rates the job through one peer; another peer's status shows it by the peers
+    rated = local_swarm.cli("job", "rate", job_id, "4", "--comment", "fast and right", "--peer", local_swarm.maddrs[1])
+    assert rated.stdout.strip() == f"rated job {job_id} 4/5"
+    shown = local_swarm.cli("job", "status", job_id, "--peer", local_swarm.maddrs[2]).stdout
+    assert 'rated ★★★★☆ 4/5 by the consumer: "fast and right"' in shown
+    assert all(peer[:12] in shown for peer in report["participants"])
+    # another key may not rate it (one line), and a rating forged with it is ignored
+    stranger = tmp_path / "stranger.key"
+    load_or_create_consumer_key(stranger)
+    refused = local_swarm.cli("job", "rate", job_id, "1", "--peer", local_swarm.maddrs[0], "--consumer-key",
+                              str(stranger), check=False)
+    assert refused.returncode == 1 and "only its consumer may rate it" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    with Client(peer=local_swarm.maddrs[0]) as client:
+        forged = sign_rating(load_consumer_key(stranger), client.records.peer_id, job_id, 1, "sabotage", time.time())
+        assert client.records.publish(rating_key(job_id), forged, ttl=600)
+        assert client.status(job_id)["rating"]["stars"] == 4
+        assert client.records.rejected >= 1
 
     # what only re-execution needed (updates, optimizer states) is deleted once the job is over;
     # every round's model stays: it is the history the audit re-hashes
@@ -160,11 +182,25 @@ def test_diloco_with_fp16_on_the_wire_trains_digits_and_peers_agree(local_swarm,
 
     local_swarm.start_peer()
     local_swarm.start_peer()
-    job_file = digits_job(aggregation={"outer": "diloco", "compression": "fp16"}, training={"rounds": 10})
+    mlruns = (tmp_path / "mlruns").as_uri()
+    job_file = digits_job(aggregation={"outer": "diloco", "compression": "fp16"}, training={"rounds": 10},
+                          tracking={"mlflow": {"uri": mlruns, "experiment": "digits"}})
     with Client(local_swarm.maddrs[1]) as client:
         job = client.submit(job_file)
         job.wait(timeout=240)
         files = job.download(tmp_path / "out")  # verified: both peers signed the same model hash
+        again = job.download(tmp_path / "again")
     report = json.loads(files.report.read_text())
     assert report["final"]["val_accuracy"] >= 0.90
     assert all(len(r["peers_done"]) == 2 for r in report["rounds"])
+
+    # the verified result went to the job file's MLflow, once however often it is fetched
+    from mlflow.tracking import MlflowClient
+
+    assert files.tracking_error is None and files.tracking_run and again.tracking_run == files.tracking_run
+    tracker = MlflowClient(tracking_uri=mlruns)
+    history = tracker.get_metric_history(files.tracking_run, "val_accuracy")
+    assert [m.step for m in history] == list(range(1, 11))
+    assert history[-1].value == pytest.approx(report["final"]["val_accuracy"])
+    assert tracker.get_run(files.tracking_run).data.params["aggregation.outer"] == "diloco"
+    assert "model.safetensors" in {a.path for a in tracker.list_artifacts(files.tracking_run)}
