@@ -181,8 +181,7 @@ class JobRunner:
             self._publish_result(model, base_model_id, group, last_round)
             self._drop_blobs(upto=t.rounds, resume_state=True)  # done: nothing is re-run or resumed
             if self.payouts is not None:
-                paid = self.payouts.claim()
-                logger.info(f"job {self.job.job_id}: claimed {paid / 10**18:.6f} GPUX for this peer's rounds")
+                self._claim()
         except FinishedElsewhere:
             logger.info(f"job {self.job.job_id}: the swarm finished the job while this peer was catching up")
         finally:
@@ -209,7 +208,7 @@ class JobRunner:
             return self._round(r, *args)
         except JobClosed:
             if self.payouts is not None:
-                self.payouts.claim()
+                self._claim()
             raise
         except (JobStopped, TrainingStopped):
             self.peer.release_lease(leases_key(self.job.job_id, r))
@@ -447,6 +446,12 @@ class JobRunner:
                 self.resume_state_id = own[0].resume_state_id  # dropped once a newer one is written
                 logger.info(f"job {self.job.job_id}: optimizer state restored from round {r}'s checkpoint")
                 return
+
+    def _claim(self) -> None:
+        """Collect our pay for the job's rounds (one transaction) and count it."""
+        paid = self.payouts.claim() / 10**18
+        self.peer.metrics.gpux_earned.labels(self.job.job_id).inc(paid)
+        logger.info(f"job {self.job.job_id}: claimed {paid:.6f} GPUX for this peer's rounds")
 
     def _take_outer_state(self, outer: OuterOptimizer, r: int, model_id: str) -> None:
         """DiLoCo: make round ``r``'s agreed model our base and its group's momentum ours."""

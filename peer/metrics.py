@@ -45,6 +45,8 @@ class PeerMetrics:
                                          "finish training.", buckets=ROUND_SECONDS_BUCKETS, registry=registry)
         self.allreduce_bytes = Counter("gpuflex_allreduce_bytes", "Tensor bytes this peer sent or received in "
                                        "all-reduces (from the butterfly partition).", ["direction"], registry=registry)
+        self.gpux_earned = Counter("gpuflex_gpux_earned", "GPUX this peer claimed from job escrows (paid to its wallet).",
+                                   ["job"], registry=registry)
         self.server = None
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> int:

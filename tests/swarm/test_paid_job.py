@@ -24,7 +24,7 @@ def test_money_moves_from_consumer_to_the_peers_that_worked(local_swarm, digits_
     ledger = local_swarm.ledger
     consumer = keyfile_address(chain["consumer"])
     for _ in range(3):
-        local_swarm.start_peer()
+        local_swarm.start_peer("--metrics-port", "0")
     # a fourth peer whose chain config names other contracts: it can not verify the escrow, so it
     # must not work on the job (and must not be paid)
     w3 = connect(local_swarm.chain.url)
@@ -66,6 +66,17 @@ def test_money_moves_from_consumer_to_the_peers_that_worked(local_swarm, digits_
     spent = before - ledger.balance(consumer)
     assert spent == sum(earned.values())  # what the consumer lost is exactly what the peers gained
     assert "skipping job" in (local_swarm.root / "peer3.log").read_text()
+    # and each peer's Prometheus endpoint counts what it claimed
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for url, wallet in zip(local_swarm.metrics_urls, local_swarm.wallets):
+        with urllib.request.urlopen(url, timeout=10) as response:
+            families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+        claimed = [s.value for s in families["gpuflex_gpux_earned"].samples
+                   if s.name == "gpuflex_gpux_earned_total" and s.labels == {"job": job_id}]
+        assert claimed == [pytest.approx(earned[keyfile_address(wallet)] / GPUX)]
     # `wallet claim` rebuilds each round's tree from the signed records; they match the roots on chain
     from swarm.client import Client
 
