@@ -136,7 +136,12 @@ class RoundAverager(DecentralizedAverager):
         self.last_timings: MergeTimings | None = None  # of the last merge (None before the first)
         tensors = [t.detach().to("cpu", torch.float32, copy=True) for t in template]
         kwargs.setdefault("compression", make_compression(compression))
-        kwargs.setdefault("min_matchmaking_time", 2.0)
+        # the window a leader keeps its group open for members still on their way. We tell it the
+        # round's group size, so a full group starts at once and the window only matters when a
+        # member is missing; but a member that is merely late (its view of the barrier lags by a
+        # DHT read or two on a loaded box) and misses the window loses its round's work, so it is
+        # generous. A dead member is already out of the expected size (the barrier saw it go).
+        kwargs.setdefault("min_matchmaking_time", 5.0)
         kwargs.setdefault("request_timeout", 1.0)
         kwargs.setdefault("allreduce_timeout", 120.0)
         # how long a reducer waits for a sender's next part before dropping it: a part is 512 KiB,

@@ -335,7 +335,8 @@ class JobRunner:
         if self.payouts is not None:  # paid job: the group signs what each member did, one posts it
             self.payouts.settle(r, group, self._wait_for_merged_records(r, group), rejected=rejected)
         self._drop_blobs(upto=r - 2)  # a verifier still re-running those is a round too late anyway
-        logger.info(f"job {self.job.job_id}: round {r}/{t.rounds} done, loss {train_loss:.4f}, group {len(group)}")
+        loss = "n/a (no rows dealt)" if train_loss is None else f"{train_loss:.4f}"
+        logger.info(f"job {self.job.job_id}: round {r}/{t.rounds} done, loss {loss}, group {len(group)}")
         return group, model_id
 
     # ---------------------------------------------------------------- verification
@@ -505,12 +506,15 @@ class JobRunner:
         averager.prepare_round(r, len(trained))
         gathered = averager.merge(tensors, weight=samples, gather={"round": r, "base": base_model_id}, timeout=30.0,
                                   stop=self.peer.stopping)
-        if gathered is None and not self.peer.stopping.is_set() and not self._state(r).merged:
-            # nobody merged: a member died mid-merge and failed the group. The survivors try once
-            # more under a fresh group key, without the dead (its heartbeat lapses meanwhile).
-            survivors = self._wait_for(lambda: self._survivors(r, trained), timeout=PEER_TTL + 3 * POLL)
-            survivors = survivors or (trained & self.peer.alive_peers()) | {self.me}
-            if len(survivors) >= 2:
+        if gathered is None and not self.peer.stopping.is_set():
+            # Our merge failed. Either the others' succeeded (a part only we missed: they publish
+            # the merged model within moments, and we adopt it), or a member died mid-merge and
+            # failed the group: then the survivors try once more under a fresh group key, without
+            # the dead (its heartbeat lapses meanwhile), or all of us again if nobody is gone.
+            outcome = self._wait_for(lambda: "merged" if self._state(r).merged else self._survivors(r, trained),
+                                     timeout=PEER_TTL + 3 * POLL)
+            survivors = None if outcome == "merged" else outcome or (trained & self.peer.alive_peers()) | {self.me}
+            if survivors is not None and len(survivors) >= 2:
                 logger.warning(f"job {self.job.job_id}: round {r} all-reduce failed, retrying with "
                                f"{len(survivors)} peers")
                 averager.prepare_round(r, len(survivors), attempt=1)

@@ -26,6 +26,13 @@ def count_train_shards(job_file: str) -> int:
     return sum(1 for shard in manifest.shards if shard.split == "train")
 
 
+def logged(local_swarm, index: int, pattern: str) -> bool:
+    """The peer's log says so: read at once, unlike a status query through the CLI (seconds), so a
+    test can act between two rounds of a swarm that runs one a second."""
+    path = local_swarm.root / f"peer{index}.log"
+    return path.exists() and re.search(pattern, path.read_text()) is not None
+
+
 def finish_and_fetch(local_swarm, job_id, out, via=0) -> dict:
     local_swarm.wait_for(lambda: local_swarm.status(job_id, via)["state"] == "finished", timeout=300,
                          what="the job to finish")
@@ -111,7 +118,8 @@ def test_the_whole_swarm_killed_and_restarted_resumes_without_redoing_a_round(lo
         local_swarm.start_peer()
     job_file = digits_job(training={"rounds": 8}, swarm={"min_peers": 3})
     job_id = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0]).stdout.strip()
-    local_swarm.wait_for(lambda: local_swarm.status(job_id)["rounds_done"] >= 3, timeout=240, what="three rounds")
+    local_swarm.wait_for(lambda: logged(local_swarm, 0, r"round 3/8 done"), timeout=240, what="three rounds",
+                         poll=0.1)
     for index in range(3):  # every peer, with its DHT: the swarm's memory is gone
         local_swarm.kill_peer(index)
     journaled = [journaled_merged_rounds(local_swarm, i) for i in range(3)]
@@ -141,17 +149,15 @@ def test_the_whole_swarm_killed_and_restarted_resumes_without_redoing_a_round(lo
 def test_a_swarm_that_grows_from_two_to_four_and_shrinks_to_three_finishes(local_swarm, digits_job, tmp_path):
     for _ in range(2):
         local_swarm.start_peer()
-    job_file = digits_job(training={"rounds": 12}, swarm={"min_peers": 2})
+    # long enough (rounds of a second or two) for two more peers to start and join mid-job
+    job_file = digits_job(training={"rounds": 30, "local_steps": 100}, swarm={"min_peers": 2})
     job_id = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0]).stdout.strip()
-    local_swarm.wait_for(lambda: local_swarm.status(job_id)["rounds_done"] >= 2, timeout=240, what="two rounds")
+    local_swarm.wait_for(lambda: logged(local_swarm, 0, r"round 2/30 done"), timeout=240, what="two rounds",
+                         poll=0.1)
     for _ in range(2):
         local_swarm.start_peer()
-
-    def peers_in_last_round():
-        status = local_swarm.status(job_id)
-        return status["history"] and len(status["peers"]) == 4 and status["rounds_done"]
-
-    local_swarm.wait_for(peers_in_last_round, timeout=240, what="a round with four peers")
+    local_swarm.wait_for(lambda: logged(local_swarm, 3, r"done, .*group 4"), timeout=240,
+                         what="a round with four peers", poll=0.1)
     local_swarm.procs[3].send_signal(signal.SIGTERM)
     assert local_swarm.procs[3].wait(timeout=10) == 0
     report = finish_and_fetch(local_swarm, job_id, tmp_path / "out")
