@@ -81,6 +81,7 @@ class PeerRecord(_Body):
     version: str
     jobs: list[str] = []
     started_at: float
+    memory_bytes: int | None = Field(default=None, ge=0)  # what it offers a job (--max-memory, or free memory)
 
 
 class JobRecord(_Body):
@@ -92,6 +93,9 @@ class JobRecord(_Body):
     # price_per_unit, deadline; all strings: amounts overflow msgpack's 64-bit ints)
     escrow: dict[str, str] | None = None
     consumer_key: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")  # Ed25519: who may rate it
+    # one peer's need, estimated at intake (swarm.footprint): memory_bytes, train_flops_per_sample,
+    # flops_per_round, parameters. Peers check it again on their own build before working.
+    resources: dict[str, int] | None = None
 
 
 class LeaseRecord(_Body):

@@ -78,3 +78,16 @@ def measure_samples_per_sec(device: torch.device, *, seconds: float = 0.5, batch
         steps += 1
     _sync(device)
     return steps * batch_size / (time.perf_counter() - start)
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory a job could use on ``device`` now: free GPU memory, or available RAM for the CPU
+    (and for MPS, whose memory is the system's). None if it can not be read."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:
+        return None

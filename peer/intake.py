@@ -40,6 +40,20 @@ class JobRejected(GPUFlexError):
     """The receiving peer refused a submitted job (the message says why)."""
 
 
+def job_footprint(spec: JobSpec, manifest: DatasetManifest) -> dict[str, int] | None:
+    """One peer's memory and compute for the job, from the model built here (None if it can not be:
+    a custom model this peer lacks; the peers that take the job still check their own build)."""
+    from swarm.catalog import build_model
+    from swarm.footprint import estimate_footprint
+
+    try:
+        model = build_model(spec.model, manifest, seed=spec.training.seed)
+        return estimate_footprint(model, manifest, spec).to_dict()
+    except Exception as e:
+        logger.warning(f"job footprint not estimated: {e}")
+        return None
+
+
 def job_id_for(spec: dict, dataset_id: str, submitted_at: float, peer_id: str) -> str:
     canonical = json.dumps([spec, dataset_id, submitted_at, peer_id], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:24]
@@ -179,6 +193,7 @@ class JobIntake:
         stored = [self.blobs.put(data, expected_id=blob_id) for blob_id, data in received.items()]
         stored.append(self.blobs.put(manifest_bytes))
         spec_dict = spec.to_dict()
+        resources = job_footprint(spec, manifest)
         job_id = job_id_for(spec_dict, manifest.dataset_id, submitted_at, self.records.peer_id)
         self.announce(stored)
         record = JobRecord(
@@ -189,6 +204,7 @@ class JobIntake:
             submitted_at=submitted_at,
             escrow=escrow,  # peers check it on chain themselves before working
             consumer_key=consumer_key,  # only its holder may rate the job
+            resources=resources,  # what one peer needs: peers that lack it never claim the job
         )
         if not self.records.publish(JOBS_KEY, record, ttl=JOB_TTL, subkey_prefix=job_id.encode() + b":"):
             raise JobRejected("the DHT refused the job record")

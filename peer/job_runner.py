@@ -83,6 +83,18 @@ class Banned(GPUFlexError):
     """Re-execution rejected this peer's work too often: the job's peers no longer deal it shards."""
 
 
+class DoesNotFit(GPUFlexError):
+    """The job needs more memory than this peer offers (``--max-memory``, or what is free)."""
+
+
+class Reassigned(Exception):
+    """At a round boundary this peer moved to a job short of its min_peers (``schedule.leave_for``)."""
+
+    def __init__(self, message: str, target: str):
+        super().__init__(message)
+        self.target = target
+
+
 class FinishedElsewhere(Exception):
     """The swarm published the job's result while this peer was waiting (it stopped early)."""
 
@@ -121,7 +133,9 @@ class JobRunner:
     # ---------------------------------------------------------------- the job, top to bottom
     def run(self) -> None:
         t, device = self.spec.training, self.peer.device
-        model = build_model(self.spec.model, self.manifest, seed=t.seed).to(device)
+        model = build_model(self.spec.model, self.manifest, seed=t.seed)
+        self._check_fit(model)  # on our own build: before we claim, fetch or publish anything
+        model = model.to(device)
         if self.spec.model.init_from:  # warm start from a previous result or pretrained weights
             load_model_bytes(model, self.peer.blobs_service.fetch(self.spec.model.init_from.removeprefix(BLOB_REF)))
         optimizer = make_optimizer(
@@ -159,6 +173,7 @@ class JobRunner:
             group: list[str] = []
             last_round = t.rounds
             while round_no <= t.rounds:
+                self._move_if_needed(round_no, group)
                 try:
                     group, base_model_id = self._play_or_stop(
                         round_no, model, optimizer, averager, group, base_model_id, outer, feedback
@@ -186,6 +201,33 @@ class JobRunner:
             logger.info(f"job {self.job.job_id}: the swarm finished the job while this peer was catching up")
         finally:
             averager.shutdown()
+
+    def _check_fit(self, model) -> None:
+        from swarm.footprint import estimate_footprint
+
+        need = estimate_footprint(model, self.manifest, self.spec).memory_bytes
+        offered = self.peer.memory_offered()
+        if offered is not None and need > offered:
+            raise DoesNotFit(f"job {self.job.job_id} needs {need / 2**20:,.0f} MiB per peer, this peer offers "
+                             f"{offered / 2**20:,.0f} MiB: not taking it")
+
+    def _move_if_needed(self, r: int, group: list[str]) -> None:
+        """Between rounds: if this job has peers to spare and another is short of its min_peers,
+        the members ``schedule.leave_for`` names go there (telling this round not to wait)."""
+        if len(group) <= self.spec.swarm.min_peers:
+            return  # nothing to spare: no need to read the other jobs
+        from peer.runtime import job_view
+
+        _, views = self.peer.job_views()
+        here = job_view(self.job, active_peers=len(group))
+        target = schedule.leave_for(here, views, group, self.me, r, self.peer.offer())
+        if target is None:
+            return
+        self._publish_progress(r, "left")  # the group deals round r without us, at once
+        logger.info(f"job {self.job.job_id}: moving to job {target}, short of its min_peers, before round {r}")
+        if self.payouts is not None:
+            self._claim()  # what we earned here so far
+        raise Reassigned(f"job {self.job.job_id}: left before round {r} for job {target}", target)
 
     def _stop_early(self, r: int, group: list[str]) -> bool:
         """The consumer's ``stop_when`` met by round ``r``'s merged metrics (the whole group's)."""
@@ -594,7 +636,8 @@ class JobRunner:
                 seen["roster"], seen["since"] = joined, time.time()
             if self.records.read(result_key(self.job.job_id), ResultRecord):
                 raise FinishedElsewhere(self.job.job_id)  # stopped early without us: nothing left to do
-            expected = [p for p in previous_group if p != self.me and p not in banned]
+            # who said they left (shut down, or moved to another job) is not waited for
+            expected = [p for p in previous_group if p != self.me and p not in banned and p not in state.left]
             ready = schedule.roster_ready(joined, expected=expected, alive=self.peer.alive_peers(), min_peers=min_peers)
             known = schedule.roster_known(joined, expected, self.me)
             return joined if ready and (known or time.time() - seen["since"] >= ROSTER_SETTLE) else None

@@ -28,7 +28,7 @@ from dht.records import (
 from dht.store import RecordStore
 from peer import schedule
 from peer.blobs import BlobStore
-from peer.device import device_name, measure_samples_per_sec, pick_device
+from peer.device import device_name, free_memory_bytes, measure_samples_per_sec, pick_device
 from peer.datadir import lock_data_dir
 from peer.intake import JobIntake
 from peer.journal import RecordJournal
@@ -56,6 +56,7 @@ class PeerConfig:
     price_per_gpu_hour: float = 1.0  # GPUX, advertised for quotes
     wallet: Path | None = None  # key file (password: $GPUFLEX_WALLET_PASSWORD): paid jobs pay into it
     deployment: Path | None = None  # the chain's deployment file (with its rpc_url)
+    max_memory: int | None = None  # bytes a job may use here (None: the device's free memory)
 
 
 class Peer:
@@ -67,6 +68,7 @@ class Peer:
         self._lock = threading.Lock()
         self._alive: tuple[float, frozenset[str]] = (0.0, frozenset())
         self._finished_jobs: set[str] = set()
+        self._declined: set[str] = set()  # jobs this peer can not take (memory, price), logged once
         self._served: set[str] = set()
         self._announced_at = 0.0
         self.jobs_seen = 0
@@ -125,29 +127,55 @@ class Peer:
     # ---------------------------------------------------------------- what the peer does all day
     def run_forever(self) -> None:
         """Pick a job, work on it to the end, pick the next; until asked to stop."""
-        from peer.job_runner import Banned, JobClosed, JobRunner, JobStopped  # imports torch-heavy modules
+        from peer.job_runner import (  # imports torch-heavy modules
+            Banned, DoesNotFit, JobClosed, JobRunner, JobStopped, Reassigned,
+        )
 
+        next_job: str | None = None  # where a move at a round boundary sends us
         while not self.stopping.is_set():
-            job = self._next_job()
+            jobs, views = self.job_views()
+            chosen = next_job if any(v.job_id == next_job for v in views) else schedule.choose_job(
+                views, None, self.offer())
+            next_job, job = None, jobs.get(chosen) if chosen else None
             if job is None:
                 self.stopping.wait(JOB_POLL_S)
                 continue
-            self.current_job = job.job_id
+            self.set_current_job(job.job_id)
             try:
                 JobRunner(self, job).run()
                 self._finished_jobs.add(job.job_id)
             except JobStopped:
                 break
-            except (JobClosed, Banned) as e:
+            except Reassigned as e:
+                logger.info(str(e))
+                next_job = e.target  # the job we left stays open to us: it may need us again later
+            except (JobClosed, Banned, DoesNotFit) as e:
                 logger.info(str(e))
                 self._finished_jobs.add(job.job_id)
             except Exception:
                 logger.exception(f"job {job.job_id} failed on this peer; will look for work again")
                 self.stopping.wait(JOB_POLL_S)
             finally:
-                self.current_job = None
+                self.set_current_job(None)
 
-    def _next_job(self) -> JobRecord | None:
+    def offer(self) -> schedule.PeerOffer:
+        """What this peer brings to a job: memory, speed, price."""
+        from swarm.quote import REFERENCE_TRAIN_FLOPS_PER_SAMPLE
+
+        return schedule.PeerOffer(
+            memory_bytes=self.memory_offered(),
+            reference_flops_per_sec=self.reference_samples_per_sec * REFERENCE_TRAIN_FLOPS_PER_SAMPLE,
+            price_per_gpu_hour=self.config.price_per_gpu_hour,
+        )
+
+    def memory_offered(self) -> int | None:
+        free = free_memory_bytes(self.device)
+        if self.config.max_memory is None:
+            return free
+        return self.config.max_memory if free is None else min(self.config.max_memory, free)
+
+    def job_views(self) -> tuple[dict[str, JobRecord], list[schedule.JobView]]:
+        """The live jobs this peer could work on (funded, unfinished), as the scheduler sees them."""
         jobs = {s.body.job_id: s.body for s in self.records.read(JOBS_KEY, JobRecord)}
         self.jobs_seen = len(jobs)
         staffing = Counter(job for s in self.records.read(PEERS_KEY, PeerRecord) for job in s.body.jobs)
@@ -158,13 +186,21 @@ class Peer:
             if self.records.read(result_key(job.job_id), ResultRecord):
                 self._finished_jobs.add(job.job_id)
                 continue
-            swarm = job.spec.get("swarm", {})
-            views.append(schedule.JobView(
-                job_id=job.job_id, submitted_at=job.submitted_at, min_peers=swarm.get("min_peers", 1),
-                max_peers=swarm.get("max_peers", 8), active_peers=staffing[job.job_id], finished=False,
-            ))
-        chosen = schedule.choose_job(views, self.current_job)
-        return jobs.get(chosen) if chosen else None
+            view = job_view(job, staffing[job.job_id])
+            if job.job_id not in self._declined and (why := schedule.why_not(view, self.offer())):
+                self._declined.add(job.job_id)  # said once; choose_job keeps skipping it
+                logger.info(f"not taking job {job.job_id}: {why}")
+            views.append(view)
+        return jobs, views
+
+    def set_current_job(self, job_id: str | None) -> None:
+        """Say at once which job we work on (the heartbeat would say it within seconds): the
+        others count a job's peers from these records when they pick or move."""
+        self.current_job = job_id
+        try:
+            self._publish_peer_record()
+        except Exception:
+            logger.exception("could not publish the peer record")
 
     def _escrow_problem(self, job: JobRecord) -> str | None:
         """Checked on chain, at most once a minute per job (a paid job we can not verify is skipped)."""
@@ -247,9 +283,24 @@ class Peer:
             version=VERSION,
             jobs=[self.current_job] if self.current_job else [],
             started_at=self.started_at,
+            memory_bytes=self.memory_offered(),
         )
         self.records.publish(PEERS_KEY, record, ttl=PEER_TTL)
 
+
+def job_view(job: JobRecord, active_peers: int) -> schedule.JobView:
+    swarm, resources = job.spec.get("swarm", {}), job.resources or {}
+    price = None  # unpaid: volunteer work
+    if job.escrow:
+        from ledger.chain import GPUX
+
+        price = int(job.escrow["price_per_unit"]) / GPUX  # a unit is a trained sample
+    return schedule.JobView(
+        job_id=job.job_id, submitted_at=job.submitted_at, min_peers=swarm.get("min_peers", 1),
+        max_peers=swarm.get("max_peers", 8), active_peers=active_peers, finished=False,
+        priority=swarm.get("priority", 0), memory_bytes=resources.get("memory_bytes"),
+        train_flops_per_sample=resources.get("train_flops_per_sample"), price_per_sample=price,
+    )
 
 
 def open_ledger(deployment: Path, wallet: Path):

@@ -57,29 +57,88 @@ class JobView:
     submitted_at: float
     min_peers: int
     max_peers: int
-    active_peers: int  # peers that joined its latest round
+    active_peers: int  # peers working on it now (their heartbeats name it)
     finished: bool
+    priority: int = 0  # the consumer's: higher goes first among jobs equally staffed
+    memory_bytes: int | None = None  # what one peer needs for it (None: not estimated)
+    train_flops_per_sample: int | None = None  # forward + backward, for pricing a sample
+    price_per_sample: float | None = None  # GPUX a paid job offers per trained sample (None: unpaid)
 
 
-def choose_job(jobs: Sequence[JobView], current: str | None = None) -> str | None:
+@dataclass(frozen=True)
+class PeerOffer:
+    """What this peer brings: memory it may fill, its speed and its price."""
+
+    memory_bytes: int | None = None  # None: no limit known
+    reference_flops_per_sec: float = 0.0
+    price_per_gpu_hour: float = 0.0  # GPUX
+
+
+def why_not(job: JobView, offer: PeerOffer) -> str | None:
+    """Why this peer must not work on ``job`` (None: it may).
+
+    Memory: a job whose per-peer footprint exceeds what the peer offers would fail mid-round (or
+    swap the box to a crawl), so it is never claimed. Price: a paid job must pay at least what the
+    peer asks for the time a sample takes it; an unpaid job is volunteer work, taken by anyone.
+    """
+    if job.memory_bytes is not None and offer.memory_bytes is not None and job.memory_bytes > offer.memory_bytes:
+        return f"needs {job.memory_bytes / 2**20:,.0f} MiB per peer, this peer offers {offer.memory_bytes / 2**20:,.0f} MiB"
+    if job.price_per_sample is not None and job.train_flops_per_sample and offer.reference_flops_per_sec > 0:
+        asked = asking_price_per_sample(job.train_flops_per_sample, offer)
+        if job.price_per_sample < asked:
+            return f"offers {job.price_per_sample:.3g} GPUX per sample, this peer asks {asked:.3g}"
+    return None
+
+
+def asking_price_per_sample(train_flops_per_sample: int, offer: PeerOffer) -> float:
+    """The peer's price per GPU-hour, applied to the seconds one training sample takes it."""
+    return offer.price_per_gpu_hour / 3600.0 * train_flops_per_sample / offer.reference_flops_per_sec
+
+
+def _preference(job: JobView) -> tuple:
+    # starving jobs first (below min_peers), then the consumer's priority, then the least staffed
+    # relative to max_peers, then the oldest
+    return (job.active_peers >= job.min_peers, -job.priority, job.active_peers / job.max_peers, job.submitted_at,
+            job.job_id)
+
+
+def choose_job(jobs: Sequence[JobView], current: str | None = None, offer: PeerOffer = PeerOffer()) -> str | None:
     """The job this peer should work on next.
 
-    Stay with the current job while it runs (peers move only at job boundaries for now). Among the
-    others: never a finished or a full job; first the jobs still short of ``min_peers`` (so none
-    starves while another hoards peers), then the least staffed relative to ``max_peers``, then
-    the oldest.
+    Stay with the current job while it runs (``leave_for`` decides moves, at round boundaries).
+    Among the others: never a finished or a full job, nor one this peer cannot take (``why_not``);
+    first the jobs still short of ``min_peers`` (so none starves while another hoards peers), then
+    the highest priority, then the least staffed relative to ``max_peers``, then the oldest.
     """
-    open_jobs = [j for j in jobs if not j.finished]
+    open_jobs = [j for j in jobs if not j.finished and why_not(j, offer) is None]
     if current is not None and any(j.job_id == current for j in open_jobs):
         return current
     candidates = [j for j in open_jobs if j.active_peers < j.max_peers]
     if not candidates:
         return None
-    best = min(
-        candidates,
-        key=lambda j: (j.active_peers >= j.min_peers, j.active_peers / j.max_peers, j.submitted_at, j.job_id),
-    )
-    return best.job_id
+    return min(candidates, key=_preference).job_id
+
+
+def leave_for(current: JobView, jobs: Sequence[JobView], group: Sequence[str], me: str, round_no: int,
+              offer: PeerOffer = PeerOffer()) -> str | None:
+    """At the boundary before ``round_no``: the starving job this peer should move to, if any.
+
+    A job with more peers than its ``min_peers`` gives its surplus to jobs below theirs, and no
+    more than they lack. Who moves is the same answer on every member of the group: the
+    lowest-ranked members of last round's ``group`` by a hash of (job, round, peer). A move never
+    takes a job below its ``min_peers``, and only a starving job draws peers, so moves settle
+    instead of swinging back and forth.
+    """
+    surplus = len(set(group)) - current.min_peers
+    if surplus <= 0 or me not in group:
+        return None
+    starving = sorted((j for j in jobs if j.job_id != current.job_id and not j.finished
+                       and j.active_peers < j.min_peers and why_not(j, offer) is None), key=_preference)
+    if not starving:
+        return None
+    target = starving[0]
+    movers = sorted(set(group), key=lambda p: _rank(current.job_id, round_no, "move", p))
+    return target.job_id if me in movers[:min(surplus, target.min_peers - target.active_peers)] else None
 
 
 @dataclass(frozen=True)

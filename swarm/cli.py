@@ -34,6 +34,24 @@ def _fail(error: GPUFlexError) -> None:
     raise typer.Exit(1)
 
 
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'2GiB', '500MB', '1.5gb' or plain bytes -> bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in SIZE_UNITS:
+        raise ValueError(f"'{text}' is not a size (bytes, or a number with kB, MB, GB, KiB, MiB, GiB...)")
+    size = int(float(match.group(1)) * SIZE_UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"'{text}' must be more than 0 bytes")
+    return size
+
+
 @app.command()
 def peer(
     listen: List[str] = typer.Option(["/ip4/0.0.0.0/tcp/0"], "--listen", help="Multiaddr(s) to listen on."),
@@ -44,6 +62,8 @@ def peer(
     price: float = typer.Option(1.0, "--price", min=0.0, help="GPUX asked per GPU-hour of this device."),
     wallet: Optional[Path] = typer.Option(None, "--wallet", help="Key file paid jobs pay into ($GPUFLEX_WALLET_PASSWORD)."),
     deployment: Optional[Path] = typer.Option(None, "--deployment", help="Chain deployment file (gpuflex chain up)."),
+    max_memory: Optional[str] = typer.Option(
+        None, "--max-memory", help="Memory a job may use here, e.g. 2GiB or 500MB (default: what is free)."),
     log_level: str = typer.Option("INFO", "--log-level"),
 ) -> None:
     """Run a peer: join the swarm, advertise this box, and train the jobs it picks."""
@@ -51,9 +71,14 @@ def peer(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from peer.runtime import Peer, PeerConfig
 
+    try:
+        memory = parse_size(max_memory) if max_memory is not None else None
+    except ValueError as e:
+        _fail(GPUFlexError(f"--max-memory: {e}"))
     node = Peer(PeerConfig(
         data_dir=data_dir.expanduser(), listen=listen, initial_peers=initial_peers, device=device,
         metrics_port=metrics_port, price_per_gpu_hour=price, wallet=wallet, deployment=deployment,
+        max_memory=memory,
     ))
     # SIGTERM and Ctrl-C stop the peer between steps instead of killing it mid-write
     signal.signal(signal.SIGTERM, lambda *_: node.stopping.set())

@@ -193,6 +193,9 @@ class SwarmSpec(BaseModel):
 
     min_peers: PositiveInt = 1
     max_peers: PositiveInt = 8
+    # among jobs equally staffed, peers pick the higher priority first (jobs below min_peers
+    # are always filled first, whatever their priority)
+    priority: int = Field(default=0, ge=0, le=100)
 
     @model_validator(mode="after")
     def _check(self) -> SwarmSpec:

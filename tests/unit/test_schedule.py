@@ -114,3 +114,55 @@ def test_shards_missing_from_the_agreed_model_are_owed_to_the_next_round():
     assert schedule.orphaned_shards(train, ["c"], [["a", "b", "c", "d"]]) == ["c"]
     # nobody's work made it (no agreed records): the whole round is owed
     assert schedule.orphaned_shards(train, ["a"], []) == ["a", "a", "b", "c", "d"]
+
+
+def test_choose_job_never_takes_a_job_that_does_not_fit_or_pays_too_little():
+    small = schedule.PeerOffer(memory_bytes=100 << 20, reference_flops_per_sec=1e9, price_per_gpu_hour=3.6)
+    big = JobView("big", 0.0, 2, 4, 0, False, memory_bytes=200 << 20)
+    assert schedule.choose_job([big], offer=small) is None
+    assert "needs 200 MiB per peer, this peer offers 100 MiB" in schedule.why_not(big, small)
+    assert schedule.choose_job([big], offer=schedule.PeerOffer(memory_bytes=300 << 20)) == "big"
+    assert schedule.choose_job([big]) == "big"  # no limit known: the peer's own build still checks it
+    # the peer asks 3.6 GPUX an hour = 1e-3 GPUX a second; a sample of 1e6 FLOPs takes it 1e-3 s
+    assert schedule.asking_price_per_sample(10**6, small) == pytest.approx(1e-6)
+    cheap = JobView("cheap", 0.0, 2, 4, 0, False, train_flops_per_sample=10**6, price_per_sample=0.5e-6)
+    fair = JobView("fair", 1.0, 2, 4, 0, False, train_flops_per_sample=10**6, price_per_sample=2e-6)
+    volunteer = JobView("volunteer", 2.0, 2, 4, 0, False, train_flops_per_sample=10**6)
+    assert "offers 5e-07 GPUX per sample, this peer asks 1e-06" in schedule.why_not(cheap, small)
+    assert schedule.choose_job([cheap, fair, volunteer], offer=small) == "fair"
+    assert schedule.choose_job([cheap, volunteer], offer=small) == "volunteer"  # unpaid: anyone may help
+    # the current job no longer fits (the box's memory filled up): let it go
+    assert schedule.choose_job([big], current="big", offer=small) is None
+
+
+def test_choose_job_puts_priority_after_starvation():
+    urgent = JobView("urgent", 5.0, 1, 4, 2, False, priority=9)
+    routine = JobView("routine", 0.0, 1, 4, 2, False)
+    starving = JobView("starving", 9.0, 2, 4, 1, False)
+    assert schedule.choose_job([urgent, routine]) == "urgent"
+    assert schedule.choose_job([urgent, routine, starving]) == "starving"
+
+
+def test_leave_for_sends_only_the_surplus_and_only_what_the_starving_job_lacks():
+    here = JobView("a", 0.0, 2, 8, 4, False)
+    starving = JobView("b", 1.0, 2, 8, 0, False)
+    group = ["p1", "p2", "p3", "p4"]
+    moves = {p: schedule.leave_for(here, [here, starving], group, p, round_no=3) for p in group}
+    assert sorted(moves.values(), key=str) == [None, None, "b", "b"]  # 4 - min 2 = 2 to spare, b lacks 2
+    # the same answer on every member, whatever order it read the records in
+    assert moves == {p: schedule.leave_for(here, [starving, here], list(reversed(group)), p, 3) for p in group}
+    later = [{p: schedule.leave_for(here, [starving], group, p, r) for p in group} for r in range(4, 12)]
+    assert any(m != moves for m in later)  # the movers are drawn anew each round, not always the same
+    # b lacks only one: one moves
+    half = JobView("b", 1.0, 2, 8, 1, False)
+    assert [schedule.leave_for(here, [half], group, p, 3) for p in group].count("b") == 1
+    # a job at its min_peers keeps them, and a staffed job draws nobody
+    at_min = JobView("a", 0.0, 4, 8, 4, False)
+    assert all(schedule.leave_for(at_min, [starving], group, p, 3) is None for p in group)
+    staffed = JobView("b", 1.0, 2, 8, 2, False)
+    assert all(schedule.leave_for(here, [staffed], group, p, 3) is None for p in group)
+    # nobody moves to a job it cannot take, nor from a round it was not in
+    too_big = JobView("b", 1.0, 2, 8, 0, False, memory_bytes=1 << 40)
+    offer = schedule.PeerOffer(memory_bytes=1 << 30)
+    assert all(schedule.leave_for(here, [too_big], group, p, 3, offer) is None for p in group)
+    assert schedule.leave_for(here, [starving], group, "stranger", 3) is None
