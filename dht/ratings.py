@@ -1,10 +1,11 @@
-"""A consumer's rating of its job, signed with the consumer's own Ed25519 key.
+"""What a job's consumer signs with its own Ed25519 key: its rating of the job, and its cancel.
 
 Every DHT record is signed by the DHT node that wrote it; a rating must in addition come from the
 job's consumer, whoever carried it into the DHT. At submit the consumer's public key goes into the
 job record (``JobRecord.consumer_key``); a rating carries the consumer's signature over
 ``(job id, stars, comment, time)``, and a reader accepts it only if that signature verifies under
-the job record's key. The key itself (``swarm.consumer_key``) never leaves the consumer's file.
+the job record's key. A cancel works the same way over ``(job id, time)``: peers stop the job at
+the next round boundary only on a cancel that verifies, so nobody else can stop someone's job. The key itself (``swarm.consumer_key``) never leaves the consumer's file.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from dht.records import RatingRecord
+from dht.records import CancelRecord, RatingRecord
 
 MAX_COMMENT = 1000
 
@@ -36,17 +37,38 @@ def sign_rating(key: Ed25519PrivateKey, peer_id: str, job_id: str, stars: int, c
                         signature=signature)
 
 
-def rating_is_the_consumers(rating: RatingRecord, consumer_key: str | None) -> bool:
-    """True when the job's consumer (``consumer_key``, hex, from the job record) signed this rating."""
+def _consumer_signed(consumer_key: str | None, signature: str, message: bytes) -> bool:
+    """True when the job's consumer (``consumer_key``, hex, from the job record) signed ``message``."""
     if not consumer_key:
         return False
     try:
-        public = Ed25519PublicKey.from_public_bytes(bytes.fromhex(consumer_key))
-        public.verify(bytes.fromhex(rating.signature),
-                      _signed_bytes(rating.job_id, rating.stars, rating.comment, rating.rated_at))
+        Ed25519PublicKey.from_public_bytes(bytes.fromhex(consumer_key)).verify(bytes.fromhex(signature), message)
         return True
     except (ValueError, InvalidSignature):
         return False
+
+
+def rating_is_the_consumers(rating: RatingRecord, consumer_key: str | None) -> bool:
+    """True when the job's consumer (``consumer_key``, hex, from the job record) signed this rating."""
+    return _consumer_signed(consumer_key, rating.signature,
+                            _signed_bytes(rating.job_id, rating.stars, rating.comment, rating.rated_at))
+
+
+def _cancel_bytes(job_id: str, cancelled_at: float) -> bytes:
+    return json.dumps(["gpuflex-cancel-v1", job_id, cancelled_at], separators=(",", ":")).encode()
+
+
+def sign_cancel(key: Ed25519PrivateKey, peer_id: str, job_id: str, cancelled_at: float) -> CancelRecord:
+    """The cancel record ``peer_id`` (the DHT node that publishes it) will carry."""
+    return CancelRecord(peer_id=peer_id, job_id=job_id, cancelled_at=cancelled_at,
+                        signature=key.sign(_cancel_bytes(job_id, cancelled_at)).hex())
+
+
+def consumer_cancel(cancels: list[CancelRecord], job_id: str, consumer_key: str | None) -> CancelRecord | None:
+    """The earliest cancel of ``job_id`` its consumer signed (forged or replayed ones: ignored)."""
+    genuine = [c for c in cancels if c.job_id == job_id
+               and _consumer_signed(consumer_key, c.signature, _cancel_bytes(c.job_id, c.cancelled_at))]
+    return min(genuine, key=lambda c: c.cancelled_at, default=None)
 
 
 def latest_rating(ratings: list[RatingRecord], job_id: str, consumer_key: str | None) -> tuple[RatingRecord | None, int]:

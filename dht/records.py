@@ -20,6 +20,7 @@ result       ``gpuflex.job.<id>.result``                  peer: final model and 
 attestation  ``gpuflex.job.<id>.attest.<round>``         peer: its signature over the round's pay
 verdict      ``gpuflex.job.<id>.verdict.<round>``        (verifier, target): a re-execution's finding
 rating       ``gpuflex.job.<id>.rating``                  carrier: the consumer's signed rating (dht.ratings)
+cancel       ``gpuflex.job.<id>.cancel``                  carrier: the consumer's signed cancel (dht.ratings)
 provider     ``gpuflex.blob.<sha256>``                    peer that serves this blob
 ===========  ===========================================  ====================================
 """
@@ -61,6 +62,10 @@ def verdict_key(job_id: str, round_no: int) -> str:
 
 def rating_key(job_id: str) -> str:
     return f"gpuflex.job.{job_id}.rating"
+
+
+def cancel_key(job_id: str) -> str:
+    return f"gpuflex.job.{job_id}.cancel"
 
 
 def provider_key(blob_id: str) -> str:
@@ -109,6 +114,11 @@ class ProgressRecord(_Body):
     job_id: str = Field(pattern=JOB_ID_PATTERN)
     round: int = Field(ge=1)
     phase: Literal["joined", "trained", "merged", "left"]  # left: shut down mid-round, its shards handed back
+    # a "left" of a peer that was never in this round's deal (it moved to another job before
+    # joining, or found itself dealt out): rosters leave it out. Any other peer that left after
+    # joining stays on the roster, so a roster read just before its "left" and one read just
+    # after agree; its shards go to the next round.
+    out_of_round: bool = False
     samples: int = Field(default=0, ge=0)
     train_loss: float | None = None
     base_model_id: str | None = None
@@ -142,6 +152,7 @@ class ResultRecord(_Body):
     rounds_completed: int = Field(ge=1)
     model_id: str = Field(pattern=SHA256_HEX)
     report_id: str = Field(pattern=SHA256_HEX)
+    cancelled: bool = False  # the consumer cancelled: the model is the last round merged before it
 
 
 class AttestationRecord(_Body):
@@ -174,6 +185,14 @@ class RatingRecord(_Body):
     signature: str = Field(pattern=r"^[0-9a-f]{128}$")
 
 
+class CancelRecord(_Body):
+    """The consumer's order to stop its job at the next round boundary (signed by its own key)."""
+
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+    cancelled_at: float
+    signature: str = Field(pattern=r"^[0-9a-f]{128}$")
+
+
 class ProviderRecord(_Body):
     blob_id: str = Field(pattern=SHA256_HEX)
     maddrs: list[str]
@@ -189,6 +208,7 @@ RECORD_KINDS: dict[str, type[_Body]] = {
     "attestation": AttestationRecord,
     "verdict": VerdictRecord,
     "rating": RatingRecord,
+    "cancel": CancelRecord,
     "provider": ProviderRecord,
 }
 KIND_OF = {cls: kind for kind, cls in RECORD_KINDS.items()}
@@ -202,6 +222,7 @@ _KEY_PATTERNS = {
     "attestation": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.attest\.[0-9]+$"),
     "verdict": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.verdict\.[0-9]+$"),
     "rating": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.rating$"),
+    "cancel": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.cancel$"),
     "provider": re.compile(r"gpuflex\.blob\.[0-9a-f]{64}$"),
 }
 

@@ -26,12 +26,15 @@ from aggregation.averaging import RoundAverager
 from aggregation.compression import ErrorFeedback, make_compression
 from aggregation.outer import OuterOptimizer
 from dht.errors import GPUFlexError
+from dht.ratings import consumer_cancel
 from dht.records import (
+    CancelRecord,
     JobRecord,
     LeaseRecord,
     ProgressRecord,
     ResultRecord,
     VerdictRecord,
+    cancel_key,
     leases_key,
     progress_key,
     result_key,
@@ -83,6 +86,10 @@ class Banned(GPUFlexError):
     """Re-execution rejected this peer's work too often: the job's peers no longer deal it shards."""
 
 
+class JobCancelled(JobClosed):
+    """The job's consumer signed a cancel: the peers stop at the round boundary."""
+
+
 class DoesNotFit(GPUFlexError):
     """The job needs more memory than this peer offers (``--max-memory``, or what is free)."""
 
@@ -129,6 +136,8 @@ class JobRunner:
         self.for_reexecution: dict[int, set[str]] = {}
         self.models: set[str] = set()  # never dropped (an update can be byte-equal to a model)
         self.resume_state_id: str | None = None  # our latest checkpoint of the optimizer
+        self.last_merged: tuple[int, str, list[str]] | None = None  # (round, model id, group) we ended last
+        self._forged_cancels: set[str] = set()
 
     # ---------------------------------------------------------------- the job, top to bottom
     def run(self) -> None:
@@ -185,7 +194,8 @@ class JobRunner:
                     # be on the next round's roster before it is dealt, and take this round's model
                     logger.info(f"job {self.job.job_id}: round {round_no} went ahead without us, catching up")
                     if self.me not in (self._state(round_no).merged or {}):
-                        self._publish_progress(round_no, "left")  # whoever dealt us in: don't wait for us
+                        # whoever dealt us in: don't wait for us; whoever deals now: leave us out
+                        self._publish_progress(round_no, "left", out_of_round=True)
                     self._publish_progress(round_no + 1, "joined", base_model_id=base_model_id)
                     base_model_id = self._wait_for_merged_model(round_no)
                     load_model_bytes(model, self.peer.blobs_service.fetch(base_model_id))
@@ -193,7 +203,7 @@ class JobRunner:
                         self._take_outer_state(outer, round_no, base_model_id)
                     group = []
                 round_no += 1
-            self._publish_result(model, base_model_id, group, last_round)
+            self._publish_result(base_model_id, group, last_round)
             self._drop_blobs(upto=t.rounds, resume_state=True)  # done: nothing is re-run or resumed
             if self.payouts is not None:
                 self._claim()
@@ -223,7 +233,7 @@ class JobRunner:
         target = schedule.leave_for(here, views, group, self.me, r, self.peer.offer())
         if target is None:
             return
-        self._publish_progress(r, "left")  # the group deals round r without us, at once
+        self._publish_progress(r, "left", out_of_round=True)  # the group deals round r without us, at once
         logger.info(f"job {self.job.job_id}: moving to job {target}, short of its min_peers, before round {r}")
         if self.payouts is not None:
             self._claim()  # what we earned here so far
@@ -249,6 +259,11 @@ class JobRunner:
         try:
             return self._round(r, *args)
         except JobClosed:
+            # cancelled (signed by the consumer, or the escrow closed on chain): the result is the
+            # last merged model, published before we collect our pay so the consumer has it at once
+            if self.last_merged is not None:
+                last_round, model_id, group = self.last_merged
+                self._publish_result(model_id, group, last_round, cancelled=True)
             if self.payouts is not None:
                 self._claim()
             raise
@@ -263,6 +278,8 @@ class JobRunner:
 
     def _round(self, r, model, optimizer, averager, previous_group, base_model_id, outer, feedback):
         t, swarm = self.spec.training, self.spec.swarm
+        if self._cancelled():
+            raise JobCancelled(f"job {self.job.job_id}: cancelled by its consumer, stopping before round {r}")
         if self.payouts is not None and (closed := escrow_closed(self.job, self.peer.ledger)):
             raise JobClosed(f"job {self.job.job_id}: escrow {closed}, stopping before round {r}")
         round_started = time.time()
@@ -368,6 +385,7 @@ class JobRunner:
             **sums,
         )
         metrics.rounds.labels(job).inc()
+        self.last_merged = (r, model_id, group)
         if sums["val_rows"] and self.manifest.task == "classification":
             metrics.val_accuracy.labels(job).set(sums["val_correct"] / sums["val_rows"])
         self.peer.release_lease(leases_key(self.job.job_id, r))
@@ -573,7 +591,7 @@ class JobRunner:
         return sorted(p for p, m in self._state(r).merged.items() if m == agreed), agreed
 
     # ---------------------------------------------------------------- the end of the job
-    def _publish_result(self, model, model_id: str, last_group: list[str], last_round: int) -> None:
+    def _publish_result(self, model_id: str, last_group: list[str], last_round: int, cancelled: bool = False) -> None:
         t = self.spec.training
         self._wait_for_merged_records(last_round, last_group)  # the report covers the whole last round
         rounds = []
@@ -581,16 +599,28 @@ class JobRunner:
             progress = [s.body for s in self.records.read(progress_key(self.job.job_id, r), ProgressRecord)]
             rounds.append(round_summary(r, progress, self.manifest.task))
         report = build_report(self.job, self.manifest, rounds, model_id=model_id, finished_at=time.time(),
-                              faults=self._faults())
+                              faults=self._faults(), cancelled=cancelled)
         report_id = self.peer.blobs.put(json.dumps(report, indent=2, sort_keys=True).encode())
         self.peer.announce([model_id, report_id])
         result = ResultRecord(peer_id=self.me, job_id=self.job.job_id, rounds_completed=last_round,
-                              model_id=model_id, report_id=report_id)
+                              model_id=model_id, report_id=report_id, cancelled=cancelled)
         self.records.publish(result_key(self.job.job_id), result, ttl=RECORD_TTL)
         self.peer.journal.remember(result_key(self.job.job_id), result, ttl=RECORD_TTL)
-        logger.info(f"job {self.job.job_id}: finished, model {model_id[:12]}, report {report_id[:12]}")
+        ended = f"cancelled after round {last_round}" if cancelled else "finished"
+        logger.info(f"job {self.job.job_id}: {ended}, model {model_id[:12]}, report {report_id[:12]}")
 
     # ---------------------------------------------------------------- reading the swarm
+    def _cancelled(self) -> bool:
+        """The consumer signed a cancel of this job (forged ones are ignored and counted)."""
+        found = [s.body for s in self.records.read(cancel_key(self.job.job_id), CancelRecord)]
+        genuine = consumer_cancel(found, self.job.job_id, self.job.consumer_key)
+        forged = {c.signature for c in found if c is not genuine} - self._forged_cancels
+        if genuine is None and forged:  # counted once each, not once a round
+            self._forged_cancels |= forged
+            self.records.rejected += len(forged)
+            logger.warning(f"job {self.job.job_id}: ignored {len(forged)} cancel record(s) not signed by its consumer")
+        return genuine is not None
+
     def _state(self, r: int) -> schedule.RoundState:
         progress = self.records.read(progress_key(self.job.job_id, r), ProgressRecord)
         return schedule.RoundState(
@@ -598,6 +628,7 @@ class JobRunner:
             trained=frozenset(p.author for p in progress if p.body.phase in ("trained", "merged")),
             merged={p.author: p.body.model_id for p in progress if p.body.phase == "merged" and p.body.model_id},
             left=frozenset(p.author for p in progress if p.body.phase == "left"),
+            out=frozenset(p.author for p in progress if p.body.phase == "left" and p.body.out_of_round),
         )
 
     def _rounds(self, rounds) -> dict[int, schedule.RoundState]:
@@ -623,7 +654,7 @@ class JobRunner:
 
     def _wait_for_roster(self, r: int, previous_group: list[str], min_peers: int) -> frozenset[str]:
         """Wait until the round has enough peers, everyone from last round is back, and the set settles."""
-        seen = {"roster": None, "since": time.time()}
+        seen = {"roster": None, "since": time.time(), "cancel_checked": time.time()}
         banned = verification_banned(self.rejections, self.spec.verification.max_faults)
         if self.me in banned:
             raise Banned(f"job {self.job.job_id}: this peer's work was rejected in rounds "
@@ -631,13 +662,19 @@ class JobRunner:
 
         def settled():
             state = self._state(r)
-            joined = state.joined - state.left - banned  # a banned peer is dealt nothing, by everyone
+            # a banned peer is dealt nothing, by everyone. A peer that joined and then left (shut
+            # down) stays on: whether we read its "left" or only its "joined", we deal alike
+            joined = state.joined - state.out - banned
             if joined != seen["roster"]:
                 seen["roster"], seen["since"] = joined, time.time()
             if self.records.read(result_key(self.job.job_id), ResultRecord):
                 raise FinishedElsewhere(self.job.job_id)  # stopped early without us: nothing left to do
-            # who said they left (shut down, or moved to another job) is not waited for
-            expected = [p for p in previous_group if p != self.me and p not in banned and p not in state.left]
+            if time.time() - seen["cancel_checked"] > 2.0:  # a job short of peers may wait long: cancelable
+                seen["cancel_checked"] = time.time()
+                if self._cancelled():
+                    raise JobCancelled(f"job {self.job.job_id}: cancelled by its consumer while waiting for peers")
+            # a peer that moved to another job (or was dealt out) is not waited for
+            expected = [p for p in previous_group if p != self.me and p not in banned and p not in state.out]
             ready = schedule.roster_ready(joined, expected=expected, alive=self.peer.alive_peers(), min_peers=min_peers)
             known = schedule.roster_known(joined, expected, self.me)
             return joined if ready and (known or time.time() - seen["since"] >= ROSTER_SETTLE) else None

@@ -149,6 +149,7 @@ class RoundState:
     trained: frozenset[str] = frozenset()
     merged: Mapping[str, str] = None  # peer -> model id it ended the round with
     left: frozenset[str] = frozenset()  # shut down mid-round: nobody waits for them
+    out: frozenset[str] = frozenset()  # left without being in the round's deal: on no roster
 
     @property
     def started(self) -> bool:

@@ -232,7 +232,7 @@ def job_watch(
     """Follow a job live until it ends: round, loss, validation, ETA and every peer."""
     import time
 
-    from swarm.client import Client
+    from swarm.client import ENDED, Client
 
     try:
         with Client(peer) as client:
@@ -240,7 +240,7 @@ def job_watch(
                 while True:
                     status = client.status(job_id)
                     typer.echo(json.dumps(status, sort_keys=True))
-                    if status["state"] == "finished":
+                    if status["state"] in ENDED:
                         return
                     time.sleep(every)
             from rich.console import Console
@@ -250,7 +250,7 @@ def job_watch(
 
             status = client.status(job_id)
             with Live(render(status), console=Console(), refresh_per_second=4) as live:
-                while status["state"] != "finished":
+                while status["state"] not in ENDED:
                     time.sleep(every)
                     status = client.status(job_id)
                     live.update(render(status))
@@ -343,12 +343,27 @@ def job_refund(
 def job_cancel(
     job_id: str,
     peer: str = PeerOption,
-    wallet: Path = typer.Option(Path("~/.gpuflex/wallet.json"), "--wallet", help="The consumer's key file."),
+    wallet: Path = typer.Option(Path("~/.gpuflex/wallet.json"), "--wallet", help="The consumer's key file (paid jobs)."),
     deployment: Path = typer.Option(Path("~/.gpuflex/deployment.json"), "--deployment"),
+    consumer_key: Optional[Path] = typer.Option(
+        None, "--consumer-key", help="The key the job was submitted with (default ~/.gpuflex/consumer.key)."),
 ) -> None:
-    """Consumer: cancel a paid job; peers stop at the next round, the unspent budget comes back now."""
-    refunded, address = escrow_command(peer, wallet, deployment, lambda client, ledger: client.cancel(job_id, ledger))
-    typer.echo(f"cancelled; refunded {refunded:,.6f} GPUX to {address}")
+    """Consumer: cancel a job. Its peers stop at the next round boundary and the result is the last
+    merged model; a paid job's unspent budget comes back now."""
+    from ledger.chain import GPUX
+    from swarm.client import Client
+
+    try:
+        with Client(peer, consumer_key=consumer_key) as client:
+            paid = client.job(job_id).escrow is not None
+            ledger = open_ledger(deployment, wallet, None) if paid else None
+            refunded = client.cancel(job_id, ledger)
+    except GPUFlexError as e:
+        _fail(e)
+    if paid:
+        typer.echo(f"cancelled; refunded {refunded / GPUX:,.6f} GPUX to {ledger.address}")
+    else:
+        typer.echo(f"cancelled job {job_id}: its peers stop at the next round boundary")
 
 
 @job_app.command("list")

@@ -29,12 +29,14 @@ from dht.records import (
     ProgressRecord,
     ProviderRecord,
     RatingRecord,
+    CancelRecord,
     ResultRecord,
     VerdictRecord,
     leases_key,
     progress_key,
     provider_key,
     rating_key,
+    cancel_key,
     result_key,
     verdict_key,
 )
@@ -42,7 +44,7 @@ from dht.store import RecordStore
 from peer.intake import send_submission
 from peer.loop import LoopThread
 from peer.payout import payable
-from dht.ratings import MAX_COMMENT, latest_rating, public_key_hex, sign_rating
+from dht.ratings import MAX_COMMENT, consumer_cancel, latest_rating, public_key_hex, sign_cancel, sign_rating
 from peer.runtime import PEER_TTL
 from peer.transfer import BlobUnavailable, download_blob
 from swarm.consumer_key import consumer_key_path, load_consumer_key, load_or_create_consumer_key
@@ -79,6 +81,13 @@ class ResultUnverified(GPUFlexError):
 
 class RatingRefused(GPUFlexError):
     """A rating that can not be given: stars out of range, or not the job's consumer."""
+
+
+class CancelRefused(GPUFlexError):
+    """A cancel that can not be given: not the job's consumer, or a paid job without its wallet."""
+
+
+ENDED = ("finished", "cancelled")  # states a job does not leave
 
 
 RATING_TTL = 30 * 24 * 3600.0  # a rating outlives the job's own records
@@ -239,10 +248,27 @@ class Client:
                                  f"(or until its deadline)")
         return ledger.finish_job(key).value
 
-    def cancel(self, job_id: str, ledger) -> int:
-        """Consumer: cancel a paid job. Peers stop at the next round boundary; rounds already posted
-        stay payable; the rest of the budget is refunded now (returned, base units)."""
-        return ledger.cancel_job(_escrow_key(self._job(job_id))).value
+    def cancel(self, job_id: str, ledger=None) -> int:
+        """Consumer: cancel a job. Peers stop at the next round boundary and publish the last merged
+        model as the result. A paid job (``ledger``: the consumer's) is also cancelled on chain:
+        rounds already posted stay payable, the rest of the budget is refunded now (returned, base
+        units; 0 for an unpaid job)."""
+        job = self._job(job_id)
+        if job.escrow and ledger is None:
+            raise CancelRefused(f"job {job_id} is paid: cancelling it needs the consumer's wallet (--wallet)")
+        key = self._consumers_key(job, CancelRefused, "cancel")
+        if not self.records.publish(cancel_key(job_id), sign_cancel(key, self.records.peer_id, job_id, time.time()),
+                                    ttl=RATING_TTL):
+            raise CancelRefused("the DHT refused the cancel record")
+        return ledger.cancel_job(_escrow_key(job)).value if job.escrow else 0
+
+    def cancelled(self, job_id: str, job: JobRecord | None = None) -> bool:
+        """Whether the job's consumer signed a cancel (forged ones are ignored and counted)."""
+        job = job or self._job(job_id)
+        found = [s.body for s in self.records.read(cancel_key(job_id), CancelRecord)]
+        genuine = consumer_cancel(found, job_id, job.consumer_key)
+        self.records.rejected += len(found) - (genuine is not None)
+        return genuine is not None
 
     def claim(self, job_id: str, ledger) -> int:
         """Contributor: collect the pay for every posted round of ``job_id`` that names this wallet.
@@ -305,7 +331,7 @@ class Client:
             rounds.append(round_summary(r, progress, job.spec["task"]))
         results = [s.body for s in self.records.read(result_key(job_id), ResultRecord)]
         peers = {s.author: s for s in self.records.read(PEERS_KEY, PeerRecord)}
-        status = job_status(job, rounds, results, len(peers))
+        status = job_status(job, rounds, results, len(peers), cancelled=self.cancelled(job_id, job))
         status["rating"] = self.rating(job_id, job)
         # one row per peer of the current round: what it is, how fast, how much data, last heartbeat
         shards = {}
@@ -393,16 +419,21 @@ class Client:
         if len(comment) > MAX_COMMENT:
             raise RatingRefused(f"comment: {len(comment)} characters, at most {MAX_COMMENT}")
         job = self._job(job_id)
-        if not job.consumer_key:
-            raise RatingRefused(f"job {job_id} names no consumer key (submitted before ratings existed)")
-        key = load_consumer_key(self.consumer_key)
-        if public_key_hex(key) != job.consumer_key:
-            raise RatingRefused(f"job {job_id} was submitted with another consumer key than "
-                                f"{consumer_key_path(self.consumer_key)}: only its consumer may rate it")
+        key = self._consumers_key(job, RatingRefused, "rate")
         rating = sign_rating(key, self.records.peer_id, job_id, stars, comment, time.time())
         if not self.records.publish(rating_key(job_id), rating, ttl=RATING_TTL):
             raise RatingRefused("the DHT refused the rating record")
         return rating
+
+    def _consumers_key(self, job: JobRecord, refused: type[GPUFlexError], what: str):
+        """The consumer key file's key, if it is the one the job was submitted with."""
+        if not job.consumer_key:
+            raise refused(f"job {job.job_id} names no consumer key (submitted before consumer keys existed)")
+        key = load_consumer_key(self.consumer_key)
+        if public_key_hex(key) != job.consumer_key:
+            raise refused(f"job {job.job_id} was submitted with another consumer key than "
+                          f"{consumer_key_path(self.consumer_key)}: only its consumer may {what} it")
+        return key
 
     def rating(self, job_id: str, job: JobRecord | None = None) -> dict | None:
         """The consumer's latest rating of the job (forged ones are ignored and counted)."""
@@ -465,7 +496,11 @@ class Client:
             raise ResultNotReady(f"job {job_id} has no result yet (see `gpuflex job status {job_id}`)")
         final_round = Counter(s.body.rounds_completed for s in results).most_common(1)[0][0]
         merged = [s.body for s in self.records.read(progress_key(job_id, final_round), ProgressRecord)]
-        if final_round < job.spec["training"]["rounds"]:  # stopped early: only if the job asked for it
+        cancelled = any(s.body.cancelled and s.body.rounds_completed == final_round for s in results)
+        if cancelled and not self.cancelled(job_id, job):
+            raise ResultUnverified(f"job {job_id}: the result says the job was cancelled after round {final_round}, "
+                                   f"but its consumer signed no cancel")
+        if final_round < job.spec["training"]["rounds"] and not cancelled:  # stopped early: only if asked for
             condition = job.spec["training"].get("stop_when")
             if not stop_condition_met(condition, round_summary(final_round, merged, job.spec["task"])):
                 raise ResultUnverified(f"job {job_id}: the result claims the job ended after round {final_round} of "
@@ -478,6 +513,10 @@ class Client:
         if count * 2 <= sum(votes.values()):
             raise ResultUnverified(f"job {job_id}: the final round's peers disagree on the model ({dict(votes)})")
         return model_id
+
+    def job(self, job_id: str) -> JobRecord:
+        """The job's record (JobNotFound if the swarm has none)."""
+        return self._job(job_id)
 
     def _job(self, job_id: str, missing_ok: bool = False) -> JobRecord | None:
         for signed in self.records.read(JOBS_KEY, JobRecord):
@@ -521,11 +560,16 @@ class Job:
         deadline = None if timeout is None else time.time() + timeout
         while True:
             status = self.status()
-            if status["state"] == "finished":
+            if status["state"] in ENDED:
                 return status
             if deadline is not None and time.time() > deadline:
                 raise ResultNotReady(f"job {self.job_id} still {status['state']} after {timeout:.0f}s")
             time.sleep(poll)
+
+    def cancel(self, ledger=None) -> int:
+        """Stop the job at the next round boundary (the result: the last merged model); a paid job
+        needs the consumer's ``ledger`` and returns the refund (base units)."""
+        return self.client.cancel(self.job_id, ledger)
 
     def rate(self, stars: int, comment: str = "") -> None:
         """Rate the job (1-5): only with the consumer key it was submitted with."""

@@ -56,7 +56,7 @@ def round_summary(round_no: int, progress: list[ProgressRecord], task: str) -> d
 
 
 def build_report(job: JobRecord, manifest, rounds: list[dict], *, model_id: str, finished_at: float,
-                 faults: dict[str, list[int]] | None = None) -> dict:
+                 faults: dict[str, list[int]] | None = None, cancelled: bool = False) -> dict:
     participants: dict[str, dict] = {}
     for summary in rounds:
         for peer, samples in summary["samples_by_peer"].items():
@@ -78,7 +78,9 @@ def build_report(job: JobRecord, manifest, rounds: list[dict], *, model_id: str,
         "rounds": rounds,
         # a job that met its stop_when before its last round: the model is that round's
         "stopped_early": ({"after_round": len(rounds), "condition": job.spec["training"].get("stop_when")}
-                          if len(rounds) < job.spec["training"]["rounds"] else None),
+                          if len(rounds) < job.spec["training"]["rounds"] and not cancelled else None),
+        # the consumer cancelled: the model is the last round merged before the peers saw it
+        "cancelled": {"after_round": len(rounds)} if cancelled else None,
         "participants": participants,
         "faults": faults or {},  # peer -> rounds whose contribution failed re-execution (paid nothing)
         "submitted_at": job.submitted_at,
@@ -87,14 +89,21 @@ def build_report(job: JobRecord, manifest, rounds: list[dict], *, model_id: str,
     }
 
 
-def job_status(job: JobRecord, rounds: list[dict], results: list[ResultRecord], live_peers: int) -> dict:
-    """What ``gpuflex job status`` shows: state, round r/R, loss, validation metrics, peers."""
+def job_status(job: JobRecord, rounds: list[dict], results: list[ResultRecord], live_peers: int,
+               cancelled: bool = False) -> dict:
+    """What ``gpuflex job status`` shows: state, round r/R, loss, validation metrics, peers.
+
+    ``cancelled``: its consumer signed a cancel. The job is "cancelling" until its peers publish
+    the last merged model as the result (or at once "cancelled", if no round ever merged).
+    """
     total = job.spec["training"]["rounds"]
     agreed = Counter(r.model_id for r in results).most_common(1)
     started = [r for r in rounds if r["peers_joined"]]
     current = started[-1] if started else None
     done = [r for r in rounds if r["peers_done"]]
-    if agreed:
+    if cancelled:
+        state = "cancelled" if agreed or not done else "cancelling"
+    elif agreed:
         state = "finished"
     elif current is None:
         state = "waiting for peers"

@@ -7,7 +7,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
-from dht.ratings import latest_rating, public_key_hex, rating_is_the_consumers, sign_rating
+from dht.ratings import consumer_cancel, latest_rating, public_key_hex, rating_is_the_consumers, sign_cancel, sign_rating
 from dht.records import RatingRecord
 from swarm.consumer_key import ConsumerKeyError, load_consumer_key, load_or_create_consumer_key
 
@@ -50,3 +50,16 @@ def test_the_consumer_key_file_is_private_and_bad_files_are_one_clear_error(tmp_
     (tmp_path / "junk.key").write_text("not a key")
     with pytest.raises(ConsumerKeyError, match="not a readable consumer key"):
         load_consumer_key(tmp_path / "junk.key")
+
+
+def test_only_the_consumers_cancel_counts():
+    consumer, mallory = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    key = public_key_hex(consumer)
+    genuine = sign_cancel(consumer, CARRIER, JOB, 50.0)
+    forged = sign_cancel(mallory, CARRIER, JOB, 40.0)  # earlier, but by another key
+    replayed = sign_cancel(consumer, CARRIER, OTHER_JOB, 30.0).model_copy(update={"job_id": JOB})
+    retimed = genuine.model_copy(update={"cancelled_at": 10.0})  # the signature covers the time
+    assert consumer_cancel([forged, replayed, retimed], JOB, key) is None
+    assert consumer_cancel([forged, genuine, replayed], JOB, key) == genuine
+    assert consumer_cancel([genuine], OTHER_JOB, key) is None  # a cancel of one job stops no other
+    assert consumer_cancel([genuine], JOB, None) is None  # a job without a consumer key: nobody may cancel it

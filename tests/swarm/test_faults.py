@@ -107,6 +107,43 @@ def test_stop_when_ends_the_job_at_the_first_round_that_meets_it(local_swarm, di
     assert all(len(r["peers_done"]) == 2 for r in rounds)
 
 
+def test_the_consumer_cancels_and_gets_the_last_merged_model(local_swarm, digits_job, tmp_path):
+    from swarm.consumer_key import load_or_create_consumer_key
+
+    for _ in range(2):
+        local_swarm.start_peer()
+    job_id = local_swarm.cli("job", "submit", digits_job(training={"rounds": 300}, swarm={"min_peers": 2}),
+                             "--peer", local_swarm.maddrs[0]).stdout.strip()
+    local_swarm.wait_for(lambda: logged(local_swarm, 0, r"round 2/300 done"), timeout=240, what="two rounds",
+                         poll=0.1)
+    # nobody but the consumer may stop it: another key is refused in one line, and nothing stops
+    stranger = tmp_path / "stranger.key"
+    load_or_create_consumer_key(stranger)
+    refused = local_swarm.cli("job", "cancel", job_id, "--peer", local_swarm.maddrs[1], "--consumer-key",
+                              str(stranger), check=False)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert "only its consumer may cancel it" in refused.stderr
+
+    cancelled = local_swarm.cli("job", "cancel", job_id, "--peer", local_swarm.maddrs[1])
+    assert cancelled.stdout.strip() == f"cancelled job {job_id}: its peers stop at the next round boundary"
+    # `job watch` ends by itself on a cancelled job
+    watched = local_swarm.cli("job", "watch", job_id, "--peer", local_swarm.maddrs[0], "--json", "--every", "0.5",
+                              timeout=120)
+    last = json.loads(watched.stdout.splitlines()[-1])
+    assert last["state"] == "cancelled" and 2 <= last["rounds_done"] < 300
+    for i in range(2):
+        assert logged(local_swarm, i, rf"job {job_id}: cancelled after round {last['rounds_done']}")
+
+    out = tmp_path / "out"
+    fetched = local_swarm.cli("job", "result", job_id, "--peer", local_swarm.maddrs[1], "-o", str(out)).stdout
+    assert "verified" in fetched
+    report = json.loads((out / "report.json").read_text())
+    assert report["cancelled"] == {"after_round": last["rounds_done"]} and report["stopped_early"] is None
+    assert report["model_id"] == report["rounds"][-1]["model_id"]  # the last merged model
+    assert report["final"]["val_accuracy"] > 0.5
+    assert local_swarm.status(job_id, 1)["rounds_done"] == last["rounds_done"]  # nobody kept training
+
+
 def journaled_merged_rounds(local_swarm, index) -> dict[int, str]:
     path = local_swarm.root / f"peer{index}" / "journal.jsonl"
     entries = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 
@@ -125,10 +126,14 @@ def test_a_cancelled_job_stops_and_refunds_what_was_not_earned(local_swarm, digi
     local_swarm.wait_for(lambda: local_swarm.status(job_id)["rounds_done"] >= 2, timeout=120, what="two rounds")
     cancelled = local_swarm.cli("job", "cancel", job_id, "--peer", local_swarm.maddrs[1], *wallet)
     assert cancelled.stdout.startswith("cancelled; refunded ")
-    # both peers notice at their next round boundary and stop working on it
+    # both peers notice at their next round boundary (the consumer's signed cancel in the DHT, or
+    # the escrow closed on chain, whichever they see first) and stop working on it
     for i in range(2):
-        local_swarm.wait_for(lambda i=i: "escrow cancelled" in (local_swarm.root / f"peer{i}.log").read_text(),
+        local_swarm.wait_for(lambda i=i: re.search(r"escrow cancelled|cancelled by its consumer",
+                                                   (local_swarm.root / f"peer{i}.log").read_text()),
                              timeout=60, what=f"peer {i} to stop")
+    local_swarm.wait_for(lambda: local_swarm.status(job_id)["state"] == "cancelled", timeout=60,
+                         what="the last merged model as the result")
     rounds_then = local_swarm.status(job_id)["rounds_done"]
     assert rounds_then < 200
     # what was posted before the cancel stays payable, and the peers collected it as they stopped

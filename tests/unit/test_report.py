@@ -55,6 +55,12 @@ def test_job_status_states():
     assert running["state"] == "running" and running["round"] == 1 and running["rounds_done"] == 1
     result = ResultRecord(peer_id="a", job_id=JOB, rounds_completed=2, model_id=M1, report_id=M2)
     assert job_status(job, [r1], [result], live_peers=2)["state"] == "finished"
+    # cancelled by the consumer: "cancelling" until the peers publish the last merged model
+    assert job_status(job, [r1], [], live_peers=2, cancelled=True)["state"] == "cancelling"
+    short = ResultRecord(peer_id="a", job_id=JOB, rounds_completed=1, model_id=M1, report_id=M2, cancelled=True)
+    ended = job_status(job, [r1], [short], live_peers=2, cancelled=True)
+    assert ended["state"] == "cancelled" and ended["model_id"] == M1
+    assert job_status(job, [], [], live_peers=2, cancelled=True)["state"] == "cancelled"  # nothing ever merged
 
 
 def test_report_credits_each_participant():
