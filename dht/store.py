@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from typing import Generic, Sequence, TypeVar
 
 import hivemind
-from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 
 from dht.errors import GPUFlexError
 from dht.identity import Identity, peer_id_of, public_key_from_marker
 from dht.records import KIND_OF, MalformedRecord, _Body, make_envelope, parse_envelope
-from dht.validator import GpuflexRecordValidator
+from dht.validator import CountingSignatureValidator, GpuflexRecordValidator
 
 T = TypeVar("T", bound=_Body)
 
@@ -60,13 +59,18 @@ class RecordStore:
                 identity_path=str(identity.path),
                 client_mode=client_mode,
                 check_if_identity_free=not client_mode,  # clients use a fresh throwaway key
-                record_validators=[RSASignatureValidator(identity.signing_key), GpuflexRecordValidator()],
+                record_validators=[CountingSignatureValidator(identity.signing_key), GpuflexRecordValidator()],
                 start=True,
                 startup_timeout=30,
             )
         except Exception as e:  # hivemind raises P2PDaemonError / RuntimeError with the daemon's words
             raise SwarmUnreachable(f"could not start a DHT node via {list(initial_peers) or 'no peers'}: {e}") from None
         return cls(dht, identity)
+
+    def refused_by_node(self) -> int:
+        """Records this peer's DHT node turned away when others tried to store them (forged
+        signatures, impersonation, replays under another key); they live in the DHT's process."""
+        return self.dht.run_coroutine(_count_refused)
 
     @property
     def peer_id(self) -> str:
@@ -116,3 +120,8 @@ class RecordStore:
 
     def shutdown(self) -> None:
         self.dht.shutdown()
+
+
+async def _count_refused(_dht, node) -> int:
+    """Runs in the DHT process: what its validators refused."""
+    return sum(getattr(v, "refused", 0) for v in node.protocol.record_validator._validators)

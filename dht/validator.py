@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 
+from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer
@@ -25,8 +26,35 @@ from dht.records import MalformedRecord, is_envelope, parse_envelope
 MAX_RECORD_LIFETIME = 30 * 24 * 3600.0  # nobody may pin a record in other peers' memory for longer
 
 
-class GpuflexRecordValidator(RecordValidatorBase):
+class CountingSignatureValidator(RSASignatureValidator):
+    """hivemind's signature check, counting what it refuses: a record under another peer's owner
+    tag that this peer cannot have signed (a forgery) never reaches any reader, so the node that
+    turned it away is the one that can say it happened."""
+
+    def __init__(self, private_key=None):
+        super().__init__(private_key)
+        self.refused = 0
+
     def validate(self, record: DHTRecord) -> bool:
+        ok = super().validate(record)
+        self.refused += not ok
+        return ok
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        return False  # keep ours (and its count) apart from any plain one
+
+
+class GpuflexRecordValidator(RecordValidatorBase):
+    def __init__(self):
+        super().__init__()
+        self.refused = 0  # records this node turned away: malformed, replayed, impersonating
+
+    def validate(self, record: DHTRecord) -> bool:
+        ok = self._validate(record)
+        self.refused += not ok
+        return ok
+
+    def _validate(self, record: DHTRecord) -> bool:
         try:
             value = MSGPackSerializer.loads(record.value)
         except Exception:

@@ -65,7 +65,16 @@ class _LiveCounters:
         self.peer = peer
 
     def collect(self):
+        # dropped when read (malformed, misplaced, the wrong signer) plus refused when another
+        # peer tried to store them here (forged signatures, impersonation, replays)
         yield CounterMetricFamily("gpuflex_records_rejected", "DHT records dropped as forged, malformed or "
-                                  "misplaced.", value=self.peer.records.rejected)
+                                  "misplaced.", value=self.peer.records.rejected + _refused(self.peer.records))
         yield CounterMetricFamily("gpuflex_blob_bytes_served", "Shard, model and report bytes served to other "
                                   "peers.", value=self.peer.blobs_service.bytes_served)
+
+
+def _refused(records) -> int:
+    try:
+        return records.refused_by_node()
+    except Exception:  # the DHT process is shutting down: a scrape still answers
+        return 0

@@ -9,6 +9,10 @@ chain, running the same paid job; the clean run is the baseline of the same invo
   (tests/swarm/faulty_peer.py), mid-training or once its all-reduce group has formed.
 - sigterm: one peer gets SIGTERM after round 2 and must leave cleanly.
 - whole swarm restart: all three are SIGKILLed after round 3 and restarted from their data dirs.
+- grow and shrink: the job starts on 2 peers, a third joins after round 2, and one of the first
+  two gets SIGTERM after round 5 (2 -> 3 -> 2).
+- cancel: the consumer cancels after round 3 (``gpuflex job cancel``); the result is the last
+  merged model, the refund everything not earned ("rounds completed" counts the rounds before it).
 
 Columns: rounds completed; final validation accuracy and its difference from the clean run;
 recovery time (the slowest round's duration minus the clean run's median round); data lost
@@ -35,7 +39,8 @@ from benchdoc import write_section  # scripts/ is on sys.path when run as a scri
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 FAULTY_PEER = [sys.executable, str(ROOT / "tests" / "swarm" / "faulty_peer.py")]
-SCENARIOS = ["clean", "kill in training", "kill in all-reduce", "sigterm", "whole swarm restart"]
+SCENARIOS = ["clean", "kill in training", "kill in all-reduce", "sigterm", "whole swarm restart", "grow and shrink",
+             "cancel"]
 
 
 def run_scenario(name: str, rounds: int, job_file: Path, work: Path) -> dict:
@@ -47,7 +52,7 @@ def run_scenario(name: str, rounds: int, job_file: Path, work: Path) -> dict:
     with LocalSwarm(work / name.replace(" ", "-")) as swarm:
         chain = swarm.start_chain(consumer_gpux=1000)
         ledger, consumer = swarm.ledger, keyfile_address(chain["consumer"])
-        for index in range(3):
+        for index in range(2 if name == "grow and shrink" else 3):
             fault = {"kill in training": "KILL_IN_TRAINING", "kill in all-reduce": "KILL_IN_ALLREDUCE"}.get(name)
             if fault and index == 2:
                 swarm.start_peer(command=[*FAULTY_PEER, fault, "3"])
@@ -61,20 +66,32 @@ def run_scenario(name: str, rounds: int, job_file: Path, work: Path) -> dict:
             swarm.wait_for(lambda: swarm.status(job_id)["rounds_done"] >= 2, timeout=300, what="two rounds")
             swarm.procs[2].send_signal(signal.SIGTERM)
             swarm.procs[2].wait(timeout=30)
+        if name == "grow and shrink":
+            swarm.wait_for(lambda: swarm.status(job_id)["rounds_done"] >= 2, timeout=300, what="two rounds")
+            swarm.start_peer()
+            swarm.wait_for(lambda: swarm.status(job_id)["rounds_done"] >= 5, timeout=300, what="five rounds")
+            swarm.procs[0].send_signal(signal.SIGTERM)
+            swarm.procs[0].wait(timeout=30)
+        if name == "cancel":
+            swarm.wait_for(lambda: swarm.status(job_id)["rounds_done"] >= 3, timeout=300, what="three rounds")
+            swarm.cli("job", "cancel", job_id, "--peer", swarm.maddrs[1], "--wallet", str(chain["consumer"]),
+                      "--deployment", str(chain["deployment"]))
         if name == "whole swarm restart":
             swarm.wait_for(lambda: swarm.status(job_id)["rounds_done"] >= 3, timeout=300, what="three rounds")
             for index in range(3):
                 swarm.kill_peer(index)
             for index in range(3):
                 swarm.restart_peer(index)
-        via = 0 if name != "whole swarm restart" else 1
-        swarm.wait_for(lambda: swarm.status(job_id, via)["state"] == "finished", timeout=600, what="the job")
+        via = 1 if name in ("whole swarm restart", "grow and shrink") else 0
+        ended = "cancelled" if name == "cancel" else "finished"
+        swarm.wait_for(lambda: swarm.status(job_id, via)["state"] == ended, timeout=600, what="the job")
         wall = time.time() - started
         out = work / f"{name.replace(' ', '-')}-out"
         swarm.cli("job", "result", job_id, "--peer", swarm.maddrs[via], "-o", str(out))
         report = json.loads((out / "report.json").read_text())
-        swarm.cli("job", "refund", job_id, "--peer", swarm.maddrs[via], "--wallet", str(chain["consumer"]),
-                  "--deployment", str(chain["deployment"]))
+        if name != "cancel":  # a cancel refunded what was not earned already
+            swarm.cli("job", "refund", job_id, "--peer", swarm.maddrs[via], "--wallet", str(chain["consumer"]),
+                      "--deployment", str(chain["deployment"]))
         for wallet in swarm.wallets:  # everyone collects, the crashed peer too (from its key file)
             swarm.cli("wallet", "claim", job_id, "--peer", swarm.maddrs[via], "--keyfile", str(wallet),
                       "--deployment", str(chain["deployment"]))

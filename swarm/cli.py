@@ -128,8 +128,11 @@ def job_submit(
         dataset = load_dataset(spec.data, spec.task)  # bad data fails here, before any peer is dialled
 
         ledger = None
-        if budget is not None:
+        if budget is not None:  # a wrong password, an empty wallet, a budget too small: before dialling
+            from swarm.client import check_funding
+
             ledger = open_ledger(deployment, wallet or Path("~/.gpuflex/wallet.json"), None)
+            check_funding(spec, budget, ledger)
         with Client(peer, consumer_key=consumer_key) as client:
             job = client.submit(spec, from_job=from_job, budget=budget, ledger=ledger,
                                 deadline_hours=deadline_hours, dataset=dataset)

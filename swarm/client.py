@@ -103,21 +103,45 @@ class BudgetTooSmall(GPUFlexError):
     """The budget does not buy one GPUX base unit per sample the job may train."""
 
 
+class Unfunded(GPUFlexError):
+    """The consumer's wallet holds less GPUX than the budget to escrow."""
+
+
+def price_per_sample(spec: JobSpec, budget: float) -> tuple[int, int, int]:
+    """(budget, price per sample, most samples) in base units: the budget must cover every peer the
+    job may have (``max_peers``) for all its rounds, at least one base unit a sample."""
+    from ledger.chain import GPUX
+
+    t = spec.training
+    most_samples = t.rounds * t.local_steps * t.batch_size * spec.swarm.max_peers
+    base_units = int(round(budget * GPUX))
+    price = base_units // most_samples
+    if price <= 0:
+        raise BudgetTooSmall(f"--budget {budget} GPUX is too small for {most_samples:,} samples "
+                             f"(at least {most_samples / GPUX:.18f} GPUX: one base unit a sample)")
+    return base_units, price, most_samples
+
+
+def check_funding(spec: JobSpec, budget: float, ledger) -> None:
+    """Before any peer is dialled: the budget buys the job's samples and the wallet holds it."""
+    from ledger.chain import GPUX
+
+    base_units, _, _ = price_per_sample(spec, budget)
+    held = ledger.balance()
+    if held < base_units:
+        raise Unfunded(f"wallet {ledger.address} holds {held / GPUX:,.6f} GPUX, less than the --budget of "
+                       f"{budget:,.6f} GPUX: fund it first (gpuflex wallet faucet on a dev chain)")
+
+
 def open_escrow(spec: JobSpec, dataset_id: str, budget: float, ledger, deadline_hours: float) -> dict:
     """Escrow ``budget`` GPUX for a job (one permit transaction); returns what the job record names.
 
     A work unit is one training sample; its price is set so the budget covers every peer the job
     may have (``max_peers``) for all its rounds. What fewer peers leave unspent is refunded.
     """
-    from ledger.chain import GPUX
     from ledger.signing import job_key
 
-    t = spec.training
-    most_samples = t.rounds * t.local_steps * t.batch_size * spec.swarm.max_peers
-    base_units = int(round(budget * GPUX))
-    price_per_unit = base_units // most_samples
-    if price_per_unit <= 0:
-        raise BudgetTooSmall(f"--budget {budget} GPUX is too small for {most_samples:,} samples")
+    base_units, price_per_unit, _ = price_per_sample(spec, budget)
     key = job_key(f"{dataset_id}:{ledger.address}:{time.time_ns()}")
     deadline = ledger.chain_time() + int(deadline_hours * 3600)
     ledger.open_job(key, base_units, price_per_unit, deadline)

@@ -24,6 +24,7 @@ from safetensors.numpy import save as _safetensors_save
 
 from dht.errors import GPUFlexError
 from swarm.datasets import Dataset
+from swarm.sharding import order_rows, row_lengths
 from swarm.spec import JobSpec
 
 __all__ = [
@@ -160,7 +161,13 @@ def shard_dataset(dataset: Dataset, spec: JobSpec) -> tuple[DatasetManifest, dic
         raise ValueError(f"dataset does not match task {spec.task!r}")
     rng = np.random.default_rng(spec.training.seed)
     train_idx, val_idx = _split(dataset.targets if classification else None, n, spec.data.validation_fraction, rng)
-    train_idx, val_idx = rng.permutation(train_idx), rng.permutation(val_idx)
+    if spec.data.sharding == "random":  # as before the strategies existed: the same dataset ids
+        train_idx = rng.permutation(train_idx)
+    else:
+        lengths = row_lengths(dataset.features, spec.model.input_shape) if spec.data.sharding == "by_length" else None
+        train_idx = order_rows(spec.data.sharding, train_idx, targets=dataset.targets, classification=classification,
+                               lengths=lengths, rng=rng)
+    val_idx = rng.permutation(val_idx)
 
     # Statistics in float64 over the train split only.
     flat_train = dataset.features[train_idx].reshape(len(train_idx), -1).astype(np.float64)

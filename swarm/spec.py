@@ -108,6 +108,9 @@ class DataSpec(BaseModel):
     label_column: str | None = None
     validation_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     shard_rows: PositiveInt = 128
+    # how training rows are ordered before they are cut into shards (swarm.sharding): random,
+    # stratified (every shard's label mix is the whole's), by_length (sequences of similar length)
+    sharding: Literal["random", "stratified", "by_length"] = "random"
     image_size: tuple[PositiveInt, PositiveInt] = (32, 32)  # (height, width), image_folder only
     grayscale: bool = False  # image_folder only
     # the largest dataset a consumer may submit in one job (bytes on disk); every byte of it is

@@ -46,6 +46,8 @@ def test_a_peer_can_not_overwrite_or_forge_another_peers_record(two_nodes):
     assert not bob.dht.store(key, make_envelope(key, forged), get_dht_time() + 30, subkey=bob.identity.owner_marker)
     phases = {r.author: r.body.phase for r in alice.read(key, ProgressRecord)}
     assert phases == {alice.peer_id: "joined"}
+    # the nodes that turned the forgeries away say so (the peers' gpuflex_records_rejected_total)
+    assert alice.refused_by_node() >= 1 and bob.refused_by_node() >= 2
 
 
 def test_unsigned_values_under_our_keys_are_dropped_and_counted(two_nodes):

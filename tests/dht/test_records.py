@@ -10,13 +10,21 @@ from hivemind.utils import MSGPackSerializer
 
 from dht.identity import load_or_create_identity
 from dht.records import (
+    JOBS_KEY,
+    CancelRecord,
+    JobRecord,
+    LeaseRecord,
     MalformedRecord,
     ProgressRecord,
+    ResultRecord,
+    cancel_key,
+    leases_key,
     make_envelope,
     parse_envelope,
     progress_key,
+    result_key,
 )
-from dht.validator import GpuflexRecordValidator
+from dht.validator import CountingSignatureValidator, GpuflexRecordValidator
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -122,3 +130,45 @@ def test_signature_validator_rejects_a_record_signed_by_the_wrong_key(alice, mal
     signed = DHTRecord(record.key, record.subkey, RSASignatureValidator(alice.signing_key).sign_value(record),
                        record.expiration_time)
     assert RSASignatureValidator(mallory.signing_key).validate(signed)
+
+
+# every record a peer schedules from: (key it lives under, another key to replay it under, body)
+KINDS = {
+    "job": (JOBS_KEY, progress_key(JOB, 1), lambda pid: JobRecord(
+        peer_id=pid, job_id=JOB, spec={"name": "x"}, dataset_id="e" * 64, submitted_at=1.0)),
+    "lease": (leases_key(JOB, 3), leases_key(JOB, 4), lambda pid: LeaseRecord(
+        peer_id=pid, job_id=JOB, round=3, shards=["f" * 64], roster=[pid])),
+    "progress": (progress_key(JOB, 3), progress_key(JOB, 2), lambda pid: ProgressRecord(
+        peer_id=pid, job_id=JOB, round=3, phase="merged", model_id="f" * 64)),
+    "result": (result_key(JOB), result_key(OTHER_JOB), lambda pid: ResultRecord(
+        peer_id=pid, job_id=JOB, rounds_completed=3, model_id="f" * 64, report_id="e" * 64)),
+    "cancel": (cancel_key(JOB), cancel_key(OTHER_JOB), lambda pid: CancelRecord(
+        peer_id=pid, job_id=JOB, cancelled_at=1.0, signature="ab" * 64)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_every_kind_forged_or_replayed_is_refused_and_counted(alice, mallory, kind):
+    key, other_key, make = KINDS[kind]
+    validator = GpuflexRecordValidator()
+    envelope = make_envelope(key, make(str(alice.peer_id)))
+    assert validator.validate(_dht_record(key, alice.owner_marker, envelope))
+    assert validator.refused == 0
+    assert not validator.validate(_dht_record(other_key, alice.owner_marker, envelope))  # replayed elsewhere
+    assert not validator.validate(_dht_record(key, mallory.owner_marker, envelope))  # mallory posing as alice
+    assert not validator.validate(_dht_record(key, b"anonymous", envelope))  # unsigned
+    assert validator.refused == 3
+
+
+def test_the_signature_validator_counts_forged_signatures(alice, mallory):
+    key = progress_key(JOB, 1)
+    record = _dht_record(key, alice.owner_marker, make_envelope(key, _progress(alice)))
+    # mallory signs a value under alice's owner tag: the signature is not alice's
+    forged = DHTRecord(record.key, record.subkey, CountingSignatureValidator(mallory.signing_key).sign_value(
+        DHTRecord(record.key, MSGPackSerializer.dumps(mallory.owner_marker), record.value, record.expiration_time)
+    ), record.expiration_time)
+    checker = CountingSignatureValidator(alice.signing_key)
+    assert not checker.validate(forged) and checker.refused == 1
+    signed = DHTRecord(record.key, record.subkey, CountingSignatureValidator(alice.signing_key).sign_value(record),
+                       record.expiration_time)
+    assert checker.validate(signed) and checker.refused == 1

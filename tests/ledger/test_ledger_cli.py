@@ -49,6 +49,31 @@ def test_chain_up_wallet_new_faucet_balance(tmp_path):
         wrong = gpuflex("wallet", "faucet", "1", "--keyfile", str(keyfile), "--deployment", str(deployment),
                         env={**env, "GPUFLEX_WALLET_PASSWORD": "wrong"})
         assert wrong.returncode == 1 and wrong.stderr.startswith("error: wrong password")
+
+        # a paid submit that can not be paid is one clear line before any peer is dialled (the
+        # peer address below answers nothing), and nothing is escrowed
+        job = tmp_path / "job.yaml"
+        (tmp_path / "d.csv").write_text("a,b,y\n" + "".join(f"{i},{i % 3},{i % 2}\n" for i in range(40)))
+        job.write_text("name: x\ntask: classification\nmodel: {catalog: mlp}\n"
+                       "data: {path: d.csv, format: csv, label_column: y}\n"
+                       "training: {rounds: 2, local_steps: 2, batch_size: 4, lr: 0.1}\n")
+        dead = "/ip4/127.0.0.1/tcp/1/p2p/QmRNKNQtt7qGS2bMCjJZrGd8Ut2xtGGat4GQYaEWVeJkp5"
+        paid = ["job", "submit", str(job), "--peer", dead, "--wallet", str(keyfile), "--deployment", str(deployment)]
+        cases = {
+            "wrong password": (["--budget", "10"], {"GPUFLEX_WALLET_PASSWORD": "wrong"}, "wrong password"),
+            "unfunded": (["--budget", "500"], {}, "holds 120.000000 GPUX, less than the --budget of 500"),
+            "budget too small": (["--budget", "1e-17"], {}, "too small for 128 samples"),
+        }
+        for case, (extra, env_change, fragment) in cases.items():
+            done = gpuflex(*paid, *extra, env={**env, **env_change})
+            assert done.returncode == 1 and done.stderr.count("\n") == 1, (case, done.stderr)
+            assert fragment in done.stderr and "Traceback" not in done.stderr, (case, done.stderr)
+        after = gpuflex("wallet", "balance", "--keyfile", str(keyfile), "--deployment", str(deployment), env=env)
+        assert after.stdout.strip() == f"{address}: 120.000000 GPUX"  # nothing escrowed
+        # and a funded submit gets as far as the peer, which does not answer: one line too
+        done = gpuflex(*paid, "--budget", "10", env=env)
+        assert done.returncode == 1 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+        assert "could not" in done.stderr
     finally:
         chain.send_signal(signal.SIGTERM)
         chain.wait(timeout=30)

@@ -66,12 +66,15 @@ def test_three_peers_train_digits_submitted_via_one_peer_fetched_via_another(loc
     assert "verified" in fetched
     for picture in ("curves.png", "contributions.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert job_id in (out / "report.md").read_text()
+    report_md = (out / "report.md").read_text()
+    assert job_id in report_md
     report = json.loads((out / "report.json").read_text())
     assert report["job_id"] == job_id
     assert report["final"]["val_accuracy"] >= 0.90
     assert len(report["rounds"]) == 10
     assert len(report["participants"]) == 3
+    for peer, units in report["participants"].items():  # named with their units, for audit
+        assert f"| `{peer}` | {units['rounds']} | {units['samples']} | {units['shard_rounds']} |" in report_md
     assert all(len(r["peers_done"]) == 3 for r in report["rounds"])
     # every training shard was dealt in every round, to exactly one peer
     assert all(sum(r["shards"].values()) == report["dataset"]["shards"] - 3 for r in report["rounds"])
@@ -131,6 +134,22 @@ def test_three_peers_train_digits_submitted_via_one_peer_fetched_via_another(loc
     other = digits_job(model={"hidden": [32]})
     refused = local_swarm.cli("job", "submit", other, "--peer", local_swarm.maddrs[1], "--from", job_id, check=False)
     assert refused.returncode == 1 and "model.init_from" in refused.stderr and "Traceback" not in refused.stderr
+
+    # the history is checked, not trusted: rewrite round 4's model and the final one on every
+    # peer's disk, and the audit names round 4 and exits 1, and no result is written
+    for model_id in (report["rounds"][3]["model_id"], report["model_id"]):
+        for copy in (local_swarm.root / f"peer{i}" / "blobs" / model_id[:2] / model_id for i in range(3)):
+            if copy.exists():
+                copy.write_bytes(copy.read_bytes()[:-8] + b"tampered")
+    broken = local_swarm.cli("job", "audit", job_id, "--peer", local_swarm.maddrs[0], check=False)
+    assert broken.returncode == 1 and "the history does not check out" in broken.stderr
+    round_four = next(line for line in broken.stdout.splitlines() if line.split()[:1] == ["4"])
+    assert "BROKEN" in round_four and "not retrievable intact" in round_four
+    again_out = tmp_path / "again"
+    refused = local_swarm.cli("job", "result", job_id, "--peer", local_swarm.maddrs[1], "-o", str(again_out),
+                              check=False)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+    assert not (again_out / "model.safetensors").exists()
 
 
 def test_a_peer_joining_late_takes_up_the_swarms_model_and_momentum_and_trains_later_rounds(local_swarm, digits_job, tmp_path):

@@ -58,6 +58,8 @@ GOOD_CSV = "a,b,y\n1,2,0\n2,3,1\n3,4,0\n4,5,1\n"
     ("labels that don't fit the task", None, "a,b,y\n1,2,0\n2,3,0\n3,4,0\n", ["class"]),
     ("dataset over the limit", None, GOOD_CSV * 50, ["data.max_bytes"]),
     ("bad stop_when", None, GOOD_CSV, ["training.stop_when", "unknown metric"]),
+    ("unreadable data", None, GOOD_CSV, ["cannot read", "Is a directory"]),
+    ("truncated npz", None, GOOD_CSV, ["cannot read", "as .npz"]),
 ])
 def test_bad_input_is_one_clear_line_and_nothing_is_sent(tmp_path, case, job_text, csv_text, fragments):
     import yaml
@@ -69,6 +71,18 @@ def test_bad_input_is_one_clear_line_and_nothing_is_sent(tmp_path, case, job_tex
         job["data"]["max_bytes"] = 100
     if case == "bad stop_when":
         job["training"]["stop_when"] = "accuracy>0.9"
+    if case == "unreadable data":
+        job["data"]["path"] = "folder.csv"
+        (tmp_path / "folder.csv").mkdir()
+    if case == "truncated npz":
+        import io
+
+        import numpy as np
+
+        buffer = io.BytesIO()
+        np.savez(buffer, x=np.zeros((8, 2), np.float32), y=np.arange(8) % 2)
+        (tmp_path / "d.npz").write_bytes(buffer.getvalue()[:100])  # cut off mid-file
+        job["data"] = {"path": "d.npz", "format": "npz", "label_column": "y"}
     (tmp_path / "job.yaml").write_text(job_text or yaml.safe_dump(job))
     if csv_text is not None:
         (tmp_path / "d.csv").write_text(csv_text)

@@ -156,3 +156,20 @@ def test_shard_with_wrong_tensors_raises():
     blob = save({"x": np.zeros((3, 2), np.float32)})
     with pytest.raises(ShardIntegrityError, match="malformed"):
         decode_shard(blob, sha256_hex(blob))
+
+
+def test_stratified_sharding_through_the_manifest_keeps_every_row_and_each_shards_mix():
+    spec = make_spec(shard_rows=20)
+    fields = spec.to_dict()
+    fields["data"]["sharding"] = "stratified"
+    stratified = JobSpec.from_dict(fields)
+    dataset = make_dataset(n=400, classes=4)
+    manifest, blobs = shard_dataset(dataset, stratified)
+    plain, _ = shard_dataset(dataset, spec)
+    assert manifest.dataset_id != plain.dataset_id  # the strategy is part of what the id names
+    assert shard_dataset(dataset, stratified)[0].dataset_id == manifest.dataset_id  # and deterministic
+    rows, _ = split_rows(manifest, blobs, "train")
+    assert len(rows) == len(set(rows.tolist())) == manifest.train_rows  # every training row exactly once
+    for shard in (s for s in manifest.shards if s.split == "train" and s.rows == 20):
+        _, y = decode_shard(blobs[shard.id], shard.id, manifest)
+        assert all(abs(np.sum(y == c) - 5) <= 1 for c in range(4))  # 4 classes of ~100 rows: ~5 each
