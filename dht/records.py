@@ -119,6 +119,7 @@ class ProgressRecord(_Body):
     # joining stays on the roster, so a roster read just before its "left" and one read just
     # after agree; its shards go to the next round.
     out_of_round: bool = False
+    lr: float | None = None  # the learning rate this round trained with (training.schedule)
     samples: int = Field(default=0, ge=0)
     train_loss: float | None = None
     base_model_id: str | None = None

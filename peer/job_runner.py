@@ -41,6 +41,7 @@ from dht.records import (
     verdict_key,
 )
 from peer import provenance, schedule
+from peer.lr_schedule import lr_for_round
 from peer.verification import banned as verification_banned
 from peer.verification import (
     can_rerun,
@@ -138,6 +139,7 @@ class JobRunner:
         self.resume_state_id: str | None = None  # our latest checkpoint of the optimizer
         self.last_merged: tuple[int, str, list[str]] | None = None  # (round, model id, group) we ended last
         self._forged_cancels: set[str] = set()
+        self.metric_history: dict[int, float | None] = {}  # round -> merged plateau metric (schedules)
 
     # ---------------------------------------------------------------- the job, top to bottom
     def run(self) -> None:
@@ -211,6 +213,18 @@ class JobRunner:
             logger.info(f"job {self.job.job_id}: the swarm finished the job while this peer was catching up")
         finally:
             averager.shutdown()
+
+    def _round_lr(self, r: int) -> float:
+        """``training.schedule`` at round ``r``, from the merged metrics of the rounds before it."""
+        t = self.spec.training
+        history: list[float | None] = []
+        if t.schedule is not None and t.schedule.plateau_patience is not None:
+            for k in range(1, r):
+                if k not in self.metric_history:  # a late joiner reads the rounds before it once
+                    summary = round_summary(k, self._agreed_records(k), self.manifest.task)
+                    self.metric_history[k] = summary.get(t.schedule.plateau_metric)
+                history.append(self.metric_history[k])
+        return lr_for_round(t.lr, r, t.rounds, t.schedule, history)
 
     def _check_fit(self, model) -> None:
         from swarm.footprint import estimate_footprint
@@ -301,6 +315,12 @@ class JobRunner:
         ))  # renewed by the heartbeat
         data = self._load_shards(mine)
 
+        # this round's learning rate (the same on every peer), set before the state is committed,
+        # so a re-run restores it with the optimizer's moments
+        lr = self._round_lr(r)
+        for group_params in optimizer.param_groups:
+            group_params["lr"] = lr
+
         # commit to where we start from, so another peer can re-run exactly this work
         verifying = self.spec.verification.fraction > 0
         optimizer_state_id = self._keep(optimizer_state_bytes(optimizer), r) if verifying else None
@@ -321,7 +341,7 @@ class JobRunner:
         self._publish_progress(
             r, "trained", samples=samples, train_loss=train_loss, base_model_id=base_model_id, shards=mine,
             carried=carried, started=round_started, roster=sorted(roster), update_id=update_id,
-            prev_round=prev_round, optimizer_state_id=optimizer_state_id,
+            prev_round=prev_round, optimizer_state_id=optimizer_state_id, lr=lr,
         )
 
         # a peer that arrived as the round was being dealt may only now see that it was dealt
@@ -380,7 +400,7 @@ class JobRunner:
             r, "merged", samples=samples, train_loss=train_loss, base_model_id=base_model_id, model_id=model_id,
             group=group, shards=mine, carried=carried, roster=sorted(roster), update_id=update_id, prev_round=prev_round,
             optimizer_state_id=optimizer_state_id, resume_state_id=resume_state_id, outer_state_id=outer_state_id,
-            seconds_training=seconds_training, started=round_started,
+            seconds_training=seconds_training, started=round_started, lr=lr,
             seconds_merging=seconds_merging, seconds_waiting=seconds_waiting, seconds_matchmaking=seconds_matchmaking,
             **sums,
         )

@@ -45,6 +45,7 @@ def round_summary(round_no: int, progress: list[ProgressRecord], task: str) -> d
         "train_loss": sum(loss * n for loss, n in losses) / sum(n for _, n in losses) if losses else None,
         "model_id": agreed,
         "shards": {p.peer_id: len(p.shards) for p in worked},
+        "lr": next((p.lr for p in worked if p.lr is not None), None),
         "samples_by_peer": {p.peer_id: p.samples for p in worked},
         "seconds_training": max((p.seconds_training for p in progress), default=0.0),
         "seconds_merging": max((p.seconds_merging for p in progress), default=0.0),

@@ -157,6 +157,25 @@ def stop_condition_met(expr: str | None, round_metrics: dict) -> bool:
     return value is not None and _COMPARE[op](value, threshold)
 
 
+class LrScheduleSpec(BaseModel):
+    """The learning rate across rounds (``peer.lr_schedule``): warmup, decay, reduce-on-plateau.
+
+    Every peer computes the same rate for a round from the job file and the merged validation
+    metrics of the rounds before it, so the swarm changes rate together, with no coordinator.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    warmup_rounds: int = Field(default=0, ge=0)  # ramp linearly up to training.lr over these rounds
+    decay: Literal["none", "linear", "cosine"] = "none"  # from training.lr to min_lr by the last round
+    min_lr: float = Field(default=0.0, ge=0.0)
+    # reduce-on-plateau: after `plateau_patience` rounds without a better merged `plateau_metric`,
+    # multiply the rate by `plateau_factor` (again after each further such stretch)
+    plateau_patience: PositiveInt | None = None
+    plateau_factor: float = Field(default=0.5, gt=0.0, lt=1.0)
+    plateau_metric: Literal["val_loss", "val_accuracy", "val_mse", "val_mae"] = "val_loss"
+
+
 class TrainingSpec(BaseModel):
     """How each peer trains and how many merge rounds the job runs."""
 
@@ -174,9 +193,12 @@ class TrainingSpec(BaseModel):
     # every N rounds (and the last) each peer also keeps its optimizer state: after an outage of the
     # whole swarm, training resumes from the last merged model with the moments of this checkpoint
     checkpoint_every: PositiveInt = 1
+    schedule: LrScheduleSpec | None = None  # the learning rate across rounds (None: training.lr throughout)
 
     @model_validator(mode="after")
     def _check(self) -> TrainingSpec:
+        if self.schedule is not None and self.schedule.min_lr > self.lr:
+            raise _FieldError("schedule", f"min_lr ({self.schedule.min_lr}) must not exceed lr ({self.lr})")
         if self.stop_when is not None:
             try:
                 parse_stop_when(self.stop_when)

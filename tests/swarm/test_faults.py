@@ -90,7 +90,11 @@ def test_sigterm_hands_the_round_back_and_exits_within_ten_seconds(local_swarm, 
 def test_stop_when_ends_the_job_at_the_first_round_that_meets_it(local_swarm, digits_job, tmp_path):
     for _ in range(2):
         local_swarm.start_peer()
-    job_file = digits_job(training={"rounds": 30}, swarm={"min_peers": 2})
+    # with a learning-rate schedule (warmup, then cosine decay) and every contribution re-run: the
+    # swarm changes rate together, and a re-run restores the round's rate with its optimizer state
+    schedule = {"warmup_rounds": 2, "decay": "cosine", "min_lr": 0.0001}
+    job_file = digits_job(training={"rounds": 30, "schedule": schedule}, swarm={"min_peers": 2},
+                          verification={"fraction": 1.0})
     bad = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0], "--stop-when", "acc>0.9",
                           check=False)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "unknown metric 'acc'" in bad.stderr
@@ -105,6 +109,12 @@ def test_stop_when_ends_the_job_at_the_first_round_that_meets_it(local_swarm, di
     assert rounds[-1]["val_accuracy"] >= 0.85 and all(r["val_accuracy"] < 0.85 for r in rounds[:-1])
     assert report["model_id"] == rounds[-1]["model_id"]  # the result is the last merged model
     assert all(len(r["peers_done"]) == 2 for r in rounds)
+    from peer.lr_schedule import lr_for_round
+    from swarm.spec import LrScheduleSpec
+
+    expected = [lr_for_round(0.001, r, 30, LrScheduleSpec(**schedule)) for r in range(1, len(rounds) + 1)]
+    assert [r["lr"] for r in rounds] == pytest.approx(expected)
+    assert report["faults"] == {}  # every re-run matched: nobody's honest work rejected
 
 
 def test_the_consumer_cancels_and_gets_the_last_merged_model(local_swarm, digits_job, tmp_path):
