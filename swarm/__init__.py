@@ -10,6 +10,8 @@
   hash is the dataset id.
 - ``catalog.py``: ``build_model``, ``count_parameters``, ``flops_per_sample``, ``ModelBuildError`` —
   the mlp / cnn / transformer catalog and custom build functions (imports torch).
+- ``sharding.py``: ``order_rows``, ``row_lengths`` — the random / stratified / by_length row order.
+- ``footprint.py``: ``estimate_footprint``, ``Footprint`` — one peer's memory and FLOPs for a job.
 - ``report.py``: job status and the final report, computed from the swarm's records.
 - ``cli.py``: the ``gpuflex`` command.
 
