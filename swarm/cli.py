@@ -170,6 +170,9 @@ def job_quote(
     typer.echo(f"  GPU-hours {quote.gpu_hours[0]:.4g}-{quote.gpu_hours[1]:.4g}, "
                f"compute time {quote.wall_hours[0] * 3600:.1f}-{quote.wall_hours[1] * 3600:.1f} s (communication extra)")
     typer.echo(f"  price {quote.price[0]:.4g}-{quote.price[1]:.4g} GPUX")
+    if quote.memory_per_peer is not None:
+        typer.echo(f"  memory {quote.memory_per_peer / 2**20:,.1f} MiB per peer (weights, gradients, optimizer, "
+                   f"activations of a batch)")
 
 
 @job_app.command("status")

@@ -331,15 +331,18 @@ class Client:
         from swarm.quote import Offer, quote
         from swarm.shards import shard_dataset
 
+        from swarm.footprint import estimate_footprint
+
         spec = job if isinstance(job, JobSpec) else load_job_file(job)
         manifest, _ = shard_dataset(load_dataset(spec.data, spec.task), spec)
-        forward = flops_per_sample(build_model(spec.model, manifest, seed=spec.training.seed), manifest)
-        offers = [Offer(s.author, s.body.samples_per_sec, s.body.price_per_gpu_hour)
+        model = build_model(spec.model, manifest, seed=spec.training.seed)
+        forward = flops_per_sample(model, manifest)
+        offers = [Offer(s.author, s.body.samples_per_sec, s.body.price_per_gpu_hour, s.body.memory_bytes)
                   for s in self.records.read(PEERS_KEY, PeerRecord)]
         t = spec.training
         return quote(forward_flops_per_sample=forward, rounds=t.rounds, local_steps=t.local_steps,
                      batch_size=t.batch_size, min_peers=spec.swarm.min_peers, max_peers=spec.swarm.max_peers,
-                     offers=offers), offers
+                     offers=offers, memory_per_peer=estimate_footprint(model, manifest, spec).memory_bytes), offers
 
     # ---------------------------------------------------------------- status
     def jobs(self) -> list[JobRecord]:

@@ -26,6 +26,7 @@ class Offer:
     peer_id: str
     reference_samples_per_sec: float
     price_per_gpu_hour: float  # GPUX
+    memory_bytes: int | None = None  # what it offers a job (None: not advertised)
 
     @property
     def flops_per_sec(self) -> float:
@@ -41,13 +42,20 @@ class Quote:
     gpu_hours: tuple[float, float]
     price: tuple[float, float]  # GPUX
     wall_hours: tuple[float, float]  # compute only: the slowest peer of the round sets the pace
+    memory_per_peer: int | None = None  # bytes one peer needs (swarm.footprint); peers short of it are left out
 
 
 def quote(*, forward_flops_per_sample: int, rounds: int, local_steps: int, batch_size: int,
-          min_peers: int, max_peers: int, offers: list[Offer]) -> Quote:
+          min_peers: int, max_peers: int, offers: list[Offer], memory_per_peer: int | None = None) -> Quote:
     offers = [o for o in offers if o.reference_samples_per_sec > 0]
     if not offers:
         raise NoOffers("no live peer advertises its throughput and price: start peers, or check --peer")
+    if memory_per_peer is not None:  # a peer never takes a job that does not fit: it is no offer
+        fitting = [o for o in offers if o.memory_bytes is None or o.memory_bytes >= memory_per_peer]
+        if not fitting:
+            raise NoOffers(f"no live peer offers the {memory_per_peer / 2**20:,.0f} MiB this job needs per peer "
+                           f"(the most any offers: {max(o.memory_bytes for o in offers) / 2**20:,.0f} MiB)")
+        offers = fitting
     train_flops = 3 * forward_flops_per_sample
     per_peer = float(train_flops) * rounds * local_steps * batch_size
 
@@ -68,4 +76,5 @@ def quote(*, forward_flops_per_sample: int, rounds: int, local_steps: int, batch
         gpu_hours=(low_hours, high_hours),
         price=(low_price, high_price),
         wall_hours=(min(low_wall, high_wall), max(low_wall, high_wall)),
+        memory_per_peer=memory_per_peer,
     )

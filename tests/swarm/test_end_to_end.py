@@ -185,6 +185,7 @@ def test_a_bad_job_file_is_one_clear_line_and_nothing_is_published(local_swarm, 
     q = quoted["quote"]
     hours = q["flops_per_peer"] / (offer["reference_samples_per_sec"] * REFERENCE_TRAIN_FLOPS_PER_SAMPLE) / 3600
     assert q["gpu_hours"] == pytest.approx([hours, hours]) and q["price"] == pytest.approx([2.5 * hours] * 2)
+    assert offer["memory_bytes"] > 0 and 100_000 < q["memory_per_peer"] < 10_000_000  # a small mlp: under 10 MB
     bad = digits_job(data={"label_column": "digit"})
     done = local_swarm.cli("job", "submit", bad, "--peer", maddr, check=False)
     assert done.returncode == 1

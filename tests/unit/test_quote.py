@@ -30,3 +30,16 @@ def test_quote_is_capped_by_live_peers_and_needs_one():
     with pytest.raises(NoOffers):
         quote(forward_flops_per_sample=100, rounds=1, local_steps=1, batch_size=1, min_peers=1, max_peers=1,
               offers=[Offer("idle", 0.0, 1.0)])
+
+
+def test_peers_that_can_not_hold_the_job_are_no_offer():
+    offers = [Offer("big", 1000.0, 5.0, memory_bytes=8 << 30), Offer("small", 1000.0, 1.0, memory_bytes=1 << 20),
+              Offer("unknown", 1000.0, 3.0)]
+    q = quote(forward_flops_per_sample=100, rounds=1, local_steps=1, batch_size=1, min_peers=1, max_peers=1,
+              offers=offers, memory_per_peer=100 << 20)
+    assert q.memory_per_peer == 100 << 20
+    assert q.price[0] == pytest.approx(quote(forward_flops_per_sample=100, rounds=1, local_steps=1, batch_size=1,
+                                             min_peers=1, max_peers=1, offers=offers[2:]).price[0])  # not "small"
+    with pytest.raises(NoOffers, match="no live peer offers the 100 MiB this job needs per peer"):
+        quote(forward_flops_per_sample=100, rounds=1, local_steps=1, batch_size=1, min_peers=1, max_peers=1,
+              offers=offers[1:2], memory_per_peer=100 << 20)
