@@ -126,7 +126,7 @@ class JobRunner:
         self.peer, self.job = peer, job
         self.records, self.me = peer.records, peer.records.peer_id
         self.spec = JobSpec.from_dict(job.spec, source=f"job {job.job_id}")
-        self.manifest = DatasetManifest.from_bytes(peer.blobs_service.fetch(job.dataset_id), job.dataset_id)
+        self.manifest = DatasetManifest.from_bytes(peer.fetch(job.dataset_id), job.dataset_id)
         self.train_ids = [s.id for s in self.manifest.shards if s.split == "train"]
         self.val_ids = [s.id for s in self.manifest.shards if s.split == "val"]
         self.loss = loss_fn(self.manifest.task, self.manifest.target_mean, self.manifest.target_std)
@@ -148,7 +148,7 @@ class JobRunner:
         self._check_fit(model)  # on our own build: before we claim, fetch or publish anything
         model = model.to(device)
         if self.spec.model.init_from:  # warm start from a previous result or pretrained weights
-            load_model_bytes(model, self.peer.blobs_service.fetch(self.spec.model.init_from.removeprefix(BLOB_REF)))
+            load_model_bytes(model, self.peer.fetch(self.spec.model.init_from.removeprefix(BLOB_REF)))
         optimizer = make_optimizer(
             t.optimizer, model.parameters(), lr=t.lr, weight_decay=t.weight_decay, momentum=t.momentum
         )
@@ -165,7 +165,7 @@ class JobRunner:
                 if base_round is None or base_round == loaded_round:
                     break  # loading took a while: look again, the swarm may have moved on meanwhile
                 base_model_id = self._wait_for_merged_model(base_round)
-                load_model_bytes(model, self.peer.blobs_service.fetch(base_model_id))
+                load_model_bytes(model, self.peer.fetch(base_model_id))
                 self._resume_optimizer(optimizer, base_round)
                 loaded_round = base_round
                 logger.info(f"job {self.job.job_id}: joining at round {round_no} from round {base_round}'s model")
@@ -200,7 +200,7 @@ class JobRunner:
                         self._publish_progress(round_no, "left", out_of_round=True)
                     self._publish_progress(round_no + 1, "joined", base_model_id=base_model_id)
                     base_model_id = self._wait_for_merged_model(round_no)
-                    load_model_bytes(model, self.peer.blobs_service.fetch(base_model_id))
+                    load_model_bytes(model, self.peer.fetch(base_model_id))
                     if outer is not None:
                         self._take_outer_state(outer, round_no, base_model_id)
                     group = []
@@ -476,8 +476,9 @@ class JobRunner:
         if not (claim.base_model_id and claim.update_id and claim.optimizer_state_id):
             return verdict(False, "the contribution does not name its base, update and optimizer state")
         try:
-            base = self.peer.blobs_service.fetch(claim.base_model_id)
+            base = self.peer.fetch(claim.base_model_id)
             self.for_reexecution.setdefault(r, set()).update({claim.update_id, claim.optimizer_state_id})
+            # another's commitments, dropped after the round's re-runs: fetched, not served on
             claimed = load_safetensors(self.peer.blobs_service.fetch(claim.update_id))
             state = self.peer.blobs_service.fetch(claim.optimizer_state_id)
             parts = self._shard_arrays(claim.shards)
@@ -540,7 +541,7 @@ class JobRunner:
                                                                            ProgressRecord)
                          if s.body.phase == "merged" and s.body.model_id == model_id and s.body.outer_state_id)
         if states:
-            outer.load_momentum_bytes(self.peer.blobs_service.fetch(states.most_common(1)[0][0]))
+            outer.load_momentum_bytes(self.peer.fetch(states.most_common(1)[0][0]))
         else:  # a swarm of one, or records from before outer states were kept
             logger.warning(f"job {self.job.job_id}: no outer momentum for round {r}'s model; keeping ours")
         outer.rebase()
@@ -607,7 +608,7 @@ class JobRunner:
         agreed = self._wait_for(lambda: schedule.majority_model(self._state(r).merged), timeout=60.0)
         if agreed is None:
             return [self.me], None
-        load_model_bytes(model, self.peer.blobs_service.fetch(agreed))
+        load_model_bytes(model, self.peer.fetch(agreed))
         return sorted(p for p, m in self._state(r).merged.items() if m == agreed), agreed
 
     # ---------------------------------------------------------------- the end of the job
@@ -696,7 +697,10 @@ class JobRunner:
             # a peer that moved to another job (or was dealt out) is not waited for
             expected = [p for p in previous_group if p != self.me and p not in banned and p not in state.out]
             ready = schedule.roster_ready(joined, expected=expected, alive=self.peer.alive_peers(), min_peers=min_peers)
-            known = schedule.roster_known(joined, expected, self.me)
+            # a live peer that says it is on this job but has not joined yet (loading the model)
+            # may be seen by some members and not others: then nobody takes the fast path
+            incoming = self.peer.peers_on(self.job.job_id) - joined - state.out - banned
+            known = schedule.roster_known(joined, expected, self.me) and not incoming
             return joined if ready and (known or time.time() - seen["since"] >= ROSTER_SETTLE) else None
 
         return self._wait_for(settled, timeout=None)  # a job short of min_peers waits until peers come

@@ -66,7 +66,7 @@ class Peer:
         self.current_job: str | None = None
         self._leases: dict[str, LeaseRecord] = {}
         self._lock = threading.Lock()
-        self._alive: tuple[float, frozenset[str]] = (0.0, frozenset())
+        self._alive: tuple[float, frozenset[str], dict[str, frozenset[str]]] = (0.0, frozenset(), {})
         self._finished_jobs: set[str] = set()
         self._declined: set[str] = set()  # jobs this peer can not take (memory, price), logged once
         self._served: set[str] = set()
@@ -218,20 +218,42 @@ class Peer:
     # ---------------------------------------------------------------- used by the job runner
     def alive_peers(self) -> frozenset[str]:
         """Peers whose heartbeat is live (cached for a second: every wait loop asks)."""
+        return self._heartbeats()[0]
+
+    def peers_on(self, job_id: str) -> frozenset[str]:
+        """Live peers whose heartbeat says they work on ``job_id`` (joining it, or in it)."""
+        return self._heartbeats()[1].get(job_id, frozenset())
+
+    def _heartbeats(self) -> tuple[frozenset[str], dict[str, frozenset[str]]]:
         with self._lock:
-            fetched_at, alive = self._alive
+            fetched_at, alive, by_job = self._alive
             if time.time() - fetched_at < 1.0:
-                return alive
-        alive = frozenset(s.author for s in self.records.read(PEERS_KEY, PeerRecord)) | {self.records.peer_id}
+                return alive, by_job
+        records = self.records.read(PEERS_KEY, PeerRecord)
+        alive = frozenset(s.author for s in records) | {self.records.peer_id}
+        on: dict[str, set[str]] = {}
+        for s in records:
+            for job in s.body.jobs:
+                on.setdefault(job, set()).add(s.author)
+        by_job = {job: frozenset(peers) for job, peers in on.items()}
         with self._lock:
-            self._alive = (time.time(), alive)
-        return alive
+            self._alive = (time.time(), alive, by_job)
+        return alive, by_job
 
     def announce(self, blob_ids: list[str]) -> None:
         """Tell the swarm we serve these blobs; the heartbeat keeps telling it while we hold them."""
         with self._lock:
             self._served.update(blob_ids)
         self.blobs_service.announce(blob_ids, self.maddrs)
+
+    def fetch(self, blob_id: str) -> bytes:
+        """A blob from disk or, verified, from a provider; what we fetch we serve from then on, so
+        a job's manifest, models and weights outlive the peer that first had them."""
+        held = self.blobs.has(blob_id)
+        data = self.blobs_service.fetch(blob_id)
+        if not held:
+            self.announce([blob_id])
+        return data
 
     def discard(self, blob_ids) -> int:
         """Stop serving these blobs and delete them (their provider records lapse); returns bytes freed."""

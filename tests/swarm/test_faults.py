@@ -26,6 +26,10 @@ def count_train_shards(job_file: str) -> int:
     return sum(1 for shard in manifest.shards if shard.split == "train")
 
 
+def peer_id(maddr: str) -> str:
+    return maddr.rsplit("/p2p/", 1)[1]
+
+
 def logged(local_swarm, index: int, pattern: str) -> bool:
     """The peer's log says so: read at once, unlike a status query through the CLI (seconds), so a
     test can act between two rounds of a swarm that runs one a second."""
@@ -221,3 +225,14 @@ def test_a_swarm_that_grows_from_two_to_four_and_shrinks_to_three_finishes(local
     assert all(r["model_id"] for r in report["rounds"])
     assert sum(sum(r["shards"].values()) for r in report["rounds"]) == len(sizes) * count_train_shards(job_file)
     assert report["final"]["val_accuracy"] >= 0.9
+
+    # the peer that took the job in leaves too: the job's manifest is still served by the others
+    from dht.records import ProviderRecord, provider_key
+    from swarm.client import Client
+
+    local_swarm.procs[0].send_signal(signal.SIGTERM)
+    assert local_swarm.procs[0].wait(timeout=10) == 0
+    with Client(local_swarm.maddrs[1]) as client:
+        providers = {s.author for s in client.records.read(provider_key(report["dataset_id"]), ProviderRecord)}
+        assert len(providers - {peer_id(local_swarm.maddrs[0])}) >= 2
+        assert client._download(report["dataset_id"])  # verified against its hash on the way
