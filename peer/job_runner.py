@@ -171,6 +171,8 @@ class JobRunner:
                 logger.info(f"job {self.job.job_id}: joining at round {round_no} from round {base_round}'s model")
             for r in range(1, round_no):  # the verdicts so far decide who is banned (a joiner reads them)
                 self.rejections[r] = self._past_rejections(r)
+            if self.payouts is not None and loaded_round is not None:
+                self._settle_earlier_rounds(loaded_round)  # back from an outage: pay for what we did
             # DiLoCo keeps the round's base and the outer momentum; plain averaging needs neither.
             # A peer arriving late (or back from an outage) takes up the swarm's momentum with its
             # model: with its own, its outer steps would differ and it would never agree again.
@@ -213,6 +215,27 @@ class JobRunner:
             logger.info(f"job {self.job.job_id}: the swarm finished the job while this peer was catching up")
         finally:
             averager.shutdown()
+
+    def _last_paid_round(self) -> tuple[int, str | None, list[str]]:
+        """A paid job cancelled: its result is the last round posted on chain before the cancel
+        (one merged after it is not paid for, so it is not handed over either)."""
+        r, model_id, group = self.last_merged
+        while r >= 1 and not self.peer.ledger.round(self.payouts.job_key, r).posted:
+            r -= 1
+        if r and r != self.last_merged[0]:
+            agreed = self._agreed_records(r)
+            model_id, group = (agreed[0].model_id, sorted(agreed[0].group)) if agreed else (None, [])
+        return (r, model_id, group) if model_id else (0, None, [])
+
+    def _settle_earlier_rounds(self, upto: int) -> None:
+        """Rounds up to ``upto`` that we were in: post any the outage left unposted (its group signs
+        again, each member doing the same on its way back), and keep every tree for our claim."""
+        for r in range(1, upto + 1):
+            agreed = self._agreed_records(r)
+            group = sorted(agreed[0].group) if agreed else []
+            if self.me in group:
+                self.payouts.resume(r, group, [p for p in agreed if p.peer_id in group],
+                                    rejected=self.rejections.get(r, set()))
 
     def _round_lr(self, r: int) -> float:
         """``training.schedule`` at round ``r``, from the merged metrics of the rounds before it."""
@@ -276,8 +299,9 @@ class JobRunner:
             # cancelled (signed by the consumer, or the escrow closed on chain): the result is the
             # last merged model, published before we collect our pay so the consumer has it at once
             if self.last_merged is not None:
-                last_round, model_id, group = self.last_merged
-                self._publish_result(model_id, group, last_round, cancelled=True)
+                last_round, model_id, group = self._last_paid_round() if self.payouts else self.last_merged
+                if last_round:
+                    self._publish_result(model_id, group, last_round, cancelled=True)
             if self.payouts is not None:
                 self._claim()
             raise

@@ -106,6 +106,20 @@ class RoundPayouts:
             raise
         logger.info(f"job {self.job.job_id}: round {r} posted on chain, {result.value} allocated")
 
+    def resume(self, r: int, group: list[str], merged: list[ProgressRecord], rejected: set[str] = frozenset()) -> None:
+        """After an outage: round ``r``'s tree for our claim, and the round posted if it never was."""
+        from ledger.merkle import ContributionTree
+
+        info = self.ledger.round(self.job_key, r)
+        if info.posted:
+            paid = payable(merged, group, rejected)
+            tree = ContributionTree({p.wallet: p.samples for p in paid.values()}) if paid else None
+            if tree is not None and tree.root == info.root:  # a claim proves against the root on chain
+                self.trees[r] = tree
+            return
+        logger.info(f"job {self.job.job_id}: round {r} was merged before the outage but never posted: settling it")
+        self.settle(r, group, merged, rejected=rejected)
+
     def claim(self) -> int:
         """Collect this peer's pay for every round it was in; returns what was paid (base units)."""
         mine = {r: t for r, t in self.trees.items() if self.ledger.address in t}

@@ -11,8 +11,9 @@ chain, running the same paid job; the clean run is the baseline of the same invo
 - whole swarm restart: all three are SIGKILLed after round 3 and restarted from their data dirs.
 - grow and shrink: the job starts on 2 peers, a third joins after round 2, and one of the first
   two gets SIGTERM after round 5 (2 -> 3 -> 2).
-- cancel: the consumer cancels after round 3 (``gpuflex job cancel``); the result is the last
-  merged model, the refund everything not earned ("rounds completed" counts the rounds before it).
+- cancel: the consumer cancels after round 3 (``gpuflex job cancel``, which itself takes a couple
+  of rounds' time); the result is the last merged model, the refund everything not earned
+  ("rounds completed" counts the rounds before the peers saw it).
 
 Columns: rounds completed; final validation accuracy and its difference from the clean run;
 recovery time (the slowest round's duration minus the clean run's median round); data lost
@@ -62,22 +63,26 @@ def run_scenario(name: str, rounds: int, job_file: Path, work: Path) -> dict:
         started = time.time()
         job_id = swarm.cli("job", "submit", str(job_file), "--peer", swarm.maddrs[0], "--budget", "100",
                            "--wallet", str(chain["consumer"]), "--deployment", str(chain["deployment"])).stdout.strip()
+        def after_round(n: int) -> None:  # read peer 0's log: a status query takes longer than a round here
+            swarm.wait_for(lambda: f"round {n}/{rounds} done" in (swarm.root / "peer0.log").read_text(),
+                           timeout=300, what=f"round {n}", poll=0.1)
+
         if name == "sigterm":
-            swarm.wait_for(lambda: swarm.status(job_id)["rounds_done"] >= 2, timeout=300, what="two rounds")
+            after_round(2)
             swarm.procs[2].send_signal(signal.SIGTERM)
             swarm.procs[2].wait(timeout=30)
         if name == "grow and shrink":
-            swarm.wait_for(lambda: swarm.status(job_id)["rounds_done"] >= 2, timeout=300, what="two rounds")
+            after_round(2)
             swarm.start_peer()
-            swarm.wait_for(lambda: swarm.status(job_id)["rounds_done"] >= 5, timeout=300, what="five rounds")
+            after_round(5)
             swarm.procs[0].send_signal(signal.SIGTERM)
             swarm.procs[0].wait(timeout=30)
         if name == "cancel":
-            swarm.wait_for(lambda: swarm.status(job_id)["rounds_done"] >= 3, timeout=300, what="three rounds")
+            after_round(3)
             swarm.cli("job", "cancel", job_id, "--peer", swarm.maddrs[1], "--wallet", str(chain["consumer"]),
                       "--deployment", str(chain["deployment"]))
         if name == "whole swarm restart":
-            swarm.wait_for(lambda: swarm.status(job_id)["rounds_done"] >= 3, timeout=300, what="three rounds")
+            after_round(3)
             for index in range(3):
                 swarm.kill_peer(index)
             for index in range(3):
