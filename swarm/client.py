@@ -508,7 +508,14 @@ class Client:
         results = [s.body for s in self.records.read(result_key(job_id), ResultRecord)]
         if results:
             last = audits[-1] if audits else None
-            if last is None or not any(r.model_id == last.model_id and r.rounds_completed == last.round
+            by_round = {a.round: a for a in audits}
+
+            def names_its_round(result) -> bool:
+                audit = by_round.get(result.rounds_completed)
+                return audit is not None and audit.model_id == result.model_id
+
+            # the last round's model; a cancelled paid job's may be an earlier round's, the last paid for
+            if last is None or not any(names_its_round(r) and (r.rounds_completed == last.round or r.cancelled)
                                        for r in results):
                 problems.append("no result record names the last round's agreed model")
         return Audit(job_id, audits, problems, finished=bool(results),

@@ -141,6 +141,12 @@ def test_a_cancelled_job_stops_and_refunds_what_was_not_earned(local_swarm, digi
     assert earned > 0
     assert before - ledger.balance(consumer) == earned  # the refund is everything not earned
     assert local_swarm.status(job_id)["rounds_done"] == rounds_then  # and nobody kept training
+    # the result is the last round paid for, verified against the history
+    out = local_swarm.root / "cancelled-result"
+    fetched = local_swarm.cli("job", "result", job_id, "--peer", local_swarm.maddrs[0], "-o", str(out)).stdout
+    assert "verified" in fetched
+    report = json.loads((out / "report.json").read_text())
+    assert report["cancelled"]["after_round"] <= rounds_then and report["model_id"] == report["rounds"][-1]["model_id"]
 
 
 CHEATS = {  # fault -> (honest peers, job overrides, what the honest peers' logs say)
