@@ -64,11 +64,14 @@ def sign_cancel(key: Ed25519PrivateKey, peer_id: str, job_id: str, cancelled_at:
                         signature=key.sign(_cancel_bytes(job_id, cancelled_at)).hex())
 
 
-def consumer_cancel(cancels: list[CancelRecord], job_id: str, consumer_key: str | None) -> CancelRecord | None:
-    """The earliest cancel of ``job_id`` its consumer signed (forged or replayed ones: ignored)."""
+def consumer_cancel(cancels: list[CancelRecord], job_id: str, consumer_key: str | None
+                    ) -> tuple[CancelRecord | None, list[CancelRecord]]:
+    """The earliest cancel of ``job_id`` its consumer signed, and the others that are not its
+    consumer's (forged, replayed from another job): to ignore and count. A second genuine cancel is
+    neither."""
     genuine = [c for c in cancels if c.job_id == job_id
                and _consumer_signed(consumer_key, c.signature, _cancel_bytes(c.job_id, c.cancelled_at))]
-    return min(genuine, key=lambda c: c.cancelled_at, default=None)
+    return min(genuine, key=lambda c: c.cancelled_at, default=None), [c for c in cancels if c not in genuine]
 
 
 def latest_rating(ratings: list[RatingRecord], job_id: str, consumer_key: str | None) -> tuple[RatingRecord | None, int]:

@@ -658,8 +658,8 @@ class JobRunner:
     def _cancelled(self) -> bool:
         """The consumer signed a cancel of this job (forged ones are ignored and counted)."""
         found = [s.body for s in self.records.read(cancel_key(self.job.job_id), CancelRecord)]
-        genuine = consumer_cancel(found, self.job.job_id, self.job.consumer_key)
-        forged = {c.signature for c in found if c is not genuine} - self._forged_cancels
+        genuine, ignored = consumer_cancel(found, self.job.job_id, self.job.consumer_key)
+        forged = {c.signature for c in ignored} - self._forged_cancels
         if genuine is None and forged:  # counted once each, not once a round
             self._forged_cancels |= forged
             self.records.rejected += len(forged)

@@ -9,7 +9,6 @@ DHT and averager run in their own processes.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 import threading
 import time
 from dataclasses import dataclass, field
@@ -178,7 +177,7 @@ class Peer:
         """The live jobs this peer could work on (funded, unfinished), as the scheduler sees them."""
         jobs = {s.body.job_id: s.body for s in self.records.read(JOBS_KEY, JobRecord)}
         self.jobs_seen = len(jobs)
-        staffing = Counter(job for s in self.records.read(PEERS_KEY, PeerRecord) for job in s.body.jobs)
+        staffing, offer = self._heartbeats()[1], self.offer()  # who is on which job: the same read as alive_peers
         views = []
         for job in jobs.values():
             if job.job_id in self._finished_jobs or self._escrow_problem(job):
@@ -186,8 +185,8 @@ class Peer:
             if self.records.read(result_key(job.job_id), ResultRecord):
                 self._finished_jobs.add(job.job_id)
                 continue
-            view = job_view(job, staffing[job.job_id])
-            if job.job_id not in self._declined and (why := schedule.why_not(view, self.offer())):
+            view = job_view(job, len(staffing.get(job.job_id, ())))
+            if job.job_id not in self._declined and (why := schedule.why_not(view, offer)):
                 self._declined.add(job.job_id)  # said once; choose_job keeps skipping it
                 logger.info(f"not taking job {job.job_id}: {why}")
             views.append(view)

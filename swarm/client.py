@@ -290,8 +290,8 @@ class Client:
         """Whether the job's consumer signed a cancel (forged ones are ignored and counted)."""
         job = job or self._job(job_id)
         found = [s.body for s in self.records.read(cancel_key(job_id), CancelRecord)]
-        genuine = consumer_cancel(found, job_id, job.consumer_key)
-        self.records.rejected += len(found) - (genuine is not None)
+        genuine, forged = consumer_cancel(found, job_id, job.consumer_key)
+        self.records.rejected += len(forged)
         return genuine is not None
 
     def claim(self, job_id: str, ledger) -> int:
@@ -326,7 +326,7 @@ class Client:
     # ---------------------------------------------------------------- quote
     def quote(self, job: str | os.PathLike | JobSpec) -> tuple["Quote", list["Offer"]]:
         """Estimated compute, GPU-hours and price range of a job on the swarm's live peers."""
-        from swarm.catalog import build_model, flops_per_sample
+        from swarm.catalog import build_model
         from swarm.datasets import load_dataset
         from swarm.quote import Offer, quote
         from swarm.shards import shard_dataset
@@ -335,14 +335,13 @@ class Client:
 
         spec = job if isinstance(job, JobSpec) else load_job_file(job)
         manifest, _ = shard_dataset(load_dataset(spec.data, spec.task), spec)
-        model = build_model(spec.model, manifest, seed=spec.training.seed)
-        forward = flops_per_sample(model, manifest)
+        footprint = estimate_footprint(build_model(spec.model, manifest, seed=spec.training.seed), manifest, spec)
         offers = [Offer(s.author, s.body.samples_per_sec, s.body.price_per_gpu_hour, s.body.memory_bytes)
                   for s in self.records.read(PEERS_KEY, PeerRecord)]
         t = spec.training
-        return quote(forward_flops_per_sample=forward, rounds=t.rounds, local_steps=t.local_steps,
-                     batch_size=t.batch_size, min_peers=spec.swarm.min_peers, max_peers=spec.swarm.max_peers,
-                     offers=offers, memory_per_peer=estimate_footprint(model, manifest, spec).memory_bytes), offers
+        return quote(forward_flops_per_sample=footprint.train_flops_per_sample // 3, rounds=t.rounds,
+                     local_steps=t.local_steps, batch_size=t.batch_size, min_peers=spec.swarm.min_peers,
+                     max_peers=spec.swarm.max_peers, offers=offers, memory_per_peer=footprint.memory_bytes), offers
 
     # ---------------------------------------------------------------- status
     def jobs(self) -> list[JobRecord]:

@@ -59,7 +59,9 @@ def test_only_the_consumers_cancel_counts():
     forged = sign_cancel(mallory, CARRIER, JOB, 40.0)  # earlier, but by another key
     replayed = sign_cancel(consumer, CARRIER, OTHER_JOB, 30.0).model_copy(update={"job_id": JOB})
     retimed = genuine.model_copy(update={"cancelled_at": 10.0})  # the signature covers the time
-    assert consumer_cancel([forged, replayed, retimed], JOB, key) is None
-    assert consumer_cancel([forged, genuine, replayed], JOB, key) == genuine
-    assert consumer_cancel([genuine], OTHER_JOB, key) is None  # a cancel of one job stops no other
-    assert consumer_cancel([genuine], JOB, None) is None  # a job without a consumer key: nobody may cancel it
+    assert consumer_cancel([forged, replayed, retimed], JOB, key)[0] is None
+    assert consumer_cancel([forged, genuine, replayed], JOB, key) == (genuine, [forged, replayed])
+    assert consumer_cancel([genuine], OTHER_JOB, key)[0] is None  # a cancel of one job stops no other
+    assert consumer_cancel([genuine], JOB, None)[0] is None  # a job without a consumer key: nobody may cancel it
+    again = sign_cancel(consumer, "QmOther", JOB, 60.0)  # the consumer cancelled twice: nothing forged
+    assert consumer_cancel([again, genuine], JOB, key) == (genuine, [])
