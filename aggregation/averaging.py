@@ -16,10 +16,11 @@ crosses the network (``aggregation.compression``).
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import hivemind
 import torch
@@ -36,8 +37,11 @@ from hivemind.utils.mpfuture import MPFuture
 from aggregation.compression import make_compression  # also installs the numpy-2.4-safe 8-bit decoder
 from aggregation.reduce import ReducerConfigError, RobustPartReducer, get_reducer
 
+logger = logging.getLogger(__name__)
+
 ROUND_BITS = 24  # (round, attempt) pairs; the bits are just a namespace inside the job's prefix
 MAX_ATTEMPTS = 4  # all-reduce attempts per round (a retry follows a member that died mid-merge)
+GIVE_UP_EVERY = 0.5  # seconds between asking a merge's give_up while it is still matchmaking
 
 
 class ExactAllReduceRunner(AllReduceRunner):
@@ -63,7 +67,11 @@ class ExactAllReduceRunner(AllReduceRunner):
 
     async def _communicate_with_peer(self, peer_id):
         if peer_id != self.peer_id:
-            return await super()._communicate_with_peer(peer_id)
+            try:
+                return await super()._communicate_with_peer(peer_id)
+            except Exception as e:  # upstream logs this at debug level only; a lost part costs a round
+                logger.warning(f"all-reduce {self.group_id.hex()[:8]}: reducer {peer_id} failed for us: {e!r}")
+                raise
         peer_index = self.ordered_peer_ids.index(peer_id)
         sender_index = self.sender_peer_ids.index(peer_id)
         codec = self.tensor_part_container.compression.compression_type
@@ -99,6 +107,11 @@ class ExactAllReduceRunner(AllReduceRunner):
         finally:
             if part_index != self.tensor_part_reducer.num_parts:
                 await self._ban_sender(self.sender_peer_ids[sender_index])
+
+    async def _ban_sender(self, peer_id):
+        if peer_id not in self.banned_senders:
+            logger.warning(f"all-reduce {self.group_id.hex()[:8]}: dropping sender {peer_id} from our parts")
+        await super()._ban_sender(peer_id)
 
 
 @dataclass(frozen=True)
@@ -142,7 +155,12 @@ class RoundAverager(DecentralizedAverager):
         # DHT read or two on a loaded box) and misses the window loses its round's work, so it is
         # generous. A dead member is already out of the expected size (the barrier saw it go).
         kwargs.setdefault("min_matchmaking_time", 5.0)
-        kwargs.setdefault("request_timeout", 1.0)
+        # how long a follower waits for a leader's answer. A leader that answers later still counts
+        # the follower in (and starts a full group at once), but the follower has gone: the group
+        # then has a member that does not know it is in it, and every member's merge fails. On a
+        # busy box (training threads and three peers on two cores) an answer takes over a second
+        # now and then, so this is hivemind's default, not lower; a dead leader costs this long.
+        kwargs.setdefault("request_timeout", 3.0)
         kwargs.setdefault("allreduce_timeout", 120.0)
         # how long a reducer waits for a sender's next part before dropping it: a part is 512 KiB,
         # a second on a slow home link; a dead member costs the round this long (then a retry)
@@ -215,6 +233,7 @@ class RoundAverager(DecentralizedAverager):
     def merge(
         self, tensors: Sequence[torch.Tensor], *, weight: float, gather: Mapping[str, Any], timeout: float,
         stop: threading.Event | None = None, grace_after_stop: float = 5.0,
+        give_up: Callable[[], bool] | None = None,
     ) -> dict[str, Any] | None:
         """Weighted all-reduce of ``tensors`` (in place) with this round's group.
 
@@ -224,6 +243,9 @@ class RoundAverager(DecentralizedAverager):
 
         Once ``stop`` is set the step gets ``grace_after_stop`` more seconds: leaving a group
         mid-butterfly fails the round for everyone in it, so a merge that is nearly done finishes.
+
+        ``give_up`` is asked twice a second while no group has formed yet (never once the
+        all-reduce runs): True abandons the step (the caller learnt its group went on without it).
         """
         with self.get_tensors() as shared:
             for dst, src in zip(shared, tensors):
@@ -232,6 +254,7 @@ class RoundAverager(DecentralizedAverager):
         control = self.step(gather=dict(gather), weight=float(weight), timeout=timeout, allow_retries=False,
                             wait=False)
         gathered, give_up_at, grouped_at = None, None, None
+        next_ask = time.monotonic() + GIVE_UP_EVERY
         while True:
             try:
                 # poll finely until the group forms: that instant splits matchmaking from the all-reduce
@@ -245,9 +268,18 @@ class RoundAverager(DecentralizedAverager):
                     if time.monotonic() > give_up_at:
                         control.cancel()
                         break
+                if give_up is not None and grouped_at is None and time.monotonic() >= next_ask:
+                    if give_up():
+                        control.cancel()
+                        break
+                    next_ask = time.monotonic() + GIVE_UP_EVERY
             except Exception:
                 break  # hivemind raises on a failed group; the caller decides what to do
         finished = time.perf_counter()
+        if not gathered:  # the next step must not start while this one still tears down its matchmaking
+            deadline = time.monotonic() + 5.0
+            while control.stage != AveragingStage.FINISHED and time.monotonic() < deadline:
+                time.sleep(0.01)
         grouped_at = grouped_at or finished  # grouped and reduced within one poll
         self.last_timings = MergeTimings(matchmaking=grouped_at - started, allreduce=finished - grouped_at)
         if not gathered:

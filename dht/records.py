@@ -119,6 +119,9 @@ class ProgressRecord(_Body):
     # joining stays on the roster, so a roster read just before its "left" and one read just
     # after agree; its shards go to the next round.
     out_of_round: bool = False
+    # a "trained" record republished when its all-reduce failed and it tries again under a fresh
+    # group key: a member still waiting on the failed attempt reads it and follows
+    merge_attempt: int = Field(default=0, ge=0)
     lr: float | None = None  # the learning rate this round trained with (training.schedule)
     samples: int = Field(default=0, ge=0)
     train_loss: float | None = None

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from aggregation.averaging import RoundAverager
+from aggregation.averaging import MAX_ATTEMPTS, RoundAverager
 from aggregation.compression import ErrorFeedback, make_compression
 from aggregation.outer import OuterOptimizer
 from dht.errors import GPUFlexError
@@ -53,7 +53,6 @@ from peer.verification import (
     update_distance,
     verification_plan,
 )
-from peer.runtime import PEER_TTL
 from peer.payout import JobClosed, RoundPayouts, escrow_closed
 from peer.local_training import (
     Batches,
@@ -140,6 +139,7 @@ class JobRunner:
         self.last_merged: tuple[int, str, list[str]] | None = None  # (round, model id, group) we ended last
         self._forged_cancels: set[str] = set()
         self.metric_history: dict[int, float | None] = {}  # round -> merged plateau metric (schedules)
+        self.trained_fields: dict = {}  # this round's "trained" record, republished if its merge is retried
 
     # ---------------------------------------------------------------- the job, top to bottom
     def run(self) -> None:
@@ -213,6 +213,8 @@ class JobRunner:
                 self._claim()
         except FinishedElsewhere:
             logger.info(f"job {self.job.job_id}: the swarm finished the job while this peer was catching up")
+            if self.payouts is not None:
+                self._claim()  # the rounds it did before are paid all the same
         finally:
             averager.shutdown()
 
@@ -362,11 +364,12 @@ class JobRunner:
         if samples:
             metrics.samples_per_second.set(samples / max(seconds_training, 1e-9))
             metrics.train_loss.labels(job).set(train_loss)
-        self._publish_progress(
-            r, "trained", samples=samples, train_loss=train_loss, base_model_id=base_model_id, shards=mine,
+        self.trained_fields = dict(  # republished as is if the merge must be tried again
+            samples=samples, train_loss=train_loss, base_model_id=base_model_id, shards=mine,
             carried=carried, started=round_started, roster=sorted(roster), update_id=update_id,
             prev_round=prev_round, optimizer_state_id=optimizer_state_id, lr=lr,
         )
+        self._publish_progress(r, "trained", **self.trained_fields)
 
         # a peer that arrived as the round was being dealt may only now see that it was dealt
         # without it: catch up now rather than wait for a group that will never form
@@ -608,23 +611,25 @@ class JobRunner:
         """
         if len(trained) < 2:
             return [self.me], None  # nobody to average with this round: the local result is the round's
-        averager.prepare_round(r, len(trained))
-        gathered = averager.merge(tensors, weight=samples, gather={"round": r, "base": base_model_id}, timeout=30.0,
-                                  stop=self.peer.stopping)
-        if gathered is None and not self.peer.stopping.is_set():
-            # Our merge failed. Either the others' succeeded (a part only we missed: they publish
-            # the merged model within moments, and we adopt it), or a member died mid-merge and
-            # failed the group: then the survivors try once more under a fresh group key, without
-            # the dead (its heartbeat lapses meanwhile), or all of us again if nobody is gone.
-            outcome = self._wait_for(lambda: "merged" if self._state(r).merged else self._survivors(r, trained),
-                                     timeout=PEER_TTL + 3 * POLL)
-            survivors = None if outcome == "merged" else outcome or (trained & self.peer.alive_peers()) | {self.me}
-            if survivors is not None and len(survivors) >= 2:
-                logger.warning(f"job {self.job.job_id}: round {r} all-reduce failed, retrying with "
-                               f"{len(survivors)} peers")
-                averager.prepare_round(r, len(survivors), attempt=1)
-                gathered = averager.merge(tensors, weight=samples, gather={"round": r, "base": base_model_id},
-                                          timeout=30.0, stop=self.peer.stopping)
+        gather = {"round": r, "base": base_model_id}
+        expected, attempt, gathered = set(trained), 0, None
+        while True:
+            averager.prepare_round(r, len(expected), attempt=attempt)
+            gathered = averager.merge(tensors, weight=samples, gather=gather, timeout=30.0, stop=self.peer.stopping,
+                                      give_up=lambda: self._merge_went_on(r, attempt))
+            if gathered is not None or self.peer.stopping.is_set() or self._state(r).merged:
+                break  # merged; or shutting down; or the others merged without us (we adopt theirs)
+            # Nobody merged: a member died mid-merge, or one never knew it was in the group (it
+            # answered a leader too late). Everyone still here tries again at once under a fresh
+            # group key, and says so, so a member still waiting on the failed group follows.
+            # A dead member whose heartbeat has not lapsed yet costs the matchmaking window.
+            attempt = max(attempt + 1, self._merge_attempt_seen(r))
+            expected = (trained & self.peer.alive_peers()) - self._state(r).left | {self.me}
+            if attempt >= MAX_ATTEMPTS or len(expected) < 2:
+                break
+            logger.warning(f"job {self.job.job_id}: round {r} all-reduce failed, trying again with "
+                           f"{len(expected)} peers (attempt {attempt + 1})")
+            self._publish_progress(r, "trained", **{**self.trained_fields, "merge_attempt": attempt})
         if gathered is not None:
             return sorted(gathered), None
         # no group formed for us (a peer died mid-round, a timeout): adopt the model the others agreed on
@@ -634,6 +639,15 @@ class JobRunner:
             return [self.me], None
         load_model_bytes(model, self.peer.fetch(agreed))
         return sorted(p for p, m in self._state(r).merged.items() if m == agreed), agreed
+
+    def _merge_attempt_seen(self, r: int) -> int:
+        """The highest merge attempt a member of round ``r`` announced."""
+        progress = self.records.read(progress_key(self.job.job_id, r), ProgressRecord)
+        return max((p.body.merge_attempt for p in progress if p.body.phase == "trained"), default=0)
+
+    def _merge_went_on(self, r: int, attempt: int) -> bool:
+        """While matchmaking: the round merged without us, or its members moved to a later attempt."""
+        return bool(self._state(r).merged) or self._merge_attempt_seen(r) > attempt
 
     # ---------------------------------------------------------------- the end of the job
     def _publish_result(self, model_id: str, last_group: list[str], last_round: int, cancelled: bool = False) -> None:
@@ -712,7 +726,10 @@ class JobRunner:
             joined = state.joined - state.out - banned
             if joined != seen["roster"]:
                 seen["roster"], seen["since"] = joined, time.time()
-            if self.records.read(result_key(self.job.job_id), ResultRecord):
+            if results := self.records.read(result_key(self.job.job_id), ResultRecord):
+                if any(s.body.cancelled for s in results) and self._cancelled():
+                    raise JobCancelled(f"job {self.job.job_id}: cancelled by its consumer, the swarm "
+                                       "handed over its result")
                 raise FinishedElsewhere(self.job.job_id)  # stopped early without us: nothing left to do
             if time.time() - seen["cancel_checked"] > 2.0:  # a job short of peers may wait long: cancelable
                 seen["cancel_checked"] = time.time()
@@ -728,14 +745,6 @@ class JobRunner:
             return joined if ready and (known or time.time() - seen["since"] >= ROSTER_SETTLE) else None
 
         return self._wait_for(settled, timeout=None)  # a job short of min_peers waits until peers come
-
-    def _survivors(self, r: int, trained: set[str]) -> set[str] | None:
-        """The peers of a failed merge that are still alive, once every dead one's heartbeat lapsed."""
-        state, alive = self._state(r), self.peer.alive_peers()
-        if state.merged:
-            return None  # somebody did merge after all: adopting their model beats retrying
-        gone = {p for p in trained if p not in alive or p in state.left}
-        return (set(trained) - gone) | {self.me} if gone else None
 
     def _wait_for_trained(self, r: int, roster: frozenset[str], deadline: float) -> set[str]:
         def done():

@@ -59,25 +59,26 @@ def payable(merged: list[ProgressRecord], group, rejected=frozenset()) -> dict[s
 
 
 class RoundPayouts:
-    def __init__(self, job: JobRecord, ledger, records: RecordStore, wait_for: Callable):
+    def __init__(self, job: JobRecord, ledger, records: RecordStore, wait_for: Callable, *, post_grace: float = 15.0):
+        """``post_grace``: at the claim, how long the last round's poster has before we post it."""
         self.job, self.ledger, self.records, self._wait_for = job, ledger, records, wait_for
+        self.post_grace = post_grace
         self.job_key = bytes.fromhex(job.escrow["job_key"].removeprefix("0x"))
         self.trees: dict[int, object] = {}
+        self.signers: dict[int, set[str]] = {}  # round -> the peers paid in it (whose attestations count)
 
     def settle(self, r: int, group: list[str], merged: list[ProgressRecord], rejected: set[str] = frozenset()) -> None:
         """Sign this round's contribution tree; the group's first peer posts it with a quorum.
 
         ``rejected``: peers whose contribution failed re-execution this round; they earn nothing.
         """
-        from ledger.chain import ContractReverted
         from ledger.merkle import ContributionTree
-        from ledger.signing import RoundAttestation
 
         paid = payable(merged, group, rejected)
         if not paid:
             return
         tree = ContributionTree({p.wallet: p.samples for p in paid.values()})
-        self.trees[r] = tree
+        self.trees[r], self.signers[r] = tree, set(paid)
         root = "0x" + tree.root.hex()
         key = attestation_key(self.job.job_id, r)
         if self.ledger.address in tree:
@@ -87,14 +88,38 @@ class RoundPayouts:
                 attestation=attestation.to_dict()), ttl=24 * 3600)
         if self.records.peer_id != min(paid):
             return  # one poster per round: the others only sign
+        # rounds post in order: one the last poster never posted (it shut down right after the
+        # merge) could never be posted after this one, and its group would go unpaid
+        self._post_unposted(before=r)
+        self._post(r, tree, wait=60.0)
+
+    def _post_unposted(self, before: int) -> None:
+        """Post the rounds we were paid in, before ``before``, that their poster never posted."""
+        from ledger.chain import ContractReverted
+
+        last_posted = self.ledger.job(self.job_key).last_round
+        for earlier in sorted(k for k in self.trees if last_posted < k < before):
+            logger.info(f"job {self.job.job_id}: round {earlier} was never posted (its poster left); posting it")
+            try:
+                self._post(earlier, self.trees[earlier], wait=0.0)
+            except (ContractReverted, JobClosed) as e:  # a later round got there first, or the job closed
+                logger.warning(f"job {self.job.job_id}: round {earlier} could not be posted: {e}")
+
+    def _post(self, r: int, tree, *, wait: float) -> None:
+        """Post round ``r``'s root with a quorum of its group's attestations (waiting up to ``wait``
+        seconds for them). Posted meanwhile by another member: nothing to do."""
+        from ledger.chain import ContractReverted
+        from ledger.signing import RoundAttestation
+
+        root, key = "0x" + tree.root.hex(), attestation_key(self.job.job_id, r)
         needed = self.ledger.quorum(self.job_key, tree.participants)
 
         def quorum():
             found = [RoundAttestation.from_dict(a.body.attestation) for a in self.records.read(key, AttestationRecord)
-                     if a.body.root == root and a.author in paid]
+                     if a.body.root == root and a.author in self.signers[r]]
             return found if len(found) >= needed else None
 
-        attestations = self._wait_for(quorum, timeout=60.0)
+        attestations = quorum() or self._wait_for(quorum, timeout=wait)
         if attestations is None:
             logger.warning(f"job {self.job.job_id}: round {r} got no signing quorum; not posted")
             return
@@ -103,6 +128,8 @@ class RoundPayouts:
         except ContractReverted:
             if closed := escrow_closed(self.job, self.ledger):  # cancelled while we trained
                 raise JobClosed(f"job {self.job.job_id}: escrow {closed}, round {r} not posted") from None
+            if self.ledger.round(self.job_key, r).posted:
+                return  # another member posted it first
             raise
         logger.info(f"job {self.job.job_id}: round {r} posted on chain, {result.value} allocated")
 
@@ -115,7 +142,7 @@ class RoundPayouts:
             paid = payable(merged, group, rejected)
             tree = ContributionTree({p.wallet: p.samples for p in paid.values()}) if paid else None
             if tree is not None and tree.root == info.root:  # a claim proves against the root on chain
-                self.trees[r] = tree
+                self.trees[r], self.signers[r] = tree, set(paid)
             return
         logger.info(f"job {self.job.job_id}: round {r} was merged before the outage but never posted: settling it")
         self.settle(r, group, merged, rejected=rejected)
@@ -124,7 +151,13 @@ class RoundPayouts:
         """Collect this peer's pay for every round it was in; returns what was paid (base units)."""
         mine = {r: t for r, t in self.trees.items() if self.ledger.address in t}
         if not escrow_closed(self.job, self.ledger):
-            # the last round's post may still be in flight from another peer: wait a while
-            self._wait_for(lambda: all(self.ledger.round(self.job_key, r).posted for r in mine), timeout=60.0)
+            # the last round's post may still be in flight from another peer: wait a while, then
+            # post what is still missing ourselves (its poster may have shut down after the merge)
+            def all_posted():
+                return all(self.ledger.round(self.job_key, r).posted for r in mine)
+
+            if not self._wait_for(all_posted, timeout=self.post_grace) and not escrow_closed(self.job, self.ledger):
+                self._post_unposted(before=max(mine, default=0) + 1)
+                self._wait_for(all_posted, timeout=self.post_grace)  # another member's post in flight
         posted = {r: t for r, t in mine.items() if self.ledger.round(self.job_key, r).posted}
         return self.ledger.claim_many(self.job_key, posted).value if posted else 0

@@ -490,6 +490,8 @@ class Client:
             if not progress:
                 break
             rounds.append(progress)
+        while rounds and not any(p.phase == "merged" for p in rounds[-1]):
+            rounds.pop()  # the round under way, or the one a cancel stopped: not in the history (yet)
         audits = audit_rounds(job_id, job.dataset_id, rounds)
         if check_models:
             for audit in audits:

@@ -23,6 +23,7 @@ class Fault(enum.Enum):
     CLAIM_UNDONE_WORK = "train a quarter of the steps, claim all of them, every round (verifies honestly)"
     CLAIM_OTHERS_UNITS = "train honestly, but also list another peer's shards and samples as its own"
     POISON_UPDATE = "train honestly, then send the update sign-flipped and scaled 10x (verifies honestly)"
+    MISS_GROUP_START = "once: not hear that its group began (the leader counts it in, it keeps looking for one)"
 
 
 def crash() -> None:
@@ -101,6 +102,28 @@ def install(fault: Fault, at_round: int) -> None:
 
         job_runner.train_local = train_then_die
         job_runner.JobRunner = FaultyRunner  # the runtime imports it when it takes a job
+    elif fault is Fault.MISS_GROUP_START:
+        # What a follower that answers its leader too late looks like: the leader counts it in the
+        # group and starts the all-reduce, the follower has given up on that leader and looks on.
+        # Patched before the averager process forks off, so it runs there.
+        import asyncio
+
+        from hivemind.averaging.matchmaking import Matchmaking
+        from hivemind.utils import MSGPackSerializer
+
+        look_for_group, missed = Matchmaking.look_for_group, []
+
+        async def look_on_after_the_group_formed(self, step):
+            group = await look_for_group(self, step)
+            if group is not None and not missed and len(group.peer_ids) > 1:
+                _, _, mine = MSGPackSerializer.loads(group.gathered[group.peer_ids.index(self.peer_id)])
+                if MSGPackSerializer.loads(mine)["round"] >= at_round:
+                    missed.append(True)
+                    await asyncio.sleep(step.get_timeout() or 60.0)  # "could not find a group", unless cancelled
+                    return None
+            return group
+
+        Matchmaking.look_for_group = look_on_after_the_group_formed
     else:
         class DyingAverager(RoundAverager):
             async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):

@@ -71,6 +71,24 @@ def test_a_peer_crashing_mid_round_does_not_stop_the_job(local_swarm, digits_job
     assert report["final"]["val_accuracy"] >= 0.9
 
 
+def test_a_member_that_missed_its_group_start_is_brought_into_the_retry(local_swarm, digits_job, tmp_path):
+    """hivemind's leader can count in a follower that gave up on it (it answered too late): the
+    group's all-reduce fails for every member. They all try again, the one still looking too."""
+    for _ in range(2):
+        local_swarm.start_peer()
+    local_swarm.start_peer(command=[*FAULTY_PEER, "MISS_GROUP_START", "3"])
+    job_file = digits_job(training={"rounds": 5})
+    job_id = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0]).stdout.strip()
+    report = finish_and_fetch(local_swarm, job_id, tmp_path / "out")
+
+    for i in range(3):  # the fault really struck, and every member (the one that missed it too) retried
+        assert logged(local_swarm, i, r"round 3 all-reduce failed, trying again with 3 peers")
+    rounds = report["rounds"]
+    assert all(len(r["peers_done"]) == 3 for r in rounds)
+    # nobody's round was lost: every training shard dealt once a round, none carried over
+    assert [sum(r["shards"].values()) for r in rounds] == [count_train_shards(job_file)] * 5
+
+
 def test_sigterm_hands_the_round_back_and_exits_within_ten_seconds(local_swarm, digits_job, tmp_path):
     for _ in range(3):
         local_swarm.start_peer()
