@@ -131,6 +131,7 @@ class ProgressRecord(_Body):
     shards: list[str] = []  # the training shards this peer used this round (its work in the model)
     carried: list[str] = []  # shards this round owed from the last one (dealt on top of the usual deal)
     roster: list[str] = []  # the peers this round's shards were dealt among (who was dealt what)
+    speeds: dict[str, float] = {}  # the samples/s the deal followed (peer.schedule.measured_speeds); {}: even
     device: str | None = None  # the device kind it trained on (cpu, cuda, mps): verifiers re-run on the same
     update_id: str | None = None  # sha256 of this peer's trained weights before the merge (its update)
     optimizer_state_id: str | None = None  # blob: its optimizer state at the round's start (re-execution)

@@ -139,6 +139,7 @@ class JobRunner:
         self.last_merged: tuple[int, str, list[str]] | None = None  # (round, model id, group) we ended last
         self._forged_cancels: set[str] = set()
         self.metric_history: dict[int, float | None] = {}  # round -> merged plateau metric (schedules)
+        self.agreed_work: dict[int, list[ProgressRecord]] = {}  # round -> its agreed records with work (speeds)
         self.trained_fields: dict = {}  # this round's "trained" record, republished if its merge is retried
 
     # ---------------------------------------------------------------- the job, top to bottom
@@ -334,8 +335,11 @@ class JobRunner:
         # claim this round's shards (the deal is the same on every peer) and fetch what is missing
         # every shard once, plus what the last round's agreed model is missing (a peer crashed)
         carried, prev_round = self._carried_into(r)
-        mine = (schedule.assign_shards(self.train_ids, roster, seed=t.seed, round_no=r).get(self.me, [])
-                + schedule.assign_shards(carried, roster, seed=t.seed + 1, round_no=r).get(self.me, []))
+        speeds = self._speeds_for(r, roster)
+        deal = schedule.assign_shards(self.train_ids, roster, seed=t.seed, round_no=r, speeds=speeds)
+        mine = deal.get(self.me, []) + schedule.assign_shards(carried, roster, seed=t.seed + 1, round_no=r,
+                                                             speeds=speeds).get(self.me, [])
+        steps = schedule.local_steps_for(self.me, deal, t.local_steps, bool(speeds))
         self.peer.hold_lease(leases_key(self.job.job_id, r), LeaseRecord(
             peer_id=self.me, job_id=self.job.job_id, round=r, shards=mine, roster=sorted(roster),
         ))  # renewed by the heartbeat
@@ -352,7 +356,7 @@ class JobRunner:
         optimizer_state_id = self._keep(optimizer_state_bytes(optimizer), r) if verifying else None
         started = time.time()
         train_loss, samples = train_local(
-            model, optimizer, data, steps=t.local_steps, batch_size=t.batch_size,
+            model, optimizer, data, steps=steps, batch_size=t.batch_size,
             generator=round_generator(t.seed, r, mine), loss=self.loss, should_stop=self.peer.stopping.is_set,
         )
         seconds_training = time.time() - started
@@ -366,7 +370,7 @@ class JobRunner:
             metrics.train_loss.labels(job).set(train_loss)
         self.trained_fields = dict(  # republished as is if the merge must be tried again
             samples=samples, train_loss=train_loss, base_model_id=base_model_id, shards=mine,
-            carried=carried, started=round_started, roster=sorted(roster), update_id=update_id,
+            carried=carried, started=round_started, roster=sorted(roster), speeds=speeds, update_id=update_id,
             prev_round=prev_round, optimizer_state_id=optimizer_state_id, lr=lr,
         )
         self._publish_progress(r, "trained", **self.trained_fields)
@@ -425,7 +429,8 @@ class JobRunner:
         sums = evaluate(model, self._load_shards(my_val), task=self.manifest.task, loss=self.loss)
         self._publish_progress(
             r, "merged", samples=samples, train_loss=train_loss, base_model_id=base_model_id, model_id=model_id,
-            group=group, shards=mine, carried=carried, roster=sorted(roster), update_id=update_id, prev_round=prev_round,
+            group=group, shards=mine, carried=carried, roster=sorted(roster), speeds=speeds, update_id=update_id,
+            prev_round=prev_round,
             optimizer_state_id=optimizer_state_id, resume_state_id=resume_state_id, outer_state_id=outer_state_id,
             seconds_training=seconds_training, started=round_started, lr=lr,
             seconds_merging=seconds_merging, seconds_waiting=seconds_waiting, seconds_matchmaking=seconds_matchmaking,
@@ -460,7 +465,7 @@ class JobRunner:
             return set()
         contributions = {p.peer_id: p for p in self._agreed_records(r) if p.samples > 0}
         false_claims = claim_problems(list(contributions.values()), self.train_ids, seed=t.seed, round_no=r,
-                                      max_samples=t.local_steps * t.batch_size)
+                                      local_steps=t.local_steps, batch_size=t.batch_size)
         for target, why in sorted(false_claims.items()):
             logger.warning(f"job {self.job.job_id}: round {r}: rejected {target}'s contribution: {why}")
         plan = verification_plan(f"{prev_round}|{model_id}", list(contributions), v.fraction, v.verifiers,
@@ -490,7 +495,7 @@ class JobRunner:
         agreed = [p for p in self._agreed_records(r) if p.samples > 0]
         verdicts = [(s.author, s.body) for s in self.records.read(verdict_key(self.job.job_id, r), VerdictRecord)]
         return round_rejections(agreed, verdicts, fraction=v.fraction, verifiers=v.verifiers, train_ids=self.train_ids,
-                                seed=t.seed, round_no=r, max_samples=t.local_steps * t.batch_size)
+                                seed=t.seed, round_no=r, local_steps=t.local_steps, batch_size=t.batch_size)
 
     def _reexecute(self, r: int, claim: ProgressRecord) -> VerdictRecord:
         """Train exactly what ``claim`` says it trained and compare with the update it committed."""
@@ -527,7 +532,9 @@ class JobRunner:
         except Exception as e:  # not a state this optimizer can take: nothing to re-run from
             return verdict(False, f"its committed optimizer state does not load: {e}")
         data = Batches.from_arrays(parts, device)
-        _, samples = train_local(model, optimizer, data, steps=t.local_steps, batch_size=t.batch_size,
+        deal = schedule.assign_shards(self.train_ids, claim.roster, seed=t.seed, round_no=r, speeds=claim.speeds)
+        steps = schedule.local_steps_for(claim.peer_id, deal, t.local_steps, bool(claim.speeds))
+        _, samples = train_local(model, optimizer, data, steps=steps, batch_size=t.batch_size,
                                  generator=round_generator(t.seed, r, claim.shards), loss=self.loss,
                                  should_stop=self.peer.stopping.is_set)  # a re-run is as long as a round
         rerun = {k: w.detach().cpu() for k, w in model.state_dict().items()}
@@ -794,6 +801,17 @@ class JobRunner:
             return [], None
         owed = schedule.orphaned_shards(self.train_ids, agreed[0].carried, [p.shards for p in agreed])
         return owed, provenance.round_digest(r - 1, agreed)
+
+    def _speeds_for(self, r: int, roster) -> dict[str, float]:
+        """The speeds round ``r``'s deal follows: what the roster trained at in round ``r - 1``
+        and before (their agreed records, the same on every peer); {} for an even split."""
+        if self.spec.training.work_split == "even" or r == 1:
+            return {}
+        for k in range(1, r):  # agreed records are final: each round is read once (a joiner reads them all)
+            if k not in self.agreed_work:
+                self.agreed_work[k] = [p for p in self._agreed_records(k) if p.samples > 0]
+        speeds = schedule.measured_speeds(self.agreed_work[k] for k in range(1, r))
+        return {p: v for p, v in speeds.items() if p in roster}
 
     def _wait_for_merged_model(self, r: int) -> str:
         return self._wait_for(lambda: schedule.majority_model(self._state(r).merged), timeout=None)

@@ -8,29 +8,90 @@ still agree: given the same records, every peer computes the same assignment.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
+
+
+MAX_SPEED_SKEW = 2.0  # a speed deal gives a peer at most this many times the median peer's share, at least 1/this
 
 
 def _rank(*parts: object) -> bytes:
     return hashlib.sha256("|".join(map(str, parts)).encode()).digest()
 
 
-def assign_shards(shard_ids: Sequence[str], roster: Iterable[str], *, seed: int, round_no: int) -> dict[str, list[str]]:
-    """Deal the shards to the roster for one round: balanced (counts differ by at most one) and
-    reshuffled every round, so that over the rounds every peer's data covers the whole dataset.
+def assign_shards(shard_ids: Sequence[str], roster: Iterable[str], *, seed: int, round_no: int,
+                  speeds: Mapping[str, float] | None = None) -> dict[str, list[str]]:
+    """Deal the shards to the roster for one round, reshuffled every round, so that over the
+    rounds every peer's data covers the whole dataset.
 
-    Deterministic in (shards, roster, seed, round): every peer computes the same deal.
+    Without ``speeds``: balanced (counts differ by at most one). With ``speeds`` (samples per
+    second, see :func:`measured_speeds`): counts follow speed, so a peer twice as fast gets about
+    twice the shards (each peer at least one while there are enough); a peer with no measured
+    speed counts as the median. Deterministic in its arguments: every peer computes the same deal.
     """
     peers = sorted(set(roster), key=lambda p: _rank(seed, round_no, "peer", p))
     deal: dict[str, list[str]] = {p: [] for p in peers}
     if not peers:
         return deal
     ordered = sorted(shard_ids, key=lambda s: _rank(seed, round_no, "shard", s))
-    for i, shard in enumerate(ordered):
-        deal[peers[i % len(peers)]].append(shard)
+    if not speeds:
+        for i, shard in enumerate(ordered):
+            deal[peers[i % len(peers)]].append(shard)
+        return deal
+    cursor = 0
+    for peer, count in zip(peers, _apportion(len(ordered), _speeds_of(peers, speeds))):
+        deal[peer], cursor = ordered[cursor:cursor + count], cursor + count
     return deal
+
+
+def _speeds_of(peers: Sequence[str], speeds: Mapping[str, float]) -> list[float]:
+    """Each peer's weight: its speed, the median for one unmeasured, and within a factor
+    ``MAX_SPEED_SKEW`` of the median either way (a round's measurement is noisy, and a peer dealt
+    little spends more of its round on fixed costs: unbounded, it would be dealt less and less)."""
+    known = sorted(v for p, v in speeds.items() if p in peers and math.isfinite(v) and v > 0)
+    median = known[len(known) // 2] if known else 1.0
+    weights = [v if math.isfinite(v := speeds.get(p, median)) and v > 0 else median for p in peers]
+    return [min(max(w, median / MAX_SPEED_SKEW), median * MAX_SPEED_SKEW) for w in weights]
+
+
+def _apportion(n: int, weights: Sequence[float]) -> list[int]:
+    """``n`` items split in proportion to ``weights``: one each first (while there are enough),
+    the rest by largest remainder, ties to the earlier weight."""
+    base = 1 if n >= len(weights) else 0
+    counts = [base] * len(weights)
+    rest = n - base * len(weights)
+    quotas = [rest * w / sum(weights) for w in weights]
+    counts = [c + int(q) for c, q in zip(counts, quotas)]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (-(quotas[i] - int(quotas[i])), i))
+    for i in by_remainder[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def local_steps_for(peer: str, deal: Mapping[str, Sequence[str]], local_steps: int, speeds_used: bool) -> int:
+    """A peer's optimizer steps this round: ``local_steps`` each in a balanced deal; in a deal that
+    follows speed, in proportion to its shards (the swarm's total stays at most ``local_steps``
+    per peer), so the work, and the merge weight that follows the samples, tracks the speed."""
+    total = sum(len(shards) for shards in deal.values())
+    if not speeds_used or not total:
+        return local_steps
+    return max(1, local_steps * len(deal) * len(deal.get(peer, ())) // total)
+
+
+def measured_speeds(rounds: Iterable[Iterable]) -> dict[str, float]:
+    """Samples per second each peer trained at over the rounds given (each: its agreed merged
+    records), all its samples over all its seconds: the next deal's speeds. Over every round so
+    far, so one noisy round moves a peer's share little."""
+    samples: Counter = Counter()
+    seconds: Counter = Counter()
+    for records in rounds:
+        for p in records:
+            if p.samples > 0 and p.seconds_training > 0:
+                samples[p.peer_id] += p.samples
+                seconds[p.peer_id] += p.seconds_training
+    return {peer: samples[peer] / seconds[peer] for peer in samples}
 
 
 def orphaned_shards(

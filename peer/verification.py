@@ -24,7 +24,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from dht.records import ProgressRecord, VerdictRecord
-from peer.schedule import assign_shards
+from peer.schedule import assign_shards, local_steps_for
 
 
 def _rank(*parts: object) -> bytes:
@@ -77,27 +77,32 @@ def rejected_targets(plan: Mapping[str, Sequence[str]], verdicts: Iterable[tuple
 
 
 def claim_problems(contributions: Sequence[ProgressRecord], train_ids: Sequence[str], *, seed: int,
-                   round_no: int, max_samples: int) -> dict[str, str]:
+                   round_no: int, local_steps: int, batch_size: int) -> dict[str, str]:
     """``{peer: why}`` for contributions whose claim is false on its face, checked by everyone.
 
-    No re-run is needed to see these: a round holds at most ``local_steps * batch_size`` samples
-    per peer, and the round's deal is a pure function of its roster, so a peer listing shards
-    that were dealt to another claims work that is not its own. Unlike re-execution this covers
-    every contribution, every round.
+    No re-run is needed to see these: the round's deal (shards and steps) is a pure function of
+    its roster and the speeds it followed, so a peer listing shards that were dealt to another
+    claims work that is not its own, and one claiming more than its steps times ``batch_size``
+    samples claims work it could not have done. Unlike re-execution this covers every
+    contribution, every round.
 
-    The shard check needs the group to agree on the roster. Peers read the DHT at slightly
+    These checks need the group to agree on the roster and speeds. Peers read the DHT at slightly
     different moments, so a peer joining at a round boundary can leave honest members with
-    different rosters (and deals); then only the sample bound is checked, which is what pay
-    follows anyway.
+    different rosters (and deals); then only a bound of the group's total steps is checked.
     """
-    rosters = {tuple(p.roster) for p in contributions}
-    roster = list(rosters.pop()) if len(rosters) == 1 else []
+    views = {(tuple(p.roster), tuple(sorted(p.speeds.items()))) for p in contributions}
+    roster, speeds = (list(views.pop()[0]), contributions[0].speeds) if len(views) == 1 else ([], {})
     carried = Counter(tuple(p.carried) for p in contributions).most_common(1)[0][0] if contributions else ()
-    deal = assign_shards(train_ids, roster, seed=seed, round_no=round_no)
-    extra = assign_shards(carried, roster, seed=seed + 1, round_no=round_no)
+    deal = assign_shards(train_ids, roster, seed=seed, round_no=round_no, speeds=speeds)
+    extra = assign_shards(carried, roster, seed=seed + 1, round_no=round_no, speeds=speeds)
     problems = {}
     for p in contributions:
         dealt = deal.get(p.peer_id, []) + extra.get(p.peer_id, [])
+        if roster:
+            steps = local_steps_for(p.peer_id, deal, local_steps, bool(speeds))
+        else:  # no agreed deal: a speed deal gives one peer at most the whole swarm's steps
+            steps = local_steps * max(1, len(p.roster)) if p.speeds else local_steps
+        max_samples = steps * batch_size
         if p.samples > max_samples:
             problems[p.peer_id] = f"claims {p.samples} samples, a round holds at most {max_samples}"
         elif roster and sorted(p.shards) != sorted(dealt):
@@ -108,7 +113,7 @@ def claim_problems(contributions: Sequence[ProgressRecord], train_ids: Sequence[
 
 def round_rejections(contributions: Sequence[ProgressRecord], verdicts: Iterable[tuple[str, VerdictRecord]], *,
                      fraction: float, verifiers: int, train_ids: Sequence[str], seed: int, round_no: int,
-                     max_samples: int) -> set[str]:
+                     local_steps: int, batch_size: int) -> set[str]:
     """The round's rejected contributors: false claims (:func:`claim_problems`, every contribution)
     and contributions a strict majority of their drawn verifiers rejected. ``contributions``: the
     agreed group's merged records with samples; the same answer on every peer and for the consumer."""
@@ -117,7 +122,8 @@ def round_rejections(contributions: Sequence[ProgressRecord], verdicts: Iterable
     first = contributions[0]
     plan = verification_plan(f"{first.prev_round}|{first.model_id}", [p.peer_id for p in contributions], fraction,
                              verifiers, devices={p.peer_id: p.device for p in contributions})
-    problems = claim_problems(contributions, train_ids, seed=seed, round_no=round_no, max_samples=max_samples)
+    problems = claim_problems(contributions, train_ids, seed=seed, round_no=round_no, local_steps=local_steps,
+                              batch_size=batch_size)
     return rejected_targets(plan, verdicts) | set(problems)
 
 

@@ -435,7 +435,7 @@ class Client:
         verdicts = [(s.author, s.body) for s in self.records.read(verdict_key(job.job_id, r), VerdictRecord)]
         return round_rejections(agreed, verdicts, fraction=v.fraction, verifiers=v.verifiers,
                                 train_ids=self._train_ids[job.dataset_id], seed=t.seed, round_no=r,
-                                max_samples=t.local_steps * t.batch_size)
+                                local_steps=t.local_steps, batch_size=t.batch_size)
 
     # ---------------------------------------------------------------- ratings
     def rate(self, job_id: str, stars: int, comment: str = "") -> RatingRecord:

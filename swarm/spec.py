@@ -182,7 +182,7 @@ class TrainingSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rounds: PositiveInt
-    local_steps: PositiveInt  # inner optimizer steps per peer between merges
+    local_steps: PositiveInt  # inner optimizer steps per peer between merges (on average: see work_split)
     batch_size: PositiveInt
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(gt=0.0)
@@ -194,6 +194,10 @@ class TrainingSpec(BaseModel):
     # whole swarm, training resumes from the last merged model with the moments of this checkpoint
     checkpoint_every: PositiveInt = 1
     schedule: LrScheduleSpec | None = None  # the learning rate across rounds (None: training.lr throughout)
+    # speed: each round's shards and steps follow the speed each peer trained at so far (twice
+    # as fast, twice the work, within 2x of the median either way; the swarm's total stays
+    # local_steps per peer), so the fast do not wait on the slow. even: the same for everyone.
+    work_split: Literal["speed", "even"] = "even"
 
     @model_validator(mode="after")
     def _check(self) -> TrainingSpec:

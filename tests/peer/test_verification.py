@@ -155,20 +155,20 @@ def _claims(**overrides):
 
 
 def test_claims_of_shards_dealt_to_another_or_of_impossible_samples_are_false_on_their_face():
-    assert claim_problems(_claims(), SHARDS, seed=0, round_no=3, max_samples=640) == {}
+    assert claim_problems(_claims(), SHARDS, seed=0, round_no=3, local_steps=10, batch_size=64) == {}
     deal = assign_shards(SHARDS, ROSTER, seed=0, round_no=3)
     # pc lists pa's shards on top of its own (and the samples to match): another peer's units
     thief = _claims(pc={"shards": deal["pc"] + deal["pa"], "samples": 1280})
-    problems = claim_problems(thief, SHARDS, seed=0, round_no=3, max_samples=640)
+    problems = claim_problems(thief, SHARDS, seed=0, round_no=3, local_steps=10, batch_size=64)
     assert set(problems) == {"pc"} and "1280 samples" in problems["pc"]
     swapped = _claims(pc={"shards": deal["pa"]})  # same count, someone else's shards
-    assert claim_problems(swapped, SHARDS, seed=0, round_no=3, max_samples=640) == {
+    assert claim_problems(swapped, SHARDS, seed=0, round_no=3, local_steps=10, batch_size=64) == {
         "pc": "claims 4 shards, 4 of them not dealt to it"}
     # rosters that differ (a peer joined at the round boundary) leave only the sample bound
     split = _claims(pc={"roster": ROSTER + ["pd"], "shards": deal["pc"] + deal["pa"]})
-    assert claim_problems(split, SHARDS, seed=0, round_no=3, max_samples=640) == {}
+    assert claim_problems(split, SHARDS, seed=0, round_no=3, local_steps=10, batch_size=64) == {}
     assert set(claim_problems(_claims(pc={"roster": ["pc"], "samples": 700}), SHARDS, seed=0, round_no=3,
-                              max_samples=640)) == {"pc"}
+                              local_steps=10, batch_size=64)) == {"pc"}
 
 
 def test_round_rejections_joins_false_claims_and_the_verifiers_majority():
@@ -177,7 +177,23 @@ def test_round_rejections_joins_false_claims_and_the_verifiers_majority():
     plan = verification_plan("d|" + "m" * 64, ROSTER, 1.0, 2)
     against_pb = [_v(v, "pb", False, r=3) for v in plan["pb"]]
     rejected = round_rejections(claims, against_pb, fraction=1.0, verifiers=2, train_ids=SHARDS, seed=0,
-                                round_no=3, max_samples=640)
+                                round_no=3, local_steps=10, batch_size=64)
     assert rejected == {"pb", "pc"}
     assert round_rejections([], against_pb, fraction=1.0, verifiers=2, train_ids=SHARDS, seed=0, round_no=3,
-                            max_samples=640) == set()
+                            local_steps=10, batch_size=64) == set()
+
+
+def test_a_deal_that_follows_speed_bounds_each_claim_by_its_own_steps():
+    speeds = {"pa": 200.0, "pb": 100.0, "pc": 100.0}
+    deal = assign_shards(SHARDS, ROSTER, seed=0, round_no=3, speeds=speeds)
+    assert [len(deal[p]) for p in ROSTER] == [6, 3, 3]
+    # pa: twice the shards, twice the steps (15 of the swarm's 30, pb and pc 7 each): 960 samples, 448
+    honest = _claims(**{p: {"shards": deal[p], "speeds": speeds, "samples": n}
+                        for p, n in (("pa", 960), ("pb", 448), ("pc", 448))})
+    assert claim_problems(honest, SHARDS, seed=0, round_no=3, local_steps=10, batch_size=64) == {}
+    greedy = _claims(**{p: {"shards": deal[p], "speeds": speeds, "samples": 960} for p in ROSTER})
+    problems = claim_problems(greedy, SHARDS, seed=0, round_no=3, local_steps=10, batch_size=64)
+    assert set(problems) == {"pb", "pc"} and "at most 448" in problems["pb"]
+    # one member claiming other speeds than the group's: no agreed deal, only the loose bound
+    mixed = _claims(pa={"shards": deal["pa"], "speeds": speeds, "samples": 960})
+    assert claim_problems(mixed, SHARDS, seed=0, round_no=3, local_steps=10, batch_size=64) == {}

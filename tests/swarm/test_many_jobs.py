@@ -84,3 +84,24 @@ def test_a_peer_never_claims_a_job_that_does_not_fit_its_memory(local_swarm, dig
     assert set(report["participants"]) == {peer_id(m) for m in local_swarm.maddrs[:2]}
     assert all(peer_id(small) not in r["peers_joined"] for r in report["rounds"])  # never even joined
     assert f"not taking job {job_id}: needs" in (local_swarm.root / "peer2.log").read_text()
+
+
+def test_work_that_follows_speed_deals_every_shard_once_and_reruns_to_the_same_update(local_swarm, digits_job, tmp_path):
+    from tests.swarm.test_faults import count_train_shards, finish_and_fetch
+
+    for _ in range(3):
+        local_swarm.start_peer()
+    job_file = digits_job(training={"rounds": 6, "work_split": "speed"}, verification={"fraction": 1.0})
+    job_id = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0]).stdout.strip()
+    report = finish_and_fetch(local_swarm, job_id, tmp_path / "out")
+
+    rounds, per_peer = report["rounds"], 20 * 32  # local_steps x batch_size
+    assert len(rounds) == 6 and all(len(r["peers_done"]) == 3 for r in rounds)
+    # round 1 has nothing measured yet: even. Later deals follow speed, and every member dealt alike:
+    # every training shard once a round, and the swarm's steps within its local_steps per peer
+    assert set(rounds[0]["samples_by_peer"].values()) == {per_peer}
+    assert [sum(r["shards"].values()) for r in rounds] == [count_train_shards(job_file)] * 6
+    assert all(sum(r["samples_by_peer"].values()) <= 3 * per_peer for r in rounds)
+    # each contribution re-run by another peer with the steps its deal gave it: all matched
+    assert report["faults"] == {}
+    assert report["final"]["val_accuracy"] >= 0.85

@@ -3,6 +3,7 @@
 
 import pytest
 
+from dht.records import ProgressRecord
 from peer import schedule
 from peer.schedule import JobView, RoundState
 
@@ -35,6 +36,42 @@ def test_assign_shards_over_rounds_shows_each_peer_most_of_the_data():
 
 def test_assign_shards_with_no_peers_is_empty():
     assert schedule.assign_shards(SHARDS, [], seed=0, round_no=1) == {}
+
+
+def test_a_deal_that_follows_speed_gives_a_peer_twice_as_fast_twice_the_shards_and_steps():
+    many = [f"{i:064x}" for i in range(40)]
+    speeds = {"a": 2000.0, "b": 1000.0, "c": 1000.0}
+    deal = schedule.assign_shards(many, "abc", seed=0, round_no=2, speeds=speeds)
+    assert sorted(s for shards in deal.values() for s in shards) == sorted(many)  # every shard once
+    assert {p: len(v) for p, v in deal.items()} == {"a": 20, "b": 10, "c": 10}
+    steps = {p: schedule.local_steps_for(p, deal, 50, speeds_used=True) for p in deal}
+    assert steps == {"a": 75, "b": 37, "c": 37}  # the swarm's 150 steps, split 2:1:1 (rounded down)
+    # the same on every peer, whatever order it read the speeds in
+    assert deal == schedule.assign_shards(many, "cab", seed=0, round_no=2, speeds=dict(reversed(speeds.items())))
+
+
+def test_a_speed_deal_gives_everyone_a_shard_and_the_unmeasured_the_median():
+    speeds = {"a": 1e6, "b": 1.0, "c": float("nan")}  # c: a joiner with no measured round yet
+    deal = schedule.assign_shards(SHARDS, ["a", "b", "c", "d"], seed=0, round_no=2, speeds=speeds)
+    assert all(deal[p] for p in "abcd") and sum(map(len, deal.values())) == len(SHARDS)
+    assert len(deal["a"]) > len(deal["b"]) and abs(len(deal["c"]) - len(deal["d"])) <= 1  # c and d: the median
+    # a peer measured ten times the others is dealt as if twice: a noisy round moves shares little
+    many = [f"{i:064x}" for i in range(40)]
+    skewed = schedule.assign_shards(many, "abc", seed=0, round_no=2, speeds={"a": 10.0, "b": 1.0, "c": 1.0})
+    assert {p: len(v) for p, v in skewed.items()} == {"a": 20, "b": 10, "c": 10}
+    # fewer shards than peers: the fastest are dealt first, nobody twice
+    few = schedule.assign_shards(SHARDS[:2], "abc", seed=0, round_no=2, speeds={"a": 3.0, "b": 2.0, "c": 1.0})
+    assert sorted(map(len, few.values())) == [0, 1, 1] and few["a"]
+
+
+def test_an_even_deal_keeps_local_steps_and_speeds_come_from_the_samples_trained():
+    deal = schedule.assign_shards(SHARDS, "abc", seed=0, round_no=1)
+    assert all(schedule.local_steps_for(p, deal, 50, speeds_used=False) == 50 for p in "abc")
+    records = [ProgressRecord(peer_id=p, job_id="f" * 24, round=1, phase="merged", samples=n, seconds_training=t)
+               for p, n, t in (("a", 600, 2.0), ("b", 0, 1.0), ("c", 300, 0.0))]
+    assert schedule.measured_speeds([records]) == {"a": 300.0}  # b trained nothing, c's time is unknown
+    later = [ProgressRecord(peer_id="a", job_id="f" * 24, round=2, phase="merged", samples=300, seconds_training=2.0)]
+    assert schedule.measured_speeds([records, later]) == {"a": 225.0}  # all its samples over all its seconds
 
 
 def _job(job_id, active, min_peers=2, max_peers=4, submitted_at=0.0, finished=False):
