@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import time
 from typing import AsyncIterator
 
 from google.protobuf.wrappers_pb2 import BytesValue
@@ -25,6 +26,8 @@ from peer.loop import LoopThread
 BLOB_GET = "gpuflex.blob.get.v1"
 CHUNK_BYTES = 1 << 20
 PROVIDER_TTL = 600.0
+FETCH_PASSES = 3  # times every provider of a blob is asked before giving up
+FETCH_BACKOFF = 0.5  # seconds before the second pass (twice that before the third)
 
 
 class BlobUnavailable(GPUFlexError):
@@ -38,6 +41,8 @@ async def download_blob(p2p: P2P, peer_id: str, blob_id: str) -> bytes:
     stream = await p2p.iterate_protobuf_handler(PeerID.from_base58(peer_id), BLOB_GET, request, BytesValue)
     async for message in stream:
         chunks.append(message.value)
+    if not chunks:  # a served blob is at least one message, even an empty one: the stream dropped
+        raise BlobUnavailable(f"peer {peer_id[:12]} ended the stream for blob {blob_id[:12]} without sending it")
     data = b"".join(chunks)
     got = hashlib.sha256(data).hexdigest()
     if got != blob_id:
@@ -72,20 +77,27 @@ class BlobService:
             self.records.publish(provider_key(blob_id), record, ttl=PROVIDER_TTL)
 
     def fetch(self, blob_id: str, timeout: float = 120.0) -> bytes:
-        """The blob's bytes: from disk if held, else from a verified provider (then kept and served)."""
+        """The blob's bytes: from disk if held, else from a verified provider (then kept and served).
+
+        Every provider is asked, up to ``FETCH_PASSES`` times over: a stream can drop on a busy
+        peer, and a blob with one provider must not fail a round over one dropped stream.
+        """
         if self.blobs.has(blob_id):
             return self.blobs.get(blob_id)
-        providers = [r.author for r in self.records.read(provider_key(blob_id), ProviderRecord)]
-        providers = [p for p in providers if p != self.records.peer_id]
-        random.shuffle(providers)  # spread the load over every peer that holds it
         failures = []
-        for provider in providers:
-            try:
-                data = self.loop.run(download_blob(self.p2p, provider, blob_id), timeout=timeout)
-            except Exception as e:  # a dead, slow or lying provider: try the next one
-                failures.append(f"{provider[:12]}: {e}")
-                continue
-            self.blobs.put(data, expected_id=blob_id)
-            return data
+        for attempt in range(FETCH_PASSES):
+            if attempt:
+                time.sleep(FETCH_BACKOFF * attempt)  # a retry's backoff, not a synchronization
+            providers = [r.author for r in self.records.read(provider_key(blob_id), ProviderRecord)]
+            providers = [p for p in providers if p != self.records.peer_id]
+            random.shuffle(providers)  # spread the load over every peer that holds it
+            for provider in providers:
+                try:
+                    data = self.loop.run(download_blob(self.p2p, provider, blob_id), timeout=timeout)
+                except Exception as e:  # a dead, slow or lying provider: try the next one
+                    failures.append(f"{provider[:12]}: {e}")
+                    continue
+                self.blobs.put(data, expected_id=blob_id)
+                return data
         detail = "; ".join(failures) if failures else "no peer announces it"
         raise BlobUnavailable(f"blob {blob_id[:12]} could not be fetched ({detail})")

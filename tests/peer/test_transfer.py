@@ -3,12 +3,13 @@
 import hashlib
 
 import pytest
+from google.protobuf.wrappers_pb2 import BytesValue
 
 from dht.identity import load_or_create_identity
 from dht.store import RecordStore
 from peer.blobs import BlobStore
 from peer.loop import LoopThread
-from peer.transfer import BlobService, BlobUnavailable
+from peer.transfer import BLOB_GET, BlobService, BlobUnavailable, download_blob
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -76,3 +77,26 @@ def test_a_blob_nobody_holds_is_a_clear_error(nodes):
     _, b, _ = nodes
     with pytest.raises(BlobUnavailable, match="no peer announces it"):
         b.service.fetch("0" * 64)
+
+
+
+def test_a_stream_that_drops_is_a_clear_error_and_the_provider_is_asked_again(nodes):
+    a, b, _ = nodes
+    data = b"the only copy"
+    blob_id = a.blobs.put(data)
+    a.service.announce([blob_id], a.records.visible_maddrs())
+    dropped = []
+
+    async def drop_two_streams(request, context):  # what a busy peer's dropped streams look like
+        if len(dropped) < 2:
+            dropped.append(True)
+            return
+        async for message in a.service._serve(request, context):
+            yield message
+
+    a.loop.run(a.p2p.remove_protobuf_handler(BLOB_GET, stream_output=True))
+    a.loop.run(a.p2p.add_protobuf_handler(BLOB_GET, drop_two_streams, BytesValue, stream_output=True))
+    with pytest.raises(BlobUnavailable, match="ended the stream for blob .* without sending it"):
+        b.loop.run(download_blob(b.p2p, a.records.peer_id, blob_id))
+    # one provider, its next stream dropped too: the fetch asks it again and gets the blob
+    assert b.service.fetch(blob_id) == data and len(dropped) == 2
