@@ -624,14 +624,15 @@ class JobRunner:
             averager.prepare_round(r, len(expected), attempt=attempt)
             gathered = averager.merge(tensors, weight=samples, gather=gather, timeout=30.0, stop=self.peer.stopping,
                                       give_up=lambda: self._merge_went_on(r, attempt))
-            if gathered is not None or self.peer.stopping.is_set() or self._state(r).merged:
+            state, announced = self._merge_progress(r)
+            if gathered is not None or self.peer.stopping.is_set() or state.merged:
                 break  # merged; or shutting down; or the others merged without us (we adopt theirs)
             # Nobody merged: a member died mid-merge, or one never knew it was in the group (it
             # answered a leader too late). Everyone still here tries again at once under a fresh
             # group key, and says so, so a member still waiting on the failed group follows.
             # A dead member whose heartbeat has not lapsed yet costs the matchmaking window.
-            attempt = max(attempt + 1, self._merge_attempt_seen(r))
-            expected = (trained & self.peer.alive_peers()) - self._state(r).left | {self.me}
+            attempt = max(attempt + 1, announced)
+            expected = (trained & self.peer.alive_peers()) - state.left | {self.me}
             if attempt >= MAX_ATTEMPTS or len(expected) < 2:
                 break
             logger.warning(f"job {self.job.job_id}: round {r} all-reduce failed, trying again with "
@@ -647,14 +648,16 @@ class JobRunner:
         load_model_bytes(model, self.peer.fetch(agreed))
         return sorted(p for p, m in self._state(r).merged.items() if m == agreed), agreed
 
-    def _merge_attempt_seen(self, r: int) -> int:
-        """The highest merge attempt a member of round ``r`` announced."""
+    def _merge_progress(self, r: int) -> tuple[schedule.RoundState, int]:
+        """Round ``r``'s state and the highest merge attempt its members announced (one DHT read)."""
         progress = self.records.read(progress_key(self.job.job_id, r), ProgressRecord)
-        return max((p.body.merge_attempt for p in progress if p.body.phase == "trained"), default=0)
+        announced = max((p.body.merge_attempt for p in progress if p.body.phase == "trained"), default=0)
+        return self._state_of(progress), announced
 
     def _merge_went_on(self, r: int, attempt: int) -> bool:
         """While matchmaking: the round merged without us, or its members moved to a later attempt."""
-        return bool(self._state(r).merged) or self._merge_attempt_seen(r) > attempt
+        state, announced = self._merge_progress(r)
+        return bool(state.merged) or announced > attempt
 
     # ---------------------------------------------------------------- the end of the job
     def _publish_result(self, model_id: str, last_group: list[str], last_round: int, cancelled: bool = False) -> None:
@@ -688,7 +691,10 @@ class JobRunner:
         return genuine is not None
 
     def _state(self, r: int) -> schedule.RoundState:
-        progress = self.records.read(progress_key(self.job.job_id, r), ProgressRecord)
+        return self._state_of(self.records.read(progress_key(self.job.job_id, r), ProgressRecord))
+
+    @staticmethod
+    def _state_of(progress) -> schedule.RoundState:
         return schedule.RoundState(
             joined=frozenset(p.author for p in progress),
             trained=frozenset(p.author for p in progress if p.body.phase in ("trained", "merged")),

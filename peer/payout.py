@@ -119,7 +119,7 @@ class RoundPayouts:
                      if a.body.root == root and a.author in self.signers[r]]
             return found if len(found) >= needed else None
 
-        attestations = quorum() or self._wait_for(quorum, timeout=wait)
+        attestations = self._wait_for(quorum, timeout=wait)  # asks at once, so wait=0 is one read
         if attestations is None:
             logger.warning(f"job {self.job.job_id}: round {r} got no signing quorum; not posted")
             return

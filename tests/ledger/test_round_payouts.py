@@ -22,12 +22,11 @@ SAMPLES = {0: 300, 1: 200, 2: 100}
 
 
 def wait_for(condition, timeout):
+    """As the runner's: asks at once, then until ``timeout`` passes."""
     deadline = time.time() + timeout
-    while time.time() <= deadline:
-        if value := condition():
-            return value
+    while not (value := condition()) and time.time() < deadline:
         time.sleep(0.1)
-    return None
+    return value or None
 
 
 @pytest.fixture(scope="module")
