@@ -1,6 +1,8 @@
 """How updates merge.
 
 - ``averaging.py``: ``RoundAverager`` — hivemind's all-reduce, one group per job and round.
+- ``secagg.py``: secure aggregation's protocol (masks, Shamir shares, unmasking) as pure functions;
+  its ``secure_sum`` reducer adds the masked integers inside the same all-reduce.
 """
 
 from aggregation.averaging import RoundAverager

@@ -29,6 +29,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
 
+from aggregation.secagg import secure_sum
 from dht.errors import GPUFlexError
 
 Weights = torch.Tensor | Sequence[float]
@@ -174,6 +175,8 @@ def clip_by_norm(update: torch.Tensor, max_norm: float) -> torch.Tensor:
 REDUCERS: Mapping[str, Reducer] = MappingProxyType(
     {"mean": weighted_mean, "trimmed_mean": trimmed_mean, "centered_clip": centered_clip}
 )
+# chosen by the runner, never by a job file: a secure-aggregation job's parts are masked integers
+_INTERNAL_REDUCERS: Mapping[str, Reducer] = MappingProxyType({"secure_sum": secure_sum})
 
 
 def get_reducer(name: str, **options) -> Callable[[torch.Tensor, Weights], torch.Tensor]:
@@ -182,9 +185,9 @@ def get_reducer(name: str, **options) -> Callable[[torch.Tensor, Weights], torch
     Checks the name, the option names and the option values now, so a bad job file fails when it
     is read, not in the middle of a round.
     """
-    if name not in REDUCERS:
+    reducer = REDUCERS.get(name) or _INTERNAL_REDUCERS.get(name)
+    if reducer is None:
         raise ReducerConfigError(f"unknown reducer {name!r}; choose one of {', '.join(REDUCERS)}")
-    reducer = REDUCERS[name]
     try:
         inspect.signature(reducer).bind(None, None, **options)
     except TypeError:

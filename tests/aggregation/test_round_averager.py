@@ -150,3 +150,41 @@ def test_a_bad_reducer_is_refused_before_any_process_starts(dhts):
 
     with pytest.raises(ReducerConfigError):
         _averager(_model(0), dhts[0], "x", reducer="median_of_means")
+
+
+def test_masked_integers_cross_the_all_reduce_and_sum_exactly(dhts):
+    """Secure aggregation's transport: each member's masked integers (as float32 bit patterns,
+    NaNs among them) go through hivemind's butterfly, every reducer adds its part mod 2^32, and
+    every member ends with the exact integer sum, from which the plain sum comes back."""
+    from aggregation.secagg import MemberSecrets, Quantizer, as_wire, deal_shares, from_wire, mask_input
+    from aggregation.secagg import open_share, reveal_shares, threshold_for, unmask_sum
+
+    members, context = ["a", "b", "c"], b"transport-test"
+    secrets = {m: MemberSecrets.generate() for m in members}
+    public = {m: s.public(context) for m, s in secrets.items()}
+    t = threshold_for(3)
+    dealt = {m: deal_shares(m, secrets[m], public, t, context) for m in members}
+    q = Quantizer(clip=1.0, max_summands=3)
+    models = [_model(seed) for seed in range(3)]
+    plain = [torch.cat([p.detach().reshape(-1) for p in m.parameters()]).clamp(-1, 1) for m in models]
+    masked = [mask_input(q.encode(x), m, secrets[m], public, context) for m, x in zip(members, plain)]
+    assert all(torch.isnan(as_wire(y)).any() for y in masked)  # random bits: some are NaN patterns
+    averagers = []
+    try:
+        for i, dht in enumerate(dhts[:3]):
+            carrier = torch.nn.Module()
+            carrier.wire = torch.nn.Parameter(as_wire(masked[i]).clone(), requires_grad=False)
+            averagers.append(_averager(carrier, dht, "s", reducer="secure_sum"))
+        results = _merge_all(averagers, [1.0, 1.0, 1.0], round_no=1)
+        assert all(r is not None and len(r) == 3 for r in results)
+        sums = [from_wire(a.model.wire.detach()) for a in averagers]
+        expected = sum(masked) % 2**32
+        assert all(torch.equal(s, expected) for s in sums)
+        opened = {v: {u: open_share(v, secrets[v], u, public[u], dealt[u][v], context) for u in members}
+                  for v in members}
+        reveals = {v: reveal_shares(v, opened[v], members, members, t) for v in members}
+        total = unmask_sum(sums[0], public, members, reveals, t, context)
+        torch.testing.assert_close(q.decode(total), sum(x.to(torch.float64) for x in plain), rtol=0, atol=1e-7)
+    finally:
+        for averager in averagers:
+            averager.shutdown()
