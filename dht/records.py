@@ -22,6 +22,8 @@ verdict      ``gpuflex.job.<id>.verdict.<round>``        (verifier, target): a r
 rating       ``gpuflex.job.<id>.rating``                  carrier: the consumer's signed rating (dht.ratings)
 cancel       ``gpuflex.job.<id>.cancel``                  carrier: the consumer's signed cancel (dht.ratings)
 provider     ``gpuflex.blob.<sha256>``                    peer that serves this blob
+private      ``gpuflex.private.<name>``                   owner: a private dataset's schema, row count
+secagg       ``gpuflex.job.<id>.secagg.<round>.<try>``    (peer, step): keys / shares / reveal
 ===========  ===========================================  ====================================
 """
 
@@ -70,6 +72,14 @@ def cancel_key(job_id: str) -> str:
 
 def provider_key(blob_id: str) -> str:
     return f"gpuflex.blob.{blob_id}"
+
+
+def private_data_key(name: str) -> str:
+    return f"gpuflex.private.{name}"
+
+
+def secagg_key(job_id: str, round_no: int, attempt: int) -> str:
+    return f"gpuflex.job.{job_id}.secagg.{round_no}.{attempt}"
 
 
 class _Body(BaseModel):
@@ -122,6 +132,7 @@ class ProgressRecord(_Body):
     # a "trained" record republished when its all-reduce failed and it tries again under a fresh
     # group key: a member still waiting on the failed attempt reads it and follows
     merge_attempt: int = Field(default=0, ge=0)
+    epsilon_spent: float | None = Field(default=None, ge=0)  # federated DP: this owner's privacy spent so far
     lr: float | None = None  # the learning rate this round trained with (training.schedule)
     samples: int = Field(default=0, ge=0)
     train_loss: float | None = None
@@ -204,6 +215,38 @@ class ProviderRecord(_Body):
     size: int = Field(ge=0)
 
 
+class PrivateDataRecord(_Body):
+    """What a data owner says of a private dataset: its name, its columns' names and types, and
+    how many rows it has. Never a row, a statistic of one, or a hash of the file (a small table's
+    hash could be brute-forced back to its rows)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    columns: list[tuple[str, Literal["number", "text"]]] = Field(min_length=1)
+    rows: int = Field(gt=0)
+
+
+HEX = r"^(?:[0-9a-f]{2})*$"
+
+
+class SecAggRecord(_Body):
+    """One member's step of a secure-aggregation attempt (``aggregation.secagg``), in the open:
+
+    - ``keys``: its two X25519 public keys and the commitment to its self-mask seed;
+    - ``shares``: its seed and masking key Shamir-split, one AES-GCM ciphertext per member;
+    - ``reveal``: after the sum, per member, the one share it discloses (seed or key)."""
+
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+    round: int = Field(ge=1)
+    attempt: int = Field(ge=0)
+    step: Literal["keys", "shares", "reveal"]
+    cipher_key: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    mask_key: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    seed_commitment: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    roster: list[str] = []  # keys: the members it masks against; reveal: the survivors it saw
+    shares: dict[str, str] = {}  # recipient -> ciphertext (hex)
+    reveal: dict[str, tuple[int, list[str]]] = {}  # owner -> (share index, [hex shares])
+
+
 RECORD_KINDS: dict[str, type[_Body]] = {
     "peer": PeerRecord,
     "job": JobRecord,
@@ -215,6 +258,8 @@ RECORD_KINDS: dict[str, type[_Body]] = {
     "rating": RatingRecord,
     "cancel": CancelRecord,
     "provider": ProviderRecord,
+    "private": PrivateDataRecord,
+    "secagg": SecAggRecord,
 }
 KIND_OF = {cls: kind for kind, cls in RECORD_KINDS.items()}
 
@@ -229,6 +274,8 @@ _KEY_PATTERNS = {
     "rating": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.rating$"),
     "cancel": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.cancel$"),
     "provider": re.compile(r"gpuflex\.blob\.[0-9a-f]{64}$"),
+    "private": re.compile(r"gpuflex\.private\.[A-Za-z0-9_-]{1,64}$"),
+    "secagg": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.secagg\.[0-9]+\.[0-9]+$"),
 }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from collections import Counter
 from typing import TYPE_CHECKING, Callable
@@ -40,7 +41,11 @@ from dht.records import (
     result_key,
     verdict_key,
 )
+from aggregation.privacy import PrivacyBudgetError, clip_update, gaussian_noise_like, noise_shares, plan_for
+from aggregation.privacy import private_generator
 from peer import provenance, schedule
+from peer.private_data import owner_split, schema_problem
+from peer.secure_merge import SecureMerge
 from peer.lr_schedule import lr_for_round
 from peer.verification import banned as verification_banned
 from peer.verification import (
@@ -141,6 +146,16 @@ class JobRunner:
         self.metric_history: dict[int, float | None] = {}  # round -> merged plateau metric (schedules)
         self.agreed_work: dict[int, list[ProgressRecord]] = {}  # round -> its agreed records with work (speeds)
         self.trained_fields: dict = {}  # this round's "trained" record, republished if its merge is retried
+        # a federated job: this owner's own rows, cut into its training and held-out parts here;
+        # nothing of them is ever put in the blob store or a record
+        self.federated = self.manifest.federated is not None
+        self.own_train = self.own_val = None
+        self.dp_plan = None
+        self.rounds_trained = 0  # by this owner in this job: what its privacy budget has paid for
+        if self.federated:
+            self.own_train, self.own_val = self._own_rows()
+            self.dp_plan = plan_for(self.spec, len(self.own_train))
+        self.secure = self.federated and self.spec.privacy is not None and self.spec.privacy.secure_aggregation
 
     # ---------------------------------------------------------------- the job, top to bottom
     def run(self) -> None:
@@ -154,9 +169,14 @@ class JobRunner:
             t.optimizer, model.parameters(), lr=t.lr, weight_decay=t.weight_decay, momentum=t.momentum
         )
         agg = self.spec.aggregation
+        if self.secure:  # one flat vector of masked integers: the weighted update and its weight
+            template = [torch.zeros(sum(p.numel() for p in model.parameters()) + 1)]
+            reducer, options = "secure_sum", {}
+        else:
+            template, reducer, options = list(model.parameters()), agg.reducer, agg.reducer_options()
         averager = self.averager_class(
-            list(model.parameters()), self.peer.records.dht, job_id=self.job.job_id,
-            max_peers=self.spec.swarm.max_peers, reducer=agg.reducer, reducer_options=agg.reducer_options(),
+            template, self.peer.records.dht, job_id=self.job.job_id,
+            max_peers=self.spec.swarm.max_peers, reducer=reducer, reducer_options=options,
             compression=agg.compression,
         )
         try:
@@ -343,7 +363,11 @@ class JobRunner:
         self.peer.hold_lease(leases_key(self.job.job_id, r), LeaseRecord(
             peer_id=self.me, job_id=self.job.job_id, round=r, shards=mine, roster=sorted(roster),
         ))  # renewed by the heartbeat
-        data = self._load_shards(mine)
+        data = self.own_train if self.federated else self._load_shards(mine)
+        if self.dp_plan is not None and self.rounds_trained >= t.rounds:
+            raise PrivacyBudgetError(f"job {self.job.job_id}: this owner has trained {self.rounds_trained} rounds, "
+                                     f"all its privacy budget pays for: not training round {r}")
+        base_params = [p.detach().clone() for p in model.parameters()] if self.federated else None
 
         # this round's learning rate (the same on every peer), set before the state is committed,
         # so a re-run restores it with the optimizer's moments
@@ -355,10 +379,16 @@ class JobRunner:
         verifying = self.spec.verification.fraction > 0
         optimizer_state_id = self._keep(optimizer_state_bytes(optimizer), r) if verifying else None
         started = time.time()
+        sample_dp = self.dp_plan if self.dp_plan is not None and self.dp_plan.level == "sample" else None
         train_loss, samples = train_local(
             model, optimizer, data, steps=steps, batch_size=t.batch_size,
-            generator=round_generator(t.seed, r, mine), loss=self.loss, should_stop=self.peer.stopping.is_set,
+            generator=round_generator(t.seed, r, [self.me] if self.federated else mine), loss=self.loss,
+            should_stop=self.peer.stopping.is_set,
+            dp=(sample_dp.noise_multiplier, sample_dp.max_grad_norm, private_generator()) if sample_dp else None,
         )
+        if self.federated and samples:
+            self.rounds_trained += 1
+        epsilon = self.dp_plan.epsilon_after(self.rounds_trained) if self.dp_plan is not None else None
         seconds_training = time.time() - started
         update = model_to_bytes(model)  # our update, named in the history (kept for re-execution)
         update_id = self._keep(update, r) if verifying else hashlib.sha256(update).hexdigest()
@@ -371,7 +401,7 @@ class JobRunner:
         self.trained_fields = dict(  # republished as is if the merge must be tried again
             samples=samples, train_loss=train_loss, base_model_id=base_model_id, shards=mine,
             carried=carried, started=round_started, roster=sorted(roster), speeds=speeds, update_id=update_id,
-            prev_round=prev_round, optimizer_state_id=optimizer_state_id, lr=lr,
+            prev_round=prev_round, optimizer_state_id=optimizer_state_id, lr=lr, epsilon_spent=epsilon,
         )
         self._publish_progress(r, "trained", **self.trained_fields)
 
@@ -386,7 +416,20 @@ class JobRunner:
         trained = self._wait_for_trained(r, roster, deadline=time.time() + max(120.0, 20 * seconds_training))
         merge_started = time.time()
         metrics.barrier_seconds.observe(merge_started - wait_started)
-        if outer is None:  # average the parameters themselves
+        if self.federated:  # each owner's update, clipped (and noised, masked) as its privacy asks
+            update = outer.pseudo_gradient() if outer is not None else [
+                p.detach() - b for p, b in zip(model.parameters(), base_params)]
+            group, adopted = self._merge_private(r, model, update, averager, trained, samples, steps,
+                                                 base_model_id)
+            if adopted and outer is not None:
+                self._take_outer_state(outer, r, adopted)
+            elif not adopted and outer is not None:
+                outer.apply(update)
+            elif not adopted:  # every member ends on base + the group's mean update
+                with torch.no_grad():
+                    for p, b, u in zip(model.parameters(), base_params, update):
+                        p.copy_(b + u.to(p.dtype))
+        elif outer is None:  # average the parameters themselves
             group, adopted = self._merge(r, model, list(model.parameters()), averager, trained, samples,
                                          base_model_id)
         else:  # DiLoCo: average the pseudo-gradients, then every peer takes the same outer step
@@ -425,8 +468,11 @@ class JobRunner:
             if previous and previous != resume_state_id:
                 self.for_reexecution.setdefault(r, set()).add(previous)
         self.peer.announce([model_id] + ([outer_state_id] if outer_state_id else []))
-        my_val = schedule.assign_shards(self.val_ids, group, seed=t.seed, round_no=r).get(self.me, [])
-        sums = evaluate(model, self._load_shards(my_val), task=self.manifest.task, loss=self.loss)
+        if self.federated:  # each owner validates on its own held-out rows
+            sums = evaluate(model, self.own_val, task=self.manifest.task, loss=self.loss)
+        else:
+            my_val = schedule.assign_shards(self.val_ids, group, seed=t.seed, round_no=r).get(self.me, [])
+            sums = evaluate(model, self._load_shards(my_val), task=self.manifest.task, loss=self.loss)
         self._publish_progress(
             r, "merged", samples=samples, train_loss=train_loss, base_model_id=base_model_id, model_id=model_id,
             group=group, shards=mine, carried=carried, roster=sorted(roster), speeds=speeds, update_id=update_id,
@@ -434,7 +480,7 @@ class JobRunner:
             optimizer_state_id=optimizer_state_id, resume_state_id=resume_state_id, outer_state_id=outer_state_id,
             seconds_training=seconds_training, started=round_started, lr=lr,
             seconds_merging=seconds_merging, seconds_waiting=seconds_waiting, seconds_matchmaking=seconds_matchmaking,
-            **sums,
+            epsilon_spent=epsilon, **sums,
         )
         metrics.rounds.labels(job).inc()
         self.last_merged = (r, model_id, group)
@@ -610,11 +656,12 @@ class JobRunner:
 
     # ---------------------------------------------------------------- merging
     def _merge(self, r, model, tensors, averager: RoundAverager, trained: set[str], samples: int,
-               base_model_id: str) -> tuple[list[str], str | None]:
+               base_model_id: str, merge_once=None) -> tuple[list[str], str | None]:
         """All-reduce ``tensors`` in place with the round's group: returns (group, adopted).
 
         ``adopted``: our all-reduce failed and the model was replaced by the one the others agreed
-        on (its id), so there is nothing left to apply; None otherwise.
+        on (its id), so there is nothing left to apply; None otherwise. ``merge_once(attempt,
+        expected)`` replaces one plain all-reduce attempt (a secure sum does: ``peer.secure_merge``).
         """
         if len(trained) < 2:
             return [self.me], None  # nobody to average with this round: the local result is the round's
@@ -622,8 +669,11 @@ class JobRunner:
         expected, attempt, gathered = set(trained), 0, None
         while True:
             averager.prepare_round(r, len(expected), attempt=attempt)
-            gathered = averager.merge(tensors, weight=samples, gather=gather, timeout=30.0, stop=self.peer.stopping,
-                                      give_up=lambda: self._merge_went_on(r, attempt))
+            if merge_once is not None:
+                gathered = merge_once(attempt, frozenset(expected))
+            else:
+                gathered = averager.merge(tensors, weight=samples, gather=gather, timeout=30.0,
+                                          stop=self.peer.stopping, give_up=lambda: self._merge_went_on(r, attempt))
             state, announced = self._merge_progress(r)
             if gathered is not None or self.peer.stopping.is_set() or state.merged:
                 break  # merged; or shutting down; or the others merged without us (we adopt theirs)
@@ -647,6 +697,49 @@ class JobRunner:
             return [self.me], None
         load_model_bytes(model, self.peer.fetch(agreed))
         return sorted(p for p, m in self._state(r).merged.items() if m == agreed), agreed
+
+    def _merge_private(self, r, model, update, averager, trained: set[str], samples: int, steps: int,
+                       base_model_id: str) -> tuple[list[str], str | None]:
+        """A federated round's merge: ``update`` (each owner's change this round) becomes the
+        group's weighted mean update, in place. Peer-level DP clips it and adds this owner's share
+        of the noise; secure aggregation sums it masked (nobody sees it), plain FedAvg does not."""
+        privacy, t = self.spec.privacy, self.spec.training
+        dp = privacy.dp if privacy is not None else None
+        peer_dp = dp is not None and dp.level == "peer"
+        # DP-FedAvg weighs owners alike (one owner moves the mean by at most its clip); otherwise
+        # an owner weighs by this round's work, as a fraction of a full round's
+        weight = (1.0 if samples else 0.0) if peer_dp else samples / max(1, steps * t.batch_size)
+        bound = dp.max_grad_norm if peer_dp else privacy.update_bound() if self.secure else None
+        noise_std = 0.0
+        if bound is not None:
+            clipped, _ = clip_update(update, bound)
+            if peer_dp:  # our share of the sum's noise (all of it when our update is seen on its own)
+                noise_std = self.dp_plan.noise_multiplier * dp.max_grad_norm / math.sqrt(
+                    noise_shares(self.spec, len(trained)))
+                clipped = [c + n for c, n in zip(clipped, gaussian_noise_like(clipped, noise_std))]
+            for u, c in zip(update, clipped):
+                u.copy_(c)
+        if not self.secure:  # FedAvg in the open: the weighted mean of the (clipped, noised) updates
+            return self._merge(r, model, update, averager, trained, weight, base_model_id)
+        merger = SecureMerge(self, r, averager, update, weight, bound=bound, noise_std=noise_std,
+                             gather={"round": r, "base": base_model_id})
+        return self._merge(r, model, update, averager, trained, weight, base_model_id, merge_once=merger.attempt)
+
+    def _own_rows(self) -> tuple[Batches, Batches]:
+        """This owner's training and held-out rows of the job's private dataset."""
+        name, data = self.manifest.federated, self.spec.data
+        dataset = self.peer.private_data.get(name)
+        if dataset is None:
+            raise DoesNotFit(f"job {self.job.job_id} is federated on {name!r}, which this peer does not hold")
+        problem = schema_problem(list(zip(dataset.header, dataset.kinds)), data.label_column,
+                                 feature_names=self.manifest.feature_names)
+        if problem:
+            raise DoesNotFit(f"job {self.job.job_id}: private dataset {name!r} does not fit: {problem}")
+        features, targets = dataset.arrays(data.label_column, self.manifest.classes)
+        train, held_out = owner_split(len(targets), data.validation_fraction, self.spec.training.seed)
+        device = self.peer.device
+        return (Batches.from_arrays([(features[train], targets[train])], device),
+                Batches.from_arrays([(features[held_out], targets[held_out])], device))
 
     def _merge_progress(self, r: int) -> tuple[schedule.RoundState, int]:
         """Round ``r``'s state and the highest merge attempt its members announced (one DHT read)."""

@@ -59,16 +59,33 @@ def train_local(
     generator: torch.Generator,
     loss,
     should_stop: Callable[[], bool] = lambda: False,
+    dp: tuple[float, float, torch.Generator] | None = None,
 ) -> tuple[float, int]:
     """Run ``steps`` optimizer steps on batches drawn without replacement (reshuffled per pass).
 
     Returns (mean training loss, samples processed). ``should_stop`` is asked before every step:
     a peer told to shut down leaves mid-round (raising ``TrainingStopped``) instead of finishing
     a round that may take minutes.
+
+    ``dp``: (noise multiplier, per-sample clipping norm, noise generator) makes this DP-SGD with
+    Opacus: every example's gradient is clipped, the batch's sum gets Gaussian noise
+    (``aggregation.privacy``); the model is wrapped for the round only, its hooks removed after.
     """
     model.train()
     if len(data) == 0:
         return 0.0, 0
+    if dp is not None:
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        noise_multiplier, max_grad_norm, noise_generator = dp
+        wrapped = GradSampleModule(model)
+        private = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                              expected_batch_size=batch_size, generator=noise_generator)
+        try:
+            return _steps(wrapped, private, data, steps, batch_size, generator, loss, should_stop)
+        finally:
+            wrapped._close()  # hooks off, per-sample gradients dropped: the model is plain again
     # dropout and friends draw from torch's global generator: seed it from the round's, inside a
     # fork, so a verifier replaying the round draws the same masks and the caller's state is kept
     devices = [data.features.device] if data.features.device.type == "cuda" else []

@@ -19,6 +19,7 @@ from dht.records import (
     JOBS_KEY,
     PEERS_KEY,
     JobRecord,
+    private_data_key,
     LeaseRecord,
     PeerRecord,
     ResultRecord,
@@ -34,6 +35,7 @@ from peer.journal import RecordJournal
 from peer.loop import LoopThread
 from peer.metrics import PeerMetrics
 from peer.payout import escrow_problem
+from peer.private_data import load_private_dataset
 from peer.transfer import PROVIDER_TTL, BlobService
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ class PeerConfig:
     wallet: Path | None = None  # key file (password: $GPUFLEX_WALLET_PASSWORD): paid jobs pay into it
     deployment: Path | None = None  # the chain's deployment file (with its rpc_url)
     max_memory: int | None = None  # bytes a job may use here (None: the device's free memory)
+    private_data: dict[str, Path] = field(default_factory=dict)  # name -> CSV: federated data it owns
 
 
 class Peer:
@@ -83,6 +86,8 @@ class Peer:
         data_dir = Path(self.config.data_dir).expanduser()
         self._data_dir_lock = lock_data_dir(data_dir)  # before anything in it is read or written
         self.identity = load_or_create_identity(data_dir)
+        # read before joining: a bad file is one clear error, not a peer that claims and then fails
+        self.private_data = {name: load_private_dataset(name, path) for name, path in self.config.private_data.items()}
         self.device = pick_device(self.config.device)
         if self.config.wallet is not None and self.config.deployment is not None:
             self.ledger = open_ledger(self.config.deployment, self.config.wallet)
@@ -186,6 +191,9 @@ class Peer:
                 self._finished_jobs.add(job.job_id)
                 continue
             view = job_view(job, len(staffing.get(job.job_id, ())))
+            federated = (job.spec.get("data") or {}).get("federated")
+            if federated is not None and federated not in self.private_data:
+                continue  # its data is on its owners' peers: only they can train it
             if job.job_id not in self._declined and (why := schedule.why_not(view, offer)):
                 self._declined.add(job.job_id)  # said once; choose_job keeps skipping it
                 logger.info(f"not taking job {job.job_id}: {why}")
@@ -307,6 +315,8 @@ class Peer:
             memory_bytes=self.memory_offered(),
         )
         self.records.publish(PEERS_KEY, record, ttl=PEER_TTL)
+        for dataset in self.private_data.values():  # name, columns, row count: never a row
+            self.records.publish(private_data_key(dataset.name), dataset.record(self.records.peer_id), ttl=PEER_TTL)
 
 
 def job_view(job: JobRecord, active_peers: int) -> schedule.JobView:

@@ -64,6 +64,8 @@ def peer(
     deployment: Optional[Path] = typer.Option(None, "--deployment", help="Chain deployment file (gpuflex chain up)."),
     max_memory: Optional[str] = typer.Option(
         None, "--max-memory", help="Memory a job may use here, e.g. 2GiB or 500MB (default: what is free)."),
+    private_data: List[str] = typer.Option(
+        [], "--private-data", help="NAME=FILE.csv: a dataset only this peer holds, for federated jobs (repeatable)."),
     log_level: str = typer.Option("INFO", "--log-level"),
 ) -> None:
     """Run a peer: join the swarm, advertise this box, and train the jobs it picks."""
@@ -75,16 +77,25 @@ def peer(
         memory = parse_size(max_memory) if max_memory is not None else None
     except ValueError as e:
         _fail(GPUFlexError(f"--max-memory: {e}"))
+    from peer.private_data import parse_private_data_option
+
+    try:
+        owned = dict(parse_private_data_option(option) for option in private_data)
+    except GPUFlexError as e:
+        _fail(e)
     node = Peer(PeerConfig(
         data_dir=data_dir.expanduser(), listen=listen, initial_peers=initial_peers, device=device,
         metrics_port=metrics_port, price_per_gpu_hour=price, wallet=wallet, deployment=deployment,
-        max_memory=memory,
+        max_memory=memory, private_data={name: Path(path) for name, path in owned.items()},
     ))
     # SIGTERM and Ctrl-C stop the peer between steps instead of killing it mid-write
     signal.signal(signal.SIGTERM, lambda *_: node.stopping.set())
     try:
         node.start()
         typer.echo(f"peer {node.records.peer_id} on {node.device} ({node.reference_samples_per_sec:,.0f} ref samples/s)")
+        for dataset in node.private_data.values():
+            typer.echo(f"private dataset {dataset.name}: {dataset.rows} rows, {len(dataset.header)} columns "
+                       f"(only its name, columns and row count are published)")
         if node.metrics_url:
             typer.echo(f"metrics on {node.metrics_url}")
         for maddr in node.maddrs:
@@ -125,7 +136,8 @@ def job_submit(
         from swarm.client import Client
         from swarm.datasets import load_dataset
 
-        dataset = load_dataset(spec.data, spec.task)  # bad data fails here, before any peer is dialled
+        # bad data fails here, before any peer is dialled (a federated job's data is its owners')
+        dataset = load_dataset(spec.data, spec.task) if spec.data.federated is None else None
 
         ledger = None
         if budget is not None:  # a wrong password, an empty wallet, a budget too small: before dialling

@@ -26,6 +26,7 @@ from dht.records import (
     JobRecord,
     LeaseRecord,
     PeerRecord,
+    PrivateDataRecord,
     ProgressRecord,
     ProviderRecord,
     RatingRecord,
@@ -33,6 +34,7 @@ from dht.records import (
     ResultRecord,
     VerdictRecord,
     leases_key,
+    private_data_key,
     progress_key,
     provider_key,
     rating_key,
@@ -234,13 +236,17 @@ class Client:
         from swarm.shards import shard_dataset
 
         spec = job if isinstance(job, JobSpec) else load_job_file(job)
-        dataset = dataset if dataset is not None else load_dataset(spec.data, spec.task)
-        manifest, blobs = shard_dataset(dataset, spec)
+        if spec.data.federated is not None:  # the owners hold the data: check the job against what they say
+            manifest, blobs = self.federated_manifest(spec), {}
+        else:
+            dataset = dataset if dataset is not None else load_dataset(spec.data, spec.task)
+            manifest, blobs = shard_dataset(dataset, spec)
         # built once here so that a model that cannot take this data (input_shape, a custom build
         # function) is one error now, not a failure on every peer after the job is published
         model = build_model(spec.model, manifest, seed=spec.training.seed)
         public = spec.to_dict()
-        public["data"]["path"] = Path(spec.data.path).name  # the consumer's directory layout stays private
+        if spec.data.path is not None:
+            public["data"]["path"] = Path(spec.data.path).name  # the consumer's directory layout stays private
         init = None
         if from_job is not None:
             model_id = self._agreed_model_id(from_job)
@@ -260,6 +266,14 @@ class Client:
                                                consumer_key=consumer), timeout=600)
         self._wait(lambda: self._job(job_id, missing_ok=True), timeout=30, what=f"job {job_id} to appear in the DHT")
         return Job(self, job_id)
+
+    def federated_manifest(self, spec: JobSpec):
+        """A federated job's manifest, from the owners' records of its dataset (``swarm.federated``):
+        refused in one line if too few owners fit it or its privacy budget cannot be met."""
+        from swarm.federated import federated_manifest
+
+        owners = self.records.read(private_data_key(spec.data.federated), PrivateDataRecord)
+        return federated_manifest(spec, [s.body for s in owners])
 
     def refund(self, job_id: str, ledger) -> int:
         """Consumer: close a finished paid job's escrow, or one past its deadline; returns the refund."""
@@ -334,7 +348,10 @@ class Client:
         from swarm.footprint import estimate_footprint
 
         spec = job if isinstance(job, JobSpec) else load_job_file(job)
-        manifest, _ = shard_dataset(load_dataset(spec.data, spec.task), spec)
+        if spec.data.federated is not None:
+            manifest = self.federated_manifest(spec)
+        else:
+            manifest, _ = shard_dataset(load_dataset(spec.data, spec.task), spec)
         footprint = estimate_footprint(build_model(spec.model, manifest, seed=spec.training.seed), manifest, spec)
         offers = [Offer(s.author, s.body.samples_per_sec, s.body.price_per_gpu_hour, s.body.memory_bytes)
                   for s in self.records.read(PEERS_KEY, PeerRecord)]

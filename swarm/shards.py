@@ -84,6 +84,10 @@ class DatasetManifest(BaseModel):
     shards: list[ShardInfo]
     train_rows: int = Field(gt=0)
     val_rows: int = Field(gt=0)
+    # a federated job's private dataset (peer.private_data): no shards, the rows stay with their
+    # owners; the row counts are the owners' advertised totals, the features are not normalised
+    # (no owner shares statistics of its rows: give them on a common scale)
+    federated: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> DatasetManifest:
@@ -108,6 +112,10 @@ class DatasetManifest(BaseModel):
                 raise ValueError("regression needs target_mean and target_std")
             if not math.isfinite(self.target_mean) or not (math.isfinite(self.target_std) and self.target_std > 0):
                 raise ValueError("target_mean/target_std must be finite, target_std > 0")
+        if self.federated is not None:
+            if self.shards:
+                raise ValueError("a federated dataset has no shards: its rows stay with their owners")
+            return self
         for split, rows in (("train", self.train_rows), ("val", self.val_rows)):
             if sum(s.rows for s in self.shards if s.split == split) != rows:
                 raise ValueError(f"{split}_rows does not match the {split} shards")
@@ -115,8 +123,10 @@ class DatasetManifest(BaseModel):
 
     def to_bytes(self) -> bytes:
         """Canonical JSON (sorted keys, no spaces): the same manifest is always the same bytes."""
+        # a shared dataset's bytes (and so its id) are what they were before federated jobs existed
+        exclude = {"federated"} if self.federated is None else set()
         return json.dumps(
-            self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), allow_nan=False
+            self.model_dump(mode="json", exclude=exclude), sort_keys=True, separators=(",", ":"), allow_nan=False
         ).encode("utf-8")
 
     @property

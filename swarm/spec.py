@@ -41,6 +41,7 @@ __all__ = [
 # ``module.path:function`` — dotted Python identifiers, then one identifier after the colon.
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 CUSTOM_MODEL_PATTERN = rf"^{_IDENT}(\.{_IDENT})*:{_IDENT}$"
+PRIVATE_DATASET_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # as registered with `gpuflex peer --private-data NAME=FILE`
 
 
 class JobSpecError(GPUFlexError):
@@ -98,14 +99,24 @@ class ModelSpec(BaseModel):
 
 
 class DataSpec(BaseModel):
-    """Where the training data is and how to read it."""
+    """Where the training data is and how to read it.
+
+    Either ``path`` (with ``format``): a dataset the consumer has, cut into shards that peers
+    fetch; or ``federated``: the name of a private dataset that data owners registered on their own
+    peers (``gpuflex peer --private-data NAME=FILE``). Its rows never leave their owners: only the
+    owners take part, each training and validating on its own rows (``peer.private_data``).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field(min_length=1)
-    format: Literal["csv", "npz", "image_folder"]
+    path: str | None = Field(default=None, min_length=1)
+    format: Literal["csv", "npz", "image_folder"] | None = None
+    federated: str | None = Field(default=None, pattern=PRIVATE_DATASET_NAME)
     # The label column (csv) or label array (npz); image_folder takes labels from sub-folder names.
     label_column: str | None = None
+    # federated classification: the label values, in class-index order (a count N: "0" .. "N-1").
+    # The consumer names them because no owner tells anyone which labels its rows have.
+    classes: PositiveInt | list[str] | None = None
     validation_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     shard_rows: PositiveInt = 128
     # how training rows are ordered before they are cut into shards (swarm.sharding): random,
@@ -119,11 +130,72 @@ class DataSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> DataSpec:
+        if self.federated is not None:
+            for name in ("path", "format"):
+                if getattr(self, name) is not None:
+                    raise _FieldError(name, "not used with 'federated' (the owners' peers hold the data)")
+            if not self.label_column:
+                raise _FieldError("label_column", "required for a federated dataset")
+            if isinstance(self.classes, list) and (len(self.classes) < 2 or len(set(self.classes)) != len(self.classes)):
+                raise _FieldError("classes", "must name at least 2 distinct labels")
+            return self
+        if self.path is None:
+            raise _FieldError("path", "required (or 'federated': the name of owners' private dataset)")
+        if self.format is None:
+            raise _FieldError("format", "required with 'path' (csv, npz or image_folder)")
+        if self.classes is not None:
+            raise _FieldError("classes", "only for a federated dataset (a shared one's labels are read from it)")
         if self.format in ("csv", "npz") and not self.label_column:
             raise _FieldError("label_column", f"required for format '{self.format}'")
         if self.format == "image_folder" and self.label_column is not None:
             raise _FieldError("label_column", "not used with format 'image_folder' (labels are the sub-folder names)")
         return self
+
+    def class_names(self) -> list[str] | None:
+        """Federated classification's label values in index order (None when not given)."""
+        if isinstance(self.classes, int):
+            return [str(i) for i in range(self.classes)]
+        return self.classes
+
+
+class DifferentialPrivacySpec(BaseModel):
+    """How much any one record (``level: sample``) or any one owner (``level: peer``) may move
+    the result: an (epsilon, delta) guarantee for the whole job (``aggregation.privacy``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    level: Literal["sample", "peer"]
+    epsilon: float = Field(gt=0.0)
+    delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
+    # sample: each example's gradient is clipped to this L2 norm (DP-SGD); peer: each owner's
+    # round update is (DP-FedAvg)
+    max_grad_norm: float = Field(default=1.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DifferentialPrivacySpec:
+        if not (math.isfinite(self.epsilon) and math.isfinite(self.max_grad_norm)):
+            raise _FieldError("epsilon" if not math.isfinite(self.epsilon) else "max_grad_norm", "must be finite")
+        return self
+
+
+class PrivacySpec(BaseModel):
+    """A federated job's privacy: differential privacy and secure aggregation (``aggregation.secagg``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dp: DifferentialPrivacySpec | None = None
+    secure_aggregation: bool = False
+    # the L2 bound every member clips its round update to before masking: a hidden update can not
+    # be inspected, so this bound (and the sum's, checked after unmasking) is what limits a member.
+    # Default: dp.max_grad_norm at level peer, else 10.
+    update_clip: float | None = Field(default=None, gt=0.0)
+
+    def update_bound(self) -> float:
+        if self.update_clip is not None:
+            return self.update_clip
+        if self.dp is not None and self.dp.level == "peer":
+            return self.dp.max_grad_norm
+        return 10.0
 
 
 STOP_METRICS = {"val_accuracy", "val_loss", "val_mse", "val_mae", "train_loss"}
@@ -328,12 +400,41 @@ class JobSpec(BaseModel):
     swarm: SwarmSpec = Field(default_factory=SwarmSpec)
     aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
     verification: VerificationSpec = Field(default_factory=VerificationSpec)
+    privacy: PrivacySpec | None = None  # federated jobs only
     tracking: TrackingSpec | None = None
 
     @model_validator(mode="after")
     def _check(self) -> JobSpec:
         if self.data.format == "image_folder" and self.task != "classification":
             raise _FieldError("data.format", "'image_folder' supports task 'classification' only")
+        if self.data.federated is None:
+            if self.privacy is not None:
+                raise _FieldError("privacy", "only for a federated job (data.federated): a shared dataset's rows "
+                                             "are seen by every peer that trains on them")
+            return self
+        if self.task == "classification" and self.data.classes is None:
+            raise _FieldError("data.classes", "required for federated classification: the label values, in order "
+                                              "(or their count N for the labels 0 .. N-1)")
+        if self.task == "regression" and self.data.classes is not None:
+            raise _FieldError("data.classes", "not used by regression")
+        if self.task == "regression":
+            raise _FieldError("task", "federated jobs support classification for now (a regression target's "
+                                      "scale would have to be pooled from the owners)")
+        # re-execution replays a peer's work on its rows: nobody else has them
+        if "fraction" in self.verification.model_fields_set and self.verification.fraction > 0:
+            raise _FieldError("verification.fraction", "must be 0 for a federated job: nobody but the owner has "
+                                                       "its rows, so nobody can re-run its work")
+        self.verification.fraction = 0.0
+        secure = self.privacy is not None and self.privacy.secure_aggregation
+        if secure and self.aggregation.reducer != "mean":
+            raise _FieldError("aggregation.reducer", f"'{self.aggregation.reducer}' needs to see each update; under "
+                                                     "secure aggregation nobody does (use mean)")
+        if secure and self.aggregation.compression != "none":
+            raise _FieldError("aggregation.compression", "must be none under secure aggregation (masked integers "
+                                                         "are not compressible)")
+        if secure and self.swarm.min_peers < 2:
+            raise _FieldError("swarm.min_peers", "must be >= 2 under secure aggregation (a sum of one is that "
+                                                 "member's update)")
         return self
 
     @classmethod
@@ -382,6 +483,8 @@ def load_job_file(path: str | Path) -> JobSpec:
         raise JobSpecError(f"{source}: invalid YAML{where}: {_one_line(problem)}") from None
 
     spec = JobSpec.from_dict(raw, source=source)
+    if spec.data.federated is not None:
+        return spec  # the data is on its owners' peers: the client checks it against their schema
 
     data_path = Path(spec.data.path).expanduser()
     if not data_path.is_absolute():
