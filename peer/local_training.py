@@ -6,6 +6,7 @@ Kept apart from the runtime so it can be read top to bottom and tested on its ow
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -83,7 +84,9 @@ def train_local(
         private = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                               expected_batch_size=batch_size, generator=noise_generator)
         try:
-            return _steps(wrapped, private, data, steps, batch_size, generator, loss, should_stop)
+            with warnings.catch_warnings():  # Opacus's hooks on a first layer whose input needs no grad
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                return _steps(wrapped, private, data, steps, batch_size, generator, loss, should_stop)
         finally:
             wrapped._close()  # hooks off, per-sample gradients dropped: the model is plain again
     # dropout and friends draw from torch's global generator: seed it from the round's, inside a

@@ -355,10 +355,17 @@ class Client:
         footprint = estimate_footprint(build_model(spec.model, manifest, seed=spec.training.seed), manifest, spec)
         offers = [Offer(s.author, s.body.samples_per_sec, s.body.price_per_gpu_hour, s.body.memory_bytes)
                   for s in self.records.read(PEERS_KEY, PeerRecord)]
-        t = spec.training
+        t, min_peers, max_peers = spec.training, spec.swarm.min_peers, spec.swarm.max_peers
+        if spec.data.federated is not None:  # only the owners can train it: their speeds, their number
+            from swarm.federated import fitting_owners
+
+            records = [s.body for s in self.records.read(private_data_key(spec.data.federated), PrivateDataRecord)]
+            owners = {r.peer_id for r in fitting_owners(spec, records)[1]}
+            offers = [o for o in offers if o.peer_id in owners]
+            max_peers = max(min_peers, min(max_peers, len(offers)))
         return quote(forward_flops_per_sample=footprint.train_flops_per_sample // 3, rounds=t.rounds,
-                     local_steps=t.local_steps, batch_size=t.batch_size, min_peers=spec.swarm.min_peers,
-                     max_peers=spec.swarm.max_peers, offers=offers, memory_per_peer=footprint.memory_bytes), offers
+                     local_steps=t.local_steps, batch_size=t.batch_size, min_peers=min_peers,
+                     max_peers=max_peers, offers=offers, memory_per_peer=footprint.memory_bytes), offers
 
     # ---------------------------------------------------------------- status
     def jobs(self) -> list[JobRecord]:

@@ -52,7 +52,37 @@ def round_summary(round_no: int, progress: list[ProgressRecord], task: str) -> d
         "seconds_matchmaking": max((p.seconds_matchmaking for p in progress), default=0.0),
         "seconds_waiting": max((p.seconds_waiting for p in progress), default=0.0),
         "finished_at": max((p.time for p in progress if p.phase == "merged"), default=None),
+        # federated DP: the privacy each owner had spent by the end of this round
+        **({"epsilon_by_peer": eps} if (eps := {p.peer_id: p.epsilon_spent for p in worked
+                                                if p.epsilon_spent is not None}) else {}),
         **val_metrics(task, progress),
+    }
+
+
+def privacy_summary(spec: dict, rounds: list[dict]) -> dict | None:
+    """What a federated job's privacy actually was: the guarantee asked, what each owner spent."""
+    privacy = spec.get("privacy")
+    if not privacy:
+        return None
+    spent: dict[str, float] = {}
+    for summary in rounds:
+        for peer, eps in summary.get("epsilon_by_peer", {}).items():
+            spent[peer] = max(spent.get(peer, 0.0), eps)
+    dp = privacy.get("dp")
+    if dp:
+        unit = "one record of an owner's data" if dp["level"] == "sample" else "one owner's whole dataset"
+        guarantee = (f"({max(spent.values(), default=0.0):.3g}, {dp['delta']:g})-differential privacy for {unit} "
+                     f"(asked: epsilon {dp['epsilon']:g})")
+    else:
+        guarantee = "no differential privacy: updates are not noised"
+    return {
+        "dp": dp,
+        "secure_aggregation": bool(privacy.get("secure_aggregation")),
+        "epsilon_spent_by_owner": spent,
+        "epsilon_spent": max(spent.values(), default=0.0) if dp else None,
+        "guarantee": guarantee + ("; each round's updates were summed under secure aggregation (no peer saw one "
+                                  "owner's update)" if privacy.get("secure_aggregation") else
+                                  "; the updates were averaged in the open"),
     }
 
 
@@ -83,6 +113,7 @@ def build_report(job: JobRecord, manifest, rounds: list[dict], *, model_id: str,
         # the consumer cancelled: the model is the last round merged before the peers saw it
         "cancelled": {"after_round": len(rounds)} if cancelled else None,
         "participants": participants,
+        "privacy": privacy_summary(job.spec, rounds),  # federated jobs: the guarantee spent
         "faults": faults or {},  # peer -> rounds whose contribution failed re-execution (paid nothing)
         "submitted_at": job.submitted_at,
         "finished_at": finished_at,

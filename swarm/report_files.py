@@ -66,6 +66,7 @@ def _markdown(report: dict, metric: str, rating: dict | None = None) -> str:
         f"- model sha256: `{report['model_id']}`",
         f"- wall time: {report['wall_time_s']:.1f} s",
         *[f"- final {k.replace('_', ' ')}: {v:.4f}" for k, v in final.items() if isinstance(v, float)],
+        *([f"- privacy: {report['privacy']['guarantee']}"] if report.get("privacy") else []),
         "",
         "![loss and validation per round](curves.png)",
         "",

@@ -24,6 +24,7 @@ class Fault(enum.Enum):
     CLAIM_OTHERS_UNITS = "train honestly, but also list another peer's shards and samples as its own"
     POISON_UPDATE = "train honestly, then send the update sign-flipped and scaled 10x (verifies honestly)"
     MISS_GROUP_START = "once: not hear that its group began (the leader counts it in, it keeps looking for one)"
+    KILL_AFTER_MASKING = "secure aggregation: die right after dealing its shares, before its masked input is sent"
 
 
 def crash() -> None:
@@ -78,6 +79,18 @@ def install(fault: Fault, at_round: int) -> None:
 
         job_runner.train_local = train_a_quarter if fault is Fault.CLAIM_UNDONE_WORK else train_then_poison
         job_runner.JobRunner = LazyRunner
+        return
+    if fault is Fault.KILL_AFTER_MASKING:
+        from peer.secure_merge import SecureMerge
+
+        publish = SecureMerge._publish
+
+        def publish_then_die(self, attempt, step, **fields):
+            publish(self, attempt, step, **fields)
+            if step == "shares" and self.r >= at_round:
+                crash()  # its keys and shares are out: the others must take its masks off without it
+
+        SecureMerge._publish = publish_then_die
         return
     if fault is Fault.KILL_IN_TRAINING:
         train_local, now = job_runner.train_local, {"round": None}
