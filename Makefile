@@ -7,7 +7,7 @@ DIGITS := examples/data/digits.csv
 DIGIT_IMAGES := examples/data/digits-images
 DIABETES := examples/data/diabetes.csv
 
-.PHONY: setup demo test clean prometheus examples
+.PHONY: setup demo test clean prometheus examples federated
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ $(DIGIT_IMAGES): | $(STAMP)
 
 $(DIABETES): | $(STAMP)
 	$(PY) scripts/make_diabetes_csv.py --out $(DIABETES)
+
+# a federated job: two data owners keep their halves of the digits, DP-SGD and secure aggregation
+federated: $(STAMP)
+	$(PY) scripts/local_swarm.py --owners 2 --peers 1 --job examples/federated-digits.yaml --out out/federated
 
 demo: $(STAMP) $(DIGITS)
 	$(PY) scripts/local_swarm.py --peers 3 --job examples/digits-mlp.yaml --out out/demo

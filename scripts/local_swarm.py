@@ -233,6 +233,9 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--budget", type=float, default=100.0,
                         help="GPUX escrowed for the job on a local anvil chain (0: an unpaid job, no chain)")
+    parser.add_argument("--owners", type=int, default=0,
+                        help="data owners for a federated job: the digits split among this many peers, each started "
+                             "with --private-data digits=<its part> (the --peers start with none)")
     args = parser.parse_args()
 
     root = Path(args.out).resolve() / "swarm"
@@ -248,8 +251,16 @@ def main() -> int:
             money = {"consumer": consumer, "before": swarm.ledger.balance(consumer)}
             print(f"dev chain {swarm.chain.url} (anvil); consumer {consumer} holds "
                   f"{money['before'] / GPUX:,.2f} GPUX")
-        print(f"starting {args.peers} peers (logs in {root})")
-        for i in range(args.peers):
+        if args.owners:
+            from make_owner_splits import write_owner_splits  # scripts/ is on sys.path when run as a script
+
+            parts = write_owner_splits(root / "owners", args.owners)
+            print(f"starting {args.owners} data owners, each with its part of the digits (logs in {root})")
+            for i, part in enumerate(parts):
+                print(f"  peer {i}: {swarm.start_peer('--private-data', f'digits={part}')}  (owns {part.name})")
+        if args.peers:
+            print(f"starting {args.peers} peers (logs in {root})")
+        for i in range(args.owners, args.owners + args.peers):
             print(f"  peer {i}: {swarm.start_peer()}")
         submit = ["job", "submit", args.job, "--peer", swarm.maddrs[0]]
         if money:
@@ -278,8 +289,13 @@ def main() -> int:
 
         swarm.wait_for(finished, timeout=args.timeout, what=f"job {job_id} to finish")
         out = Path(args.out).resolve() / "result"
-        print(f"$ gpuflex job result {job_id} --peer <peer {args.peers - 1}> -o {out}")
+        print(f"$ gpuflex job result {job_id} --peer <peer {len(swarm.maddrs) - 1}> -o {out}")
         print(swarm.cli("job", "result", job_id, "--peer", swarm.maddrs[-1], "-o", str(out)).stdout.rstrip())
+        privacy = json.loads((out / "report.json").read_text()).get("privacy")
+        if privacy:
+            print(f"  privacy: {privacy['guarantee']}")
+            for peer, eps in sorted(privacy["epsilon_spent_by_owner"].items()):
+                print(f"    owner {peer[:16]}… spent epsilon {eps:.3f}")
         if money:
             print(f"$ gpuflex job refund {job_id} --peer <peer 1> --wallet ...")
             print("  " + swarm.cli("job", "refund", job_id, "--peer", swarm.maddrs[1], "--wallet", str(chain["consumer"]),
@@ -294,13 +310,15 @@ def show_money(swarm: LocalSwarm, money: dict, job_id: str) -> None:
     from ledger.wallet import keyfile_address
 
     peers = [keyfile_address(w) for w in swarm.wallets]
-    # peers claim when they finish the job: wait until every claim has landed
+    spent = money["before"] - swarm.ledger.balance(money["consumer"])
+
+    # peers claim when they finish the job (a peer that did none of it has nothing to claim):
+    # wait until the claims add up to what the consumer paid, or time out showing what landed
     def all_claimed():
         balances = [swarm.ledger.balance(p) for p in peers]
-        return balances if all(balances) else None
+        return balances if sum(balances) >= spent else None
 
     earned = swarm.wait_for(all_claimed, timeout=120, what="the peers' claims", poll=0.5)
-    spent = money["before"] - swarm.ledger.balance(money["consumer"])
     print("money (GPUX):")
     for i, (peer, amount) in enumerate(zip(peers, earned)):
         print(f"  peer {i} {peer}  earned {amount / GPUX:12.6f}")

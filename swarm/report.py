@@ -71,7 +71,7 @@ def privacy_summary(spec: dict, rounds: list[dict]) -> dict | None:
     dp = privacy.get("dp")
     if dp:
         unit = "one record of an owner's data" if dp["level"] == "sample" else "one owner's whole dataset"
-        guarantee = (f"({max(spent.values(), default=0.0):.3g}, {dp['delta']:g})-differential privacy for {unit} "
+        guarantee = (f"({max(spent.values(), default=0.0):.4g}, {dp['delta']:g})-differential privacy for {unit} "
                      f"(asked: epsilon {dp['epsilon']:g})")
     else:
         guarantee = "no differential privacy: updates are not noised"
