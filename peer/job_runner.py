@@ -383,7 +383,7 @@ class JobRunner:
         train_loss, samples = train_local(
             model, optimizer, data, steps=steps, batch_size=t.batch_size,
             generator=round_generator(t.seed, r, [self.me] if self.federated else mine), loss=self.loss,
-            should_stop=self.peer.stopping.is_set,
+            should_stop=self.peer.stopping.is_set, proximal_mu=self.spec.aggregation.proximal_mu,
             dp=(sample_dp.noise_multiplier, sample_dp.max_grad_norm, private_generator()) if sample_dp else None,
         )
         if self.federated and samples:
@@ -582,7 +582,8 @@ class JobRunner:
         steps = schedule.local_steps_for(claim.peer_id, deal, t.local_steps, bool(claim.speeds))
         _, samples = train_local(model, optimizer, data, steps=steps, batch_size=t.batch_size,
                                  generator=round_generator(t.seed, r, claim.shards), loss=self.loss,
-                                 should_stop=self.peer.stopping.is_set)  # a re-run is as long as a round
+                                 should_stop=self.peer.stopping.is_set,  # a re-run is as long as a round
+                                 proximal_mu=self.spec.aggregation.proximal_mu)
         rerun = {k: w.detach().cpu() for k, w in model.state_dict().items()}
         distance = update_distance(rerun, claimed, base_state)
         if samples != claim.samples:

@@ -61,6 +61,7 @@ def train_local(
     loss,
     should_stop: Callable[[], bool] = lambda: False,
     dp: tuple[float, float, torch.Generator] | None = None,
+    proximal_mu: float = 0.0,
 ) -> tuple[float, int]:
     """Run ``steps`` optimizer steps on batches drawn without replacement (reshuffled per pass).
 
@@ -71,6 +72,11 @@ def train_local(
     ``dp``: (noise multiplier, per-sample clipping norm, noise generator) makes this DP-SGD with
     Opacus: every example's gradient is clipped, the batch's sum gets Gaussian noise
     (``aggregation.privacy``); the model is wrapped for the round only, its hooks removed after.
+
+    ``proximal_mu`` > 0 is FedProx (Li et al. 2020): ``mu/2 * ||w - w_start||^2`` added to every
+    step's loss, pulling an owner with skewed data back towards the round's model. Under DP-SGD the
+    term's gradient (``mu * (w - w_start)``, which depends on no example) is added after Opacus
+    has clipped and noised the examples' gradients. The loss returned is the task's alone.
     """
     model.train()
     if len(data) == 0:
@@ -86,7 +92,8 @@ def train_local(
         try:
             with warnings.catch_warnings():  # Opacus's hooks on a first layer whose input needs no grad
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                return _steps(wrapped, private, data, steps, batch_size, generator, loss, should_stop)
+                return _steps(wrapped, private, data, steps, batch_size, generator, loss, should_stop,
+                              _Proximal(model, proximal_mu, after_noise=True) if proximal_mu else None)
         finally:
             wrapped._close()  # hooks off, per-sample gradients dropped: the model is plain again
     # dropout and friends draw from torch's global generator: seed it from the round's, inside a
@@ -94,10 +101,30 @@ def train_local(
     devices = [data.features.device] if data.features.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-        return _steps(model, optimizer, data, steps, batch_size, generator, loss, should_stop)
+        return _steps(model, optimizer, data, steps, batch_size, generator, loss, should_stop,
+                      _Proximal(model, proximal_mu) if proximal_mu else None)
 
 
-def _steps(model, optimizer, data, steps, batch_size, generator, loss, should_stop) -> tuple[float, int]:
+class _Proximal:
+    """FedProx's term, anchored at the parameters the round started from."""
+
+    def __init__(self, model: torch.nn.Module, mu: float, after_noise: bool = False):
+        self.mu, self.after_noise = mu, after_noise
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.anchor = [p.detach().clone() for p in self.params]
+
+    def term(self) -> torch.Tensor:
+        return 0.5 * self.mu * sum(torch.sum((p - a) ** 2) for p, a in zip(self.params, self.anchor))
+
+    @torch.no_grad()
+    def add_gradient(self) -> None:
+        for p, a in zip(self.params, self.anchor):
+            if p.grad is not None:
+                p.grad.add_(p - a, alpha=self.mu)
+
+
+def _steps(model, optimizer, data, steps, batch_size, generator, loss, should_stop,
+           proximal: _Proximal | None = None) -> tuple[float, int]:
     order = torch.randperm(len(data), generator=generator)
     cursor, total_loss, samples = 0, 0.0, 0
     for _ in range(steps):
@@ -109,8 +136,16 @@ def _steps(model, optimizer, data, steps, batch_size, generator, loss, should_st
         cursor += batch_size
         optimizer.zero_grad(set_to_none=True)
         batch_loss = loss(model(data.features[index]), data.targets[index])
-        batch_loss.backward()
-        optimizer.step()
+        if proximal is not None and not proximal.after_noise:
+            (batch_loss + proximal.term()).backward()
+        else:
+            batch_loss.backward()
+        if proximal is not None and proximal.after_noise:
+            if optimizer.pre_step():  # Opacus: each example's gradient clipped, the noise added, into .grad
+                proximal.add_gradient()
+                optimizer.original_optimizer.step()
+        else:
+            optimizer.step()
         total_loss += batch_loss.item() * len(index)
         samples += len(index)
     return total_loss / max(samples, 1), samples

@@ -325,6 +325,9 @@ class AggregationSpec(BaseModel):
     clip_iters: PositiveInt = 5  # centered_clip
     compression: Literal["none", "fp16", "int8"] = "none"
     error_feedback: bool = True  # diloco with lossy compression: carry what the codec dropped
+    # FedProx (Li et al. 2020): mu/2 * ||w - round's model||^2 in every local step's loss, so peers
+    # with skewed data (federated owners) drift less from each other; 0: off
+    proximal_mu: float = Field(default=0.0, ge=0.0)
 
     def reducer_options(self) -> dict[str, Any]:
         if self.reducer == "trimmed_mean":

@@ -176,3 +176,21 @@ def test_dp_sgd_clips_each_example_and_leaves_a_plain_model():
                 dp=(0.0, 0.5, torch.Generator().manual_seed(2)))
     moved = torch.linalg.vector_norm(torch.cat([(p - s).reshape(-1) for p, s in zip(model2.parameters(), start)]))
     assert moved.item() <= 0.5 + 1e-5  # the mean of clipped gradients is within the clip
+
+
+def test_fedprox_pulls_local_training_towards_the_rounds_model():
+    """The same steps on the same skewed rows, with and without the proximal term: with it the
+    model ends nearer where the round started (plain and under DP-SGD alike)."""
+    def drift(mu, dp=None):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        start = [p.detach().clone() for p in model.parameters()]
+        g = torch.Generator().manual_seed(5)
+        data = Batches(torch.randn(128, 4, generator=g), torch.zeros(128, dtype=torch.long))  # one label only
+        train_local(model, torch.optim.SGD(model.parameters(), lr=0.5), data, steps=40, batch_size=16,
+                    generator=torch.Generator().manual_seed(1), loss=torch.nn.functional.cross_entropy,
+                    proximal_mu=mu, dp=dp)
+        return torch.linalg.vector_norm(torch.cat([(p - s).reshape(-1) for p, s in zip(model.parameters(), start)]))
+
+    assert drift(1.0) < 0.7 * drift(0.0)
+    assert drift(1.0, dp=(0.0, 1.0, torch.Generator())) < 0.7 * drift(0.0, dp=(0.0, 1.0, torch.Generator()))
