@@ -64,8 +64,9 @@ class DPPlan:
             return float(accountant.get_epsilon(delta=self.delta))
 
 
-def plan_for(spec, owner_train_rows: int) -> DPPlan | None:
-    """The plan of an owner with ``owner_train_rows`` training rows (None: the job has no DP)."""
+def plan_for(spec, owner_train_rows: int, steps_per_round: int | None = None) -> DPPlan | None:
+    """The plan of an owner with ``owner_train_rows`` training rows that takes ``steps_per_round``
+    optimizer steps a round (default ``training.local_steps``; None: the job has no DP)."""
     dp = spec.privacy.dp if spec.privacy is not None else None
     if dp is None:
         return None
@@ -74,20 +75,27 @@ def plan_for(spec, owner_train_rows: int) -> DPPlan | None:
         if owner_train_rows < t.batch_size:
             raise PrivacyBudgetError(f"privacy.dp: an owner has {owner_train_rows} training rows, fewer than "
                                      f"training.batch_size={t.batch_size}: sample-level DP needs batches of its rows")
-        rate, per_round = t.batch_size / owner_train_rows, t.local_steps
+        rate, per_round = t.batch_size / owner_train_rows, steps_per_round or t.local_steps
     else:
         rate, per_round = 1.0, 1
     sigma = _noise_multiplier(dp.epsilon, dp.delta, rate, t.rounds * per_round, t.rounds, dp.level)
     return DPPlan(dp.level, sigma, dp.max_grad_norm, rate, per_round, dp.epsilon, dp.delta)
 
 
-def check_budget(spec, owner_rows: Sequence[int]) -> list[DPPlan]:
-    """Every owner's plan; ``PrivacyBudgetError`` (one line) if any cannot meet the budget."""
+def check_budget(spec, owner_rows: Sequence[int], all_owner_rows: Sequence[int] | None = None) -> list[DPPlan]:
+    """Every owner's plan (each with its own steps, among ``all_owner_rows``); ``PrivacyBudgetError``
+    (one line) if any cannot meet the budget."""
     if spec.privacy is None or spec.privacy.dp is None:
         return []
     from peer.private_data import owner_split
+    from peer.schedule import owner_local_steps
 
-    return [plan_for(spec, len(owner_split(rows, spec.data.validation_fraction, 0)[0])) for rows in owner_rows]
+    def train_rows(rows):
+        return len(owner_split(rows, spec.data.validation_fraction, 0)[0])
+
+    everyone = [train_rows(r) for r in (all_owner_rows or owner_rows)]
+    return [plan_for(spec, train_rows(rows), owner_local_steps(spec.training.local_steps, train_rows(rows), everyone))
+            for rows in owner_rows]
 
 
 def noise_shares(spec, group_size: int) -> int:

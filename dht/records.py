@@ -24,6 +24,7 @@ cancel       ``gpuflex.job.<id>.cancel``                  carrier: the consumer'
 provider     ``gpuflex.blob.<sha256>``                    peer that serves this blob
 private      ``gpuflex.private.<name>``                   owner: a private dataset's schema, row count
 secagg       ``gpuflex.job.<id>.secagg.<round>.<try>``    (peer, step): keys / shares / reveal
+credit       ``gpuflex.job.<id>.credit.<round>``          owner: leave-one-out losses on its held-out rows
 ===========  ===========================================  ====================================
 """
 
@@ -76,6 +77,10 @@ def provider_key(blob_id: str) -> str:
 
 def private_data_key(name: str) -> str:
     return f"gpuflex.private.{name}"
+
+
+def credit_key(job_id: str, round_no: int) -> str:
+    return f"gpuflex.job.{job_id}.credit.{round_no}"
 
 
 def secagg_key(job_id: str, round_no: int, attempt: int) -> str:
@@ -133,6 +138,7 @@ class ProgressRecord(_Body):
     # group key: a member still waiting on the failed attempt reads it and follows
     merge_attempt: int = Field(default=0, ge=0)
     epsilon_spent: float | None = Field(default=None, ge=0)  # federated DP: this owner's privacy spent so far
+    credit_update_id: str | None = Field(default=None, pattern=SHA256_HEX)  # leave-one-out: its weighted update
     lr: float | None = None  # the learning rate this round trained with (training.schedule)
     samples: int = Field(default=0, ge=0)
     train_loss: float | None = None
@@ -247,6 +253,17 @@ class SecAggRecord(_Body):
     reveal: dict[str, tuple[int, list[str]]] = {}  # owner -> (share index, [hex shares])
 
 
+class CreditRecord(_Body):
+    """One owner's evaluation of a round's members (``aggregation.credit``): on its own held-out
+    rows, the loss sum of the group's mean update and of the mean without each member's."""
+
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+    round: int = Field(ge=1)
+    rows: int = Field(ge=0)
+    loss_sum: float
+    without: dict[str, float]  # member -> loss sum of the merged model without its update
+
+
 RECORD_KINDS: dict[str, type[_Body]] = {
     "peer": PeerRecord,
     "job": JobRecord,
@@ -260,6 +277,7 @@ RECORD_KINDS: dict[str, type[_Body]] = {
     "provider": ProviderRecord,
     "private": PrivateDataRecord,
     "secagg": SecAggRecord,
+    "credit": CreditRecord,
 }
 KIND_OF = {cls: kind for kind, cls in RECORD_KINDS.items()}
 
@@ -276,6 +294,7 @@ _KEY_PATTERNS = {
     "provider": re.compile(r"gpuflex\.blob\.[0-9a-f]{64}$"),
     "private": re.compile(r"gpuflex\.private\.[A-Za-z0-9_-]{1,64}$"),
     "secagg": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.secagg\.[0-9]+\.[0-9]+$"),
+    "credit": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.credit\.[0-9]+$"),
 }
 
 

@@ -30,17 +30,20 @@ from dht.errors import GPUFlexError
 from dht.ratings import consumer_cancel
 from dht.records import (
     CancelRecord,
+    CreditRecord,
     JobRecord,
     LeaseRecord,
     ProgressRecord,
     ResultRecord,
     VerdictRecord,
     cancel_key,
+    credit_key,
     leases_key,
     progress_key,
     result_key,
     verdict_key,
 )
+from aggregation.credit import leave_one_out_updates
 from aggregation.privacy import PrivacyBudgetError, clip_update, gaussian_noise_like, noise_shares, plan_for
 from aggregation.privacy import private_generator
 from peer import provenance, schedule
@@ -58,7 +61,7 @@ from peer.verification import (
     update_distance,
     verification_plan,
 )
-from peer.payout import JobClosed, RoundPayouts, escrow_closed
+from peer.payout import JobClosed, RoundPayouts, escrow_closed, round_credits
 from peer.local_training import (
     Batches,
     TrainingStopped,
@@ -152,10 +155,15 @@ class JobRunner:
         self.own_train = self.own_val = None
         self.dp_plan = None
         self.rounds_trained = 0  # by this owner in this job: what its privacy budget has paid for
+        self.own_steps = self.spec.training.local_steps  # a federated owner's: in proportion to its rows
         if self.federated:
             self.own_train, self.own_val = self._own_rows()
-            self.dp_plan = plan_for(self.spec, len(self.own_train))
+            fraction, seed = self.spec.data.validation_fraction, self.spec.training.seed
+            owners = [len(owner_split(rows, fraction, seed)[0]) for rows in self.manifest.owner_rows or []]
+            self.own_steps = schedule.owner_local_steps(self.spec.training.local_steps, len(self.own_train), owners)
+            self.dp_plan = plan_for(self.spec, len(self.own_train), self.own_steps)
         self.secure = self.federated and self.spec.privacy is not None and self.spec.privacy.secure_aggregation
+        self.credit_update_id: str | None = None  # leave-one-out credit: this round's weighted update
 
     # ---------------------------------------------------------------- the job, top to bottom
     def run(self) -> None:
@@ -359,7 +367,7 @@ class JobRunner:
         deal = schedule.assign_shards(self.train_ids, roster, seed=t.seed, round_no=r, speeds=speeds)
         mine = deal.get(self.me, []) + schedule.assign_shards(carried, roster, seed=t.seed + 1, round_no=r,
                                                              speeds=speeds).get(self.me, [])
-        steps = schedule.local_steps_for(self.me, deal, t.local_steps, bool(speeds))
+        steps = self.own_steps if self.federated else schedule.local_steps_for(self.me, deal, t.local_steps, bool(speeds))
         self.peer.hold_lease(leases_key(self.job.job_id, r), LeaseRecord(
             peer_id=self.me, job_id=self.job.job_id, round=r, shards=mine, roster=sorted(roster),
         ))  # renewed by the heartbeat
@@ -480,7 +488,7 @@ class JobRunner:
             optimizer_state_id=optimizer_state_id, resume_state_id=resume_state_id, outer_state_id=outer_state_id,
             seconds_training=seconds_training, started=round_started, lr=lr,
             seconds_merging=seconds_merging, seconds_waiting=seconds_waiting, seconds_matchmaking=seconds_matchmaking,
-            epsilon_spent=epsilon, **sums,
+            epsilon_spent=epsilon, credit_update_id=self.credit_update_id if not adopted else None, **sums,
         )
         metrics.rounds.labels(job).inc()
         self.last_merged = (r, model_id, group)
@@ -489,6 +497,8 @@ class JobRunner:
         self.peer.release_lease(leases_key(self.job.job_id, r))
         if self.peer.stopping.is_set():  # the round is merged and published: leave before settling
             raise JobStopped(f"job {self.job.job_id}: stopped after round {r}")
+        if self.spec.aggregation.credit == "leave_one_out" and len(group) > 1 and self.me in group:
+            self._score_members(r, group, model, base_params)
         rejected = self._verify(r, group, model_id, prev_round)
         if self.payouts is not None:  # paid job: the group signs what each member did, one posts it
             self.payouts.settle(r, group, self._wait_for_merged_records(r, group), rejected=rejected)
@@ -708,8 +718,9 @@ class JobRunner:
         dp = privacy.dp if privacy is not None else None
         peer_dp = dp is not None and dp.level == "peer"
         # DP-FedAvg weighs owners alike (one owner moves the mean by at most its clip); otherwise
-        # an owner weighs by this round's work, as a fraction of a full round's
-        weight = (1.0 if samples else 0.0) if peer_dp else samples / max(1, steps * t.batch_size)
+        # an owner weighs by this round's work, in local_steps x batch_size (at most 2: its steps
+        # follow its rows within 2x, schedule.owner_local_steps)
+        weight = (1.0 if samples else 0.0) if peer_dp else samples / max(1, t.local_steps * t.batch_size)
         bound = dp.max_grad_norm if peer_dp else privacy.update_bound() if self.secure else None
         noise_std = 0.0
         if bound is not None:
@@ -721,10 +732,46 @@ class JobRunner:
             for u, c in zip(update, clipped):
                 u.copy_(c)
         if not self.secure:  # FedAvg in the open: the weighted mean of the (clipped, noised) updates
+            if self.spec.aggregation.credit == "leave_one_out":  # the group scores the merge without it
+                self.credit_update_id = self.peer.blobs.put(save_safetensors({
+                    "weighted_update": torch.cat([u.detach().reshape(-1).cpu().float() for u in update]) * weight,
+                    "weight": torch.tensor([weight], dtype=torch.float64)}))
+                self.for_reexecution.setdefault(r, set()).add(self.credit_update_id)  # dropped two rounds on
+                self.peer.announce([self.credit_update_id])
             return self._merge(r, model, update, averager, trained, weight, base_model_id)
         merger = SecureMerge(self, r, averager, update, weight, bound=bound, noise_std=noise_std,
                              gather={"round": r, "base": base_model_id})
         return self._merge(r, model, update, averager, trained, weight, base_model_id, merge_once=merger.attempt)
+
+    def _score_members(self, r: int, group: list[str], model, base_params) -> None:
+        """Leave-one-out credit (``aggregation.credit``): score the round's merge, and the merge
+        without each member's update, on our own held-out rows; publish the loss sums; wait for
+        the group's (the round's pay is computed from them, the same on every member)."""
+        import copy
+
+        weighted, weights = {}, {}
+        for record in self._wait_for_merged_records(r, group):
+            if record.credit_update_id:
+                blob = load_safetensors(self.peer.fetch(record.credit_update_id))
+                weighted[record.peer_id] = blob["weighted_update"]
+                weights[record.peer_id] = float(blob["weight"][0])
+        if len(weighted) < 2 or not sum(weights.values()) > 0:
+            return
+        full, without = leave_one_out_updates(weighted, weights)
+        scorer = copy.deepcopy(model)
+
+        def loss_sum(delta) -> float:
+            offset = 0
+            with torch.no_grad():
+                for p, b in zip(scorer.parameters(), base_params):
+                    p.copy_(b + delta[offset: offset + p.numel()].reshape(p.shape).to(p.dtype))
+                    offset += p.numel()
+            return evaluate(scorer, self.own_val, task=self.manifest.task, loss=self.loss)["val_loss_sum"]
+
+        self.records.publish(credit_key(self.job.job_id, r), CreditRecord(
+            peer_id=self.me, job_id=self.job.job_id, round=r, rows=len(self.own_val), loss_sum=loss_sum(full),
+            without={member: loss_sum(delta) for member, delta in without.items()}), ttl=RECORD_TTL)
+        self._wait_for(lambda: len(round_credits(self.records, self.job, r, group)) >= len(weighted), timeout=30.0)
 
     def _own_rows(self) -> tuple[Batches, Batches]:
         """This owner's training and held-out rows of the job's private dataset."""

@@ -58,6 +58,28 @@ def payable(merged: list[ProgressRecord], group, rejected=frozenset()) -> dict[s
             if p.peer_id in group and p.wallet and p.samples > 0 and p.peer_id not in rejected}
 
 
+def contribution_units(paid: dict[str, ProgressRecord], credits=()) -> dict[str, int]:
+    """wallet -> the units a round pays: the samples each paid member trained, or, with the
+    members' leave-one-out scores (``CreditRecord``s, ``aggregation.credit``), those samples weighed
+    by how much each update helped. A member credited nothing is left out of the tree."""
+    from aggregation.credit import credit_shares, credited_units
+
+    samples = {peer: p.samples for peer, p in paid.items()}
+    scores = [(c.rows, c.loss_sum, c.without) for c in credits if c.peer_id in paid]
+    if scores:
+        samples = credited_units(samples, credit_shares(sorted(paid), scores))
+    return {paid[peer].wallet: units for peer, units in sorted(samples.items()) if units > 0}
+
+
+def round_credits(records: RecordStore, job: JobRecord, r: int, group) -> list:
+    """The group's leave-one-out records of round ``r`` (none unless the job credits that way)."""
+    if (job.spec.get("aggregation") or {}).get("credit") != "leave_one_out":
+        return []
+    from dht.records import CreditRecord, credit_key
+
+    return [s.body for s in records.read(credit_key(job.job_id, r), CreditRecord) if s.author in set(group)]
+
+
 class RoundPayouts:
     def __init__(self, job: JobRecord, ledger, records: RecordStore, wait_for: Callable, *, post_grace: float = 15.0):
         """``post_grace``: at the claim, how long the last round's poster has before we post it."""
@@ -75,9 +97,10 @@ class RoundPayouts:
         from ledger.merkle import ContributionTree
 
         paid = payable(merged, group, rejected)
-        if not paid:
+        units = contribution_units(paid, round_credits(self.records, self.job, r, group)) if paid else {}
+        if not units:
             return
-        tree = ContributionTree({p.wallet: p.samples for p in paid.values()})
+        tree = ContributionTree(units)
         self.trees[r], self.signers[r] = tree, set(paid)
         root = "0x" + tree.root.hex()
         key = attestation_key(self.job.job_id, r)
@@ -140,7 +163,8 @@ class RoundPayouts:
         info = self.ledger.round(self.job_key, r)
         if info.posted:
             paid = payable(merged, group, rejected)
-            tree = ContributionTree({p.wallet: p.samples for p in paid.values()}) if paid else None
+            units = contribution_units(paid, round_credits(self.records, self.job, r, group)) if paid else {}
+            tree = ContributionTree(units) if units else None
             if tree is not None and tree.root == info.root:  # a claim proves against the root on chain
                 self.trees[r], self.signers[r] = tree, set(paid)
             return

@@ -274,3 +274,16 @@ def barrier_ready(
     """All-reduce may begin once every roster peer that is still alive (and has not left) has trained."""
     alive = set(alive) - left
     return all(p in trained or p not in alive for p in roster)
+
+
+def owner_local_steps(local_steps: int, own_rows: int, owner_rows: Sequence[int]) -> int:
+    """A federated owner's steps per round: ``local_steps`` for an owner of the average size,
+    in proportion to its rows otherwise (FedAvg's "an epoch each": an owner with twice the data does
+    twice the work, and weighs and earns for it), held within 2x of ``local_steps`` either way so
+    one big owner does not keep the round waiting. ``owner_rows``: the owners' (training) rows as
+    the job's manifest fixed them, so an owner's steps, and its privacy budget, never change."""
+    if not owner_rows or own_rows <= 0:
+        return local_steps
+    mean = sum(owner_rows) / len(owner_rows)
+    steps = round(local_steps * own_rows / mean)
+    return int(min(MAX_SPEED_SKEW * local_steps, max(math.ceil(local_steps / MAX_SPEED_SKEW), steps)))

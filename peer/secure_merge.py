@@ -37,6 +37,7 @@ from aggregation.secagg import (
     unmask_sum,
 )
 from dht.records import SecAggRecord, secagg_key
+from peer.schedule import MAX_SPEED_SKEW
 
 if TYPE_CHECKING:
     from peer.job_runner import JobRunner
@@ -45,7 +46,8 @@ logger = logging.getLogger(__name__)
 
 STEP_TIMEOUT = 30.0  # seconds to wait for the others' records at each step
 RECORD_TTL = 3600.0
-NOISE_SIGMAS = 8.0  # the quantizer's range covers a noised coordinate to this many standard deviations
+NOISE_SIGMAS = 8.0
+MAX_WEIGHT = MAX_SPEED_SKEW  # an owner's work in rounds' worth (peer.schedule.owner_local_steps)  # the quantizer's range covers a noised coordinate to this many standard deviations
 
 
 class SecureMerge:
@@ -57,9 +59,10 @@ class SecureMerge:
         self.update, self.weight, self.gather = update, weight, gather
         self.size = sum(u.numel() for u in update)
         self.bound = bound  # each member's clipped update, before noise
-        # a noised coordinate may exceed the clip: the range (and the sum's bound) allow for it
-        self.clip = bound + NOISE_SIGMAS * noise_std
-        self.summand_norm = bound + 2.0 * noise_std * math.sqrt(self.size) + 1.0  # the weight coordinate: <= 1
+        # a noised coordinate may exceed the clip, and a weight is at most MAX_WEIGHT: the range
+        # (and the sum's bound) allow for both
+        self.clip = MAX_WEIGHT * max(1.0, bound + NOISE_SIGMAS * noise_std)  # the weight coordinate too
+        self.summand_norm = MAX_WEIGHT * (bound + 2.0 * noise_std * math.sqrt(self.size) + 1.0)
 
     def attempt(self, attempt: int, expected: frozenset[str]) -> dict | None:
         try:

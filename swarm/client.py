@@ -45,7 +45,7 @@ from dht.records import (
 from dht.store import RecordStore
 from peer.intake import send_submission
 from peer.loop import LoopThread
-from peer.payout import payable
+from peer.payout import contribution_units, payable, round_credits
 from dht.ratings import MAX_COMMENT, consumer_cancel, latest_rating, public_key_hex, sign_cancel, sign_rating
 from peer.runtime import PEER_TTL
 from peer.transfer import BlobUnavailable, download_blob
@@ -332,7 +332,10 @@ class Client:
                 continue
             group = set(groups.most_common(1)[0][0])
             paid = payable(merged, group, self.rejected(job, r, merged))
-            tree = ContributionTree({p.wallet: p.samples for p in paid.values()})
+            units = contribution_units(paid, round_credits(self.records, job, r, group))
+            if not units:
+                continue
+            tree = ContributionTree(units)
             if tree.root == ledger.round(key, r).root:
                 trees[r] = tree
         return trees

@@ -63,7 +63,7 @@ def federated_manifest(spec: JobSpec, records: Sequence[PrivateDataRecord]) -> D
                                   f"swarm.min_peers={min_peers} ({why})")
     from aggregation.privacy import check_budget  # the accountant: torch-heavy, imported when needed
 
-    check_budget(spec, [r.rows for r in owners])
+    check_budget(spec, [r.rows for r in owners], [r.rows for r in owners])
     rows = sum(r.rows for r in owners)
     val_rows = max(1, round(rows * spec.data.validation_fraction))
     classes = spec.data.class_names()
@@ -71,4 +71,5 @@ def federated_manifest(spec: JobSpec, records: Sequence[PrivateDataRecord]) -> D
         task=spec.task, feature_shape=[len(features)], feature_names=features, num_outputs=len(classes),
         classes=classes, feature_mean=[0.0] * len(features), feature_std=[1.0] * len(features), shards=[],
         train_rows=max(1, rows - val_rows), val_rows=val_rows, federated=name,
+        owner_rows=sorted(r.rows for r in owners),
     )

@@ -88,6 +88,7 @@ class DatasetManifest(BaseModel):
     # owners; the row counts are the owners' advertised totals, the features are not normalised
     # (no owner shares statistics of its rows: give them on a common scale)
     federated: str | None = None
+    owner_rows: list[int] | None = None  # federated: each fitting owner's advertised rows at submission
 
     @model_validator(mode="after")
     def _check(self) -> DatasetManifest:
@@ -124,7 +125,7 @@ class DatasetManifest(BaseModel):
     def to_bytes(self) -> bytes:
         """Canonical JSON (sorted keys, no spaces): the same manifest is always the same bytes."""
         # a shared dataset's bytes (and so its id) are what they were before federated jobs existed
-        exclude = {"federated"} if self.federated is None else set()
+        exclude = {"federated", "owner_rows"} if self.federated is None else set()
         return json.dumps(
             self.model_dump(mode="json", exclude=exclude), sort_keys=True, separators=(",", ":"), allow_nan=False
         ).encode("utf-8")

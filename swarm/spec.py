@@ -328,6 +328,10 @@ class AggregationSpec(BaseModel):
     # FedProx (Li et al. 2020): mu/2 * ||w - round's model||^2 in every local step's loss, so peers
     # with skewed data (federated owners) drift less from each other; 0: off
     proximal_mu: float = Field(default=0.0, ge=0.0)
+    # what a round pays each member for (federated jobs): the samples it trained, or those samples
+    # weighed by how much its update improved the merged model on the owners' held-out rows
+    # (leave-one-out; aggregation.credit): random or duplicated data earns less, not more
+    credit: Literal["samples", "leave_one_out"] = "samples"
 
     def reducer_options(self) -> dict[str, Any]:
         if self.reducer == "trimmed_mean":
@@ -411,6 +415,9 @@ class JobSpec(BaseModel):
         if self.data.format == "image_folder" and self.task != "classification":
             raise _FieldError("data.format", "'image_folder' supports task 'classification' only")
         if self.data.federated is None:
+            if self.aggregation.credit != "samples":
+                raise _FieldError("aggregation.credit", "leave_one_out is for federated jobs (a shared dataset's "
+                                                        "contributions are checked by re-execution)")
             if self.privacy is not None:
                 raise _FieldError("privacy", "only for a federated job (data.federated): a shared dataset's rows "
                                              "are seen by every peer that trains on them")
@@ -435,6 +442,12 @@ class JobSpec(BaseModel):
         if secure and self.aggregation.compression != "none":
             raise _FieldError("aggregation.compression", "must be none under secure aggregation (masked integers "
                                                          "are not compressible)")
+        if self.aggregation.credit == "leave_one_out":
+            if secure:
+                raise _FieldError("aggregation.credit", "leave_one_out needs each member's update, which secure "
+                                                        "aggregation hides from everyone: use credit samples")
+            if self.aggregation.outer != "average":
+                raise _FieldError("aggregation.credit", "leave_one_out works with outer: average")
         if secure and self.swarm.min_peers < 2:
             raise _FieldError("swarm.min_peers", "must be >= 2 under secure aggregation (a sum of one is that "
                                                  "member's update)")

@@ -17,7 +17,8 @@ import yaml
 from safetensors.torch import load_file
 
 from aggregation.averaging import MAX_ATTEMPTS
-from dht.records import PrivateDataRecord, ProgressRecord, SecAggRecord, private_data_key, progress_key, secagg_key
+from dht.records import CreditRecord, PrivateDataRecord, ProgressRecord, SecAggRecord, credit_key, private_data_key
+from dht.records import progress_key, secagg_key
 from peer.private_data import load_private_dataset, owner_split
 from scripts.make_owner_splits import write_owner_splits
 from swarm.catalog import build_model
@@ -195,3 +196,51 @@ def test_federated_jobs_that_cannot_run_are_refused_in_one_line(local_swarm, tmp
 def _owners_seen(local_swarm) -> int:
     with Client(local_swarm.maddrs[0]) as client:
         return len(client.records.read(private_data_key("digits"), PrivateDataRecord))
+
+
+def test_a_paid_federated_job_pays_by_leave_one_out_credit(local_swarm, tmp_path):
+    """Three owners, one of them holding random labels, a paid job with credit leave_one_out and
+    no secure aggregation: every round's tree is the samples weighed by the group's scores, the
+    owner whose update hurt is paid (next to) nothing, and the consumer's loss is the owners' gain."""
+    from ledger.chain import GPUX
+    from ledger.wallet import keyfile_address
+
+    owners = write_owner_splits(tmp_path / "owners", 3)
+    noisy = tmp_path / "noisy.csv"
+    rng = np.random.default_rng(0)
+    with open(owners[2]) as src, open(noisy, "w", newline="") as dst:
+        table = list(csv.reader(src))
+        for row in table[1:]:
+            row[-1] = str(rng.integers(0, 10))
+        csv.writer(dst).writerows(table)
+    chain = local_swarm.start_chain(consumer_gpux=200)
+    ledger, consumer = local_swarm.ledger, keyfile_address(chain["consumer"])
+    for path in (owners[0], owners[1], noisy):
+        local_swarm.start_peer("--private-data", f"digits={path}")
+    job_file = federated_job(tmp_path, training={"rounds": 4}, swarm={"min_peers": 3, "max_peers": 3},
+                             aggregation={"credit": "leave_one_out"},
+                             privacy={"dp": {"level": "sample", "epsilon": 8.0}, "secure_aggregation": False})
+    before = ledger.balance(consumer)
+    job_id = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0], "--budget", "100",
+                             "--wallet", str(chain["consumer"]), "--deployment", str(chain["deployment"])).stdout.strip()
+    local_swarm.wait_for(lambda: local_swarm.status(job_id)["state"] == "finished", timeout=300, what="the paid job")
+    wallets = [keyfile_address(w) for w in local_swarm.wallets]
+    local_swarm.wait_for(lambda: all(ledger.balance(w) for w in wallets[:2]) or None, timeout=90, what="claims")
+    with Client(local_swarm.maddrs[0]) as client:
+        for r in range(1, 5):  # every owner scored every member of every round, on its own rows
+            credits = client.records.read(credit_key(job_id, r), CreditRecord)
+            assert len(credits) == 3 and all(len(c.body.without) == 3 for c in credits)
+        trees = client.posted_trees(job_id, ledger)  # rebuilt from the records: they match the roots on chain
+        price = int(client._job(job_id).escrow["price_per_unit"])
+        samples = {s.body.wallet: 0 for s in client.records.read(progress_key(job_id, 1), ProgressRecord)}
+        for r in range(1, 5):
+            for s in client.records.read(progress_key(job_id, r), ProgressRecord):
+                samples[s.body.wallet] += s.body.samples
+    assert sorted(trees) == [1, 2, 3, 4]
+    earned = [ledger.balance(w) for w in wallets]
+    for wallet, amount in zip(wallets, earned):  # paid exactly its credited units, every round
+        assert amount == price * sum(t.contributions.get(wallet, 0) for t in trees.values())
+    units = [sum(t.contributions.get(w, 0) for t in trees.values()) for w in wallets]
+    assert sum(units) <= sum(samples.values())  # credit moves pay between owners, never adds to it
+    assert earned[2] < 0.25 * min(earned[:2]), earned  # the random labels' update hurt: it earns next to nothing
+    assert before - ledger.balance(consumer) == 100 * GPUX  # escrowed; what was not earned is refundable

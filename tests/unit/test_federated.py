@@ -194,3 +194,89 @@ def test_fedprox_pulls_local_training_towards_the_rounds_model():
 
     assert drift(1.0) < 0.7 * drift(0.0)
     assert drift(1.0, dp=(0.0, 1.0, torch.Generator())) < 0.7 * drift(0.0, dp=(0.0, 1.0, torch.Generator()))
+
+
+# -------------------------------------------------------------------- fair credit
+
+
+def test_leave_one_out_takes_each_member_out_of_the_weighted_mean():
+    from aggregation.credit import credit_shares, credited_units, leave_one_out_updates
+
+    weighted = {"a": torch.tensor([2.0, 0.0]), "b": torch.tensor([0.0, 1.0]), "c": torch.tensor([1.0, 1.0])}
+    weights = {"a": 1.0, "b": 0.5, "c": 0.5}
+    full, without = leave_one_out_updates(weighted, weights)
+    assert full.tolist() == [1.5, 1.0]
+    assert without["a"].tolist() == [1.0, 2.0] and without["b"].tolist() == [2.0, 2 / 3]
+    # gains from two evaluators: a helped (its removal costs loss), b did nothing, c hurt
+    scores = [(10, 5.0, {"a": 7.0, "b": 5.0, "c": 4.0}), (30, 15.0, {"a": 17.0, "b": 15.0, "c": 14.0})]
+    shares = credit_shares(["a", "b", "c"], scores)
+    assert shares == pytest.approx({"a": 3.0, "b": 0.0, "c": 0.0})
+    assert credited_units({"a": 640, "b": 640, "c": 640}, shares) == {"a": 1920, "b": 0, "c": 0}
+    assert credit_shares(["a", "b"], [(10, 5.0, {"a": 4.0, "b": 5.0})]) == {"a": 1.0, "b": 1.0}  # no evidence
+
+
+def test_more_useful_data_earns_more_and_random_or_duplicated_data_no_more_than_clean(digits_csv):
+    """Four owners train rounds of the digits MLP from the same model, each its steps for its rows
+    (schedule.owner_local_steps): one with 200 clean rows, one with twice as many, one with 200 rows
+    of random labels, one with 100 clean rows written twice. Every round, the merge without each
+    member is scored on held-out rows; what each earns is its samples times its share."""
+    import numpy as np
+
+    from aggregation.credit import credit_shares, credited_units, leave_one_out_updates
+    from peer.local_training import evaluate, loss_fn, make_optimizer, round_generator
+    from peer.schedule import owner_local_steps
+    from swarm.catalog import build_model
+    from swarm.datasets import load_dataset
+    from swarm.spec import DataSpec, ModelSpec
+    from swarm.shards import DatasetManifest
+
+    data = load_dataset(DataSpec(path=str(digits_csv), format="csv", label_column="label"), "classification")
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(data.targets))
+    x, y = data.features[order], data.targets[order]
+    held_out = Batches(torch.from_numpy(x[1400:]), torch.from_numpy(y[1400:]))
+    owners = {
+        "clean": (x[:200], y[:200]),
+        "twice": (x[200:600], y[200:600]),
+        "random": (x[600:800], rng.integers(0, 10, 200)),
+        "copied": (np.concatenate([x[800:900]] * 2), np.concatenate([y[800:900]] * 2)),
+    }
+    steps = {m: owner_local_steps(20, len(fy), [len(v[1]) for v in owners.values()]) for m, (_, fy) in owners.items()}
+    assert steps == {"clean": 16, "twice": 32, "random": 16, "copied": 16}
+    manifest = DatasetManifest(task="classification", feature_shape=[64], feature_names=[f"p{i}" for i in range(64)],
+                               num_outputs=10, classes=[str(i) for i in range(10)], feature_mean=[0.0] * 64,
+                               feature_std=[1.0] * 64, shards=[], train_rows=1400, val_rows=397, federated="d")
+    model = build_model(ModelSpec(catalog="mlp", hidden=[64]), manifest, seed=0)
+    loss = loss_fn("classification", None, None)
+    earned = {m: 0 for m in owners}
+    for r in range(1, 4):
+        base = [p.detach().clone() for p in model.parameters()]
+        weighted, weights, samples = {}, {}, {}
+        for name, (fx, fy) in owners.items():
+            local = build_model(ModelSpec(catalog="mlp", hidden=[64]), manifest, seed=0)
+            local.load_state_dict(model.state_dict())
+            _, samples[name] = train_local(
+                local, make_optimizer("adam", local.parameters(), lr=0.003, weight_decay=0, momentum=0),
+                Batches(torch.from_numpy(fx), torch.from_numpy(fy)), steps=steps[name], batch_size=32,
+                generator=round_generator(0, r, [name]), loss=loss)
+            weights[name] = samples[name] / (20 * 32)  # as the runner weighs: in rounds' worth of work
+            weighted[name] = weights[name] * torch.cat(
+                [(p - b).detach().reshape(-1) for p, b in zip(local.parameters(), base)])
+        full, without = leave_one_out_updates(weighted, weights)
+
+        def score(delta):
+            offset = 0
+            with torch.no_grad():
+                for p, b in zip(model.parameters(), base):
+                    p.copy_(b + delta[offset: offset + p.numel()].reshape(p.shape).float())
+                    offset += p.numel()
+            return evaluate(model, held_out, task="classification", loss=loss)["val_loss_sum"]
+
+        loo = {m: score(d) for m, d in without.items()}
+        merged = score(full)  # the model moves on to the round's merge
+        units = credited_units(samples, credit_shares(sorted(owners), [(len(held_out), merged, loo)]))
+        for m, u in units.items():
+            earned[m] += u
+    assert earned["twice"] > 1.2 * earned["clean"]
+    assert earned["copied"] <= earned["clean"]
+    assert earned["random"] < 0.2 * earned["clean"]  # an update that hurts earns (next to) nothing
