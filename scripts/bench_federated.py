@@ -39,7 +39,7 @@ JOB = {
     "task": "classification",
     "model": {"catalog": "mlp", "hidden": [64]},
     "data": {"federated": "digits", "label_column": "label", "classes": 10, "validation_fraction": 0.2},
-    "training": {"rounds": 10, "local_steps": 20, "batch_size": 32, "optimizer": "adam", "lr": 0.003, "seed": 0},
+    "training": {"rounds": 10, "local_steps": 20, "batch_size": 64, "optimizer": "adam", "lr": 0.01, "seed": 0},
     "swarm": {"min_peers": 4, "max_peers": 4},
 }
 
@@ -174,8 +174,8 @@ def main() -> int:
         return "none" if e is None else f"{e:g}"
 
     lines = [
-        f"{args.owners} owners, digits, MLP [64], 10 rounds x 20 local steps, batch 32, Adam 3e-3; sample-level "
-        f"DP-SGD (clip 1.0, delta 1e-5). One process: all the owners' training rows, batch {32 * args.owners}, "
+        f"{args.owners} owners, digits, MLP [64], 10 rounds x 20 local steps, batch 64, Adam 1e-2; sample-level "
+        f"DP-SGD (clip 1.0, delta 1e-5). One process: all the owners' training rows, batch {64 * args.owners}, "
         f"200 steps, Opacus at the same epsilon, scored on the same held-out rows.",
         "",
         "| owners' data | epsilon | secure aggregation | FedProx mu | accuracy | one process | epsilon spent | "
