@@ -47,7 +47,7 @@ from aggregation.credit import leave_one_out_updates
 from aggregation.privacy import PrivacyBudgetError, clip_update, gaussian_noise_like, noise_shares, plan_for
 from aggregation.privacy import private_generator
 from peer import provenance, schedule
-from peer.private_data import owner_split, schema_problem
+from peer.private_data import PrivateDataError, owner_split, schema_problem
 from peer.secure_merge import SecureMerge
 from peer.lr_schedule import lr_for_round
 from peer.verification import banned as verification_banned
@@ -162,6 +162,8 @@ class JobRunner:
             owners = [len(owner_split(rows, fraction, seed)[0]) for rows in self.manifest.owner_rows or []]
             self.own_steps = schedule.owner_local_steps(self.spec.training.local_steps, len(self.own_train), owners)
             self.dp_plan = plan_for(self.spec, len(self.own_train), self.own_steps)
+            if self.dp_plan is not None:  # back after a restart: what it trained before is spent
+                self.rounds_trained = self._rounds_trained_before()
         self.secure = self.federated and self.spec.privacy is not None and self.spec.privacy.secure_aggregation
         self.credit_update_id: str | None = None  # leave-one-out credit: this round's weighted update
 
@@ -427,8 +429,7 @@ class JobRunner:
         if self.federated:  # each owner's update, clipped (and noised, masked) as its privacy asks
             update = outer.pseudo_gradient() if outer is not None else [
                 p.detach() - b for p, b in zip(model.parameters(), base_params)]
-            group, adopted = self._merge_private(r, model, update, averager, trained, samples, steps,
-                                                 base_model_id)
+            group, adopted = self._merge_private(r, model, update, averager, trained, samples, base_model_id)
             if adopted and outer is not None:
                 self._take_outer_state(outer, r, adopted)
             elif not adopted and outer is not None:
@@ -709,7 +710,7 @@ class JobRunner:
         load_model_bytes(model, self.peer.fetch(agreed))
         return sorted(p for p, m in self._state(r).merged.items() if m == agreed), agreed
 
-    def _merge_private(self, r, model, update, averager, trained: set[str], samples: int, steps: int,
+    def _merge_private(self, r, model, update, averager, trained: set[str], samples: int,
                        base_model_id: str) -> tuple[list[str], str | None]:
         """A federated round's merge: ``update`` (each owner's change this round) becomes the
         group's weighted mean update, in place. Peer-level DP clips it and adds this owner's share
@@ -773,6 +774,16 @@ class JobRunner:
             without={member: loss_sum(delta) for member, delta in without.items()}), ttl=RECORD_TTL)
         self._wait_for(lambda: len(round_credits(self.records, self.job, r, group)) >= len(weighted), timeout=30.0)
 
+    def _rounds_trained_before(self) -> int:
+        """The rounds of this job this owner already trained (its own signed records say so): its
+        privacy budget paid for them, whatever this process remembers."""
+        spent = 0
+        for r in range(1, self.spec.training.rounds + 1):
+            mine = [s.body for s in self.records.read(progress_key(self.job.job_id, r), ProgressRecord)
+                    if s.author == self.me]
+            spent += any(p.samples > 0 and p.epsilon_spent is not None for p in mine)
+        return spent
+
     def _own_rows(self) -> tuple[Batches, Batches]:
         """This owner's training and held-out rows of the job's private dataset."""
         name, data = self.manifest.federated, self.spec.data
@@ -783,7 +794,10 @@ class JobRunner:
                                  feature_names=self.manifest.feature_names)
         if problem:
             raise DoesNotFit(f"job {self.job.job_id}: private dataset {name!r} does not fit: {problem}")
-        features, targets = dataset.arrays(data.label_column, self.manifest.classes)
+        try:
+            features, targets = dataset.arrays(data.label_column, self.manifest.classes)
+        except PrivateDataError as e:  # labels the job does not name: not this owner's job
+            raise DoesNotFit(f"job {self.job.job_id}: {e}") from None
         train, held_out = owner_split(len(targets), data.validation_fraction, self.spec.training.seed)
         device = self.peer.device
         return (Batches.from_arrays([(features[train], targets[train])], device),

@@ -131,6 +131,7 @@ class Peer:
     # ---------------------------------------------------------------- what the peer does all day
     def run_forever(self) -> None:
         """Pick a job, work on it to the end, pick the next; until asked to stop."""
+        from aggregation.privacy import PrivacyBudgetError
         from peer.job_runner import (  # imports torch-heavy modules
             Banned, DoesNotFit, JobClosed, JobRunner, JobStopped, Reassigned,
         )
@@ -153,7 +154,7 @@ class Peer:
             except Reassigned as e:
                 logger.info(str(e))
                 next_job = e.target  # the job we left stays open to us: it may need us again later
-            except (JobClosed, Banned, DoesNotFit) as e:
+            except (JobClosed, Banned, DoesNotFit, PrivacyBudgetError) as e:
                 logger.info(str(e))
                 self._finished_jobs.add(job.job_id)
             except Exception:

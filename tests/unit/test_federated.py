@@ -280,3 +280,15 @@ def test_more_useful_data_earns_more_and_random_or_duplicated_data_no_more_than_
     assert earned["twice"] > 1.2 * earned["clean"]
     assert earned["copied"] <= earned["clean"]
     assert earned["random"] < 0.2 * earned["clean"]  # an update that hurts earns (next to) nothing
+
+
+def test_an_owners_steps_follow_its_rows_within_twice_either_way():
+    from peer.schedule import owner_local_steps
+
+    owners = [100, 200, 300, 1000]  # mean 400
+    assert [owner_local_steps(20, rows, owners) for rows in owners] == [10, 10, 15, 40]
+    assert owner_local_steps(20, 400, owners) == 20
+    assert owner_local_steps(20, 400, []) == 20  # no counts recorded: everyone alike
+    # the manifest fixes the counts: the DP plan is set for exactly these steps
+    plans = check_budget(spec(), [400, 1600], [400, 1600])
+    assert [p.steps_per_round for p in plans] == [5, 16] and plans[0].sample_rate > plans[1].sample_rate
