@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STEP_TIMEOUT = 30.0  # seconds to wait for the others' records at each step
+PUBLISH_TRIES = 3
 RECORD_TTL = 3600.0
 NOISE_SIGMAS = 8.0
 MAX_WEIGHT = MAX_SPEED_SKEW  # an owner's work in rounds' worth (peer.schedule.owner_local_steps)  # the quantizer's range covers a noised coordinate to this many standard deviations
@@ -130,9 +131,12 @@ class SecureMerge:
         runner = self.runner
         record = SecAggRecord(peer_id=runner.me, job_id=runner.job.job_id, round=self.r, attempt=attempt, step=step,
                               **fields)
-        if not runner.records.publish(secagg_key(runner.job.job_id, self.r, attempt), record, ttl=RECORD_TTL,
+        for retry in range(PUBLISH_TRIES):  # a store can time out on a loaded box: the others wait on it
+            if runner.records.publish(secagg_key(runner.job.job_id, self.r, attempt), record, ttl=RECORD_TTL,
                                       subkey_prefix=step.encode() + b":"):
-            raise SecureAggregationError(f"the DHT refused our {step} record")
+                return
+            runner.peer.stopping.wait(0.2 * (retry + 1))
+        raise SecureAggregationError(f"the DHT refused our {step} record {PUBLISH_TRIES} times")
 
     def _gather(self, attempt: int, step: str, members: frozenset[str], enough: int | None = None) -> dict:
         """``{peer: record}`` of ``step`` from ``members``: all of them, or what came within the timeout

@@ -29,26 +29,24 @@ def fitting_owners(spec: JobSpec, records: Sequence[PrivateDataRecord]) -> tuple
 
     The feature columns are those most owners have (each owner's columns minus the label): one
     owner with a stray column is left out, it does not change the job for the others."""
-    data = spec.data
-    problems, fits = {}, []
-    for record in records:
-        why = schema_problem(record.columns, data.label_column, feature_names=None)
-        if why:
-            problems[record.peer_id] = why
-        else:
-            fits.append(record)
-    if not fits:
+    label, problems = spec.data.label_column, {}
+
+    def sort_out(candidates, features):
+        fit = []
+        for record in candidates:
+            why = schema_problem(record.columns, label, feature_names=features)
+            if why:
+                problems[record.peer_id] = why
+            else:
+                fit.append(record)
+        return fit
+
+    usable = sort_out(records, None)  # a label, number features: could serve some job
+    if not usable:
         return [], [], problems
-    layouts = Counter(tuple(c for c, _ in r.columns if c != data.label_column) for r in fits)
+    layouts = Counter(tuple(c for c, _ in r.columns if c != label) for r in usable)
     features = list(max(layouts.items(), key=lambda kv: (kv[1], kv[0]))[0])
-    owners = []
-    for record in fits:
-        why = schema_problem(record.columns, data.label_column, feature_names=features)
-        if why:
-            problems[record.peer_id] = why
-        else:
-            owners.append(record)
-    return features, owners, problems
+    return features, sort_out(usable, features), problems
 
 
 def federated_manifest(spec: JobSpec, records: Sequence[PrivateDataRecord]) -> DatasetManifest:
