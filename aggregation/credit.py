@@ -10,12 +10,13 @@ The rule (``aggregation.credit: leave_one_out``):
 2. every member ``v`` scores each of those models on its own held-out rows and publishes only loss
    sums (``CreditRecord``): ``L_v`` for the merge, ``L_v(-u)`` without ``u``;
 3. ``u``'s gain is the drop in the pooled held-out loss its update caused,
-   ``gain_u = (sum_v L_v(-u) - sum_v L_v) / sum_v rows_v``; its share of the round is
-   ``n * max(gain_u, 0) / sum max(gain, 0)`` (``credit_shares``; all shares 1 when no gain is
-   positive: the round says nothing of anyone);
-4. its payout units are ``samples_u * share_u`` (``credited_units``): the round's total stays the
-   samples trained, redistributed towards the updates that helped. An update that hurt (random
-   labels) earns nothing; one from duplicated rows helps no more than the clean rows it copies.
+   ``gain_u = (sum_v L_v(-u) - sum_v L_v) / sum_v rows_v`` over the evaluators ``v != u``
+   (nobody grades its own update: ``credit_gains``);
+4. the round's units (the samples its members trained, ``S_total``) are dealt in proportion to
+   ``samples_u * max(gain_u, 0)`` (``credited_units``): work counts, and so does how much it
+   helped; the round's total never grows. An update that hurt (random labels) earns nothing;
+   one from duplicated rows helps no more than the clean rows it copies. When no gain is
+   positive the round says nothing of anyone, and each member is paid its samples.
 
 Limits: the scores are each owner's own report of its held-out loss (an owner could lie about
 its rows, as it could about its data); the updates are seen by the group (not with secure
@@ -46,20 +47,27 @@ def leave_one_out_updates(weighted: Mapping[str, torch.Tensor], weights: Mapping
     return full, without
 
 
-def credit_shares(members: Sequence[str], scores: Sequence[tuple[int, float, Mapping[str, float]]]) -> dict[str, float]:
-    """Each member's share of the round (mean 1) from the evaluators' ``(rows, loss_sum, without)``."""
-    rows = sum(r for r, _, _ in scores)
+def credit_gains(members: Sequence[str],
+                 scores: Sequence[tuple[str, int, float, Mapping[str, float]]]) -> dict[str, float]:
+    """Each member's gain: the rise in the pooled held-out loss per row when its update is left
+    out, from the evaluators' ``(evaluator, rows, loss_sum, {member: loss_sum without it})``.
+
+    A member's own evaluation of itself does not count: its held-out rows are like its training
+    rows (random labels score random labels well), and nobody should grade its own work."""
     gains = {}
     for m in members:
-        usable = [(loss, without[m]) for r, loss, without in scores if r and m in without]
-        gains[m] = sum(w - loss for loss, w in usable) / rows if rows and usable else 0.0
-    positive = {m: max(g, 0.0) for m, g in gains.items()}
-    total = sum(positive.values())
-    if not total > 0:
-        return {m: 1.0 for m in members}
-    return {m: len(members) * positive[m] / total for m in members}
+        usable = [(r, loss, without[m]) for who, r, loss, without in scores if who != m and r and m in without]
+        rows = sum(r for r, _, _ in usable)
+        gains[m] = sum(w - loss for _, loss, w in usable) / rows if rows else 0.0
+    return gains
 
 
-def credited_units(samples: Mapping[str, int], shares: Mapping[str, float]) -> dict[str, int]:
-    """Payout units: samples weighed by share, rounded down (never more than the samples' total)."""
-    return {m: int(samples[m] * shares.get(m, 1.0)) for m in samples}
+def credited_units(samples: Mapping[str, int], gains: Mapping[str, float]) -> dict[str, int]:
+    """The round's samples dealt in proportion to ``samples x max(gain, 0)``, rounded down (so never
+    more than the samples' total); each member's own samples when no gain is positive."""
+    total = sum(samples.values())
+    worth = {m: samples[m] * max(gains.get(m, 0.0), 0.0) for m in samples}
+    mass = sum(worth.values())
+    if not mass > 0:
+        return dict(samples)
+    return {m: int(total * worth[m] / mass) for m in samples}

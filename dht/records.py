@@ -83,8 +83,9 @@ def credit_key(job_id: str, round_no: int) -> str:
     return f"gpuflex.job.{job_id}.credit.{round_no}"
 
 
-def secagg_key(job_id: str, round_no: int, attempt: int) -> str:
-    return f"gpuflex.job.{job_id}.secagg.{round_no}.{attempt}"
+def secagg_key(job_id: str, round_no: int, attempt: int, stage: str = "update") -> str:
+    """A secure sum's records: the round's update, or (``stage="metrics"``) its pooled validation."""
+    return f"gpuflex.job.{job_id}.secagg.{round_no}.{attempt}" + ("" if stage == "update" else f".{stage}")
 
 
 class _Body(BaseModel):
@@ -138,6 +139,9 @@ class ProgressRecord(_Body):
     # group key: a member still waiting on the failed attempt reads it and follows
     merge_attempt: int = Field(default=0, ge=0)
     epsilon_spent: float | None = Field(default=None, ge=0)  # federated DP: this owner's privacy spent so far
+    # the val_* sums are the whole group's, pooled by a secure sum (the same in every member's
+    # record), not this peer's own: a federated owner's held-out results never leave it alone
+    val_pooled: bool = False
     credit_update_id: str | None = Field(default=None, pattern=SHA256_HEX)  # leave-one-out: its weighted update
     lr: float | None = None  # the learning rate this round trained with (training.schedule)
     samples: int = Field(default=0, ge=0)
@@ -245,6 +249,7 @@ class SecAggRecord(_Body):
     round: int = Field(ge=1)
     attempt: int = Field(ge=0)
     step: Literal["keys", "shares", "reveal"]
+    stage: Literal["update", "metrics"] = "update"  # what is summed: the round's update, or its validation
     cipher_key: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     mask_key: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     seed_commitment: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
@@ -293,7 +298,7 @@ _KEY_PATTERNS = {
     "cancel": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.cancel$"),
     "provider": re.compile(r"gpuflex\.blob\.[0-9a-f]{64}$"),
     "private": re.compile(r"gpuflex\.private\.[A-Za-z0-9_-]{1,64}$"),
-    "secagg": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.secagg\.[0-9]+\.[0-9]+$"),
+    "secagg": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.secagg\.[0-9]+\.[0-9]+(\.metrics)?$"),
     "credit": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.credit\.[0-9]+$"),
 }
 

@@ -48,7 +48,7 @@ from aggregation.privacy import PrivacyBudgetError, clip_update, gaussian_noise_
 from aggregation.privacy import private_generator
 from peer import provenance, schedule
 from peer.private_data import PrivateDataError, owner_split, schema_problem
-from peer.secure_merge import SecureMerge
+from peer.secure_merge import METRIC_RANGE, SecureMerge
 from peer.lr_schedule import lr_for_round
 from peer.verification import banned as verification_banned
 from peer.verification import (
@@ -189,6 +189,10 @@ class JobRunner:
             max_peers=self.spec.swarm.max_peers, reducer=reducer, reducer_options=options,
             compression=agg.compression,
         )
+        # a secure job pools its validation sums by a second, tiny secure sum (loss, correct, rows)
+        self.metrics_averager = self.averager_class(
+            [torch.zeros(4)], self.peer.records.dht, job_id=f"{self.job.job_id}_metrics",
+            max_peers=self.spec.swarm.max_peers, reducer="secure_sum") if self.secure else None
         try:
             base_model_id, loaded_round = self._initial_model_id(model), None
             while True:  # arriving late: start from the swarm's latest merged model
@@ -248,6 +252,8 @@ class JobRunner:
                 self._claim()  # the rounds it did before are paid all the same
         finally:
             averager.shutdown()
+            if self.metrics_averager is not None:
+                self.metrics_averager.shutdown()
 
     def _last_paid_round(self) -> tuple[int, str | None, list[str]]:
         """A paid job cancelled: its result is the last round posted on chain before the cancel
@@ -479,6 +485,8 @@ class JobRunner:
         self.peer.announce([model_id] + ([outer_state_id] if outer_state_id else []))
         if self.federated:  # each owner validates on its own held-out rows
             sums = evaluate(model, self.own_val, task=self.manifest.task, loss=self.loss)
+            if self.secure and len(group) > 1:  # and only the group's pooled sums leave it
+                sums = self._pooled_metrics(r, group, sums)
         else:
             my_val = schedule.assign_shards(self.val_ids, group, seed=t.seed, round_no=r).get(self.me, [])
             sums = evaluate(model, self._load_shards(my_val), task=self.manifest.task, loss=self.loss)
@@ -522,7 +530,7 @@ class JobRunner:
             return set()
         contributions = {p.peer_id: p for p in self._agreed_records(r) if p.samples > 0}
         false_claims = claim_problems(list(contributions.values()), self.train_ids, seed=t.seed, round_no=r,
-                                      local_steps=t.local_steps, batch_size=t.batch_size)
+                                      local_steps=t.local_steps, batch_size=t.batch_size, owner_steps=self.federated)
         for target, why in sorted(false_claims.items()):
             logger.warning(f"job {self.job.job_id}: round {r}: rejected {target}'s contribution: {why}")
         plan = verification_plan(f"{prev_round}|{model_id}", list(contributions), v.fraction, v.verifiers,
@@ -552,7 +560,8 @@ class JobRunner:
         agreed = [p for p in self._agreed_records(r) if p.samples > 0]
         verdicts = [(s.author, s.body) for s in self.records.read(verdict_key(self.job.job_id, r), VerdictRecord)]
         return round_rejections(agreed, verdicts, fraction=v.fraction, verifiers=v.verifiers, train_ids=self.train_ids,
-                                seed=t.seed, round_no=r, local_steps=t.local_steps, batch_size=t.batch_size)
+                                seed=t.seed, round_no=r, local_steps=t.local_steps, batch_size=t.batch_size,
+                                owner_steps=self.federated)
 
     def _reexecute(self, r: int, claim: ProgressRecord) -> VerdictRecord:
         """Train exactly what ``claim`` says it trained and compare with the update it committed."""
@@ -773,6 +782,23 @@ class JobRunner:
             peer_id=self.me, job_id=self.job.job_id, round=r, rows=len(self.own_val), loss_sum=loss_sum(full),
             without={member: loss_sum(delta) for member, delta in without.items()}), ttl=RECORD_TTL)
         self._wait_for(lambda: len(round_credits(self.records, self.job, r, group)) >= len(weighted), timeout=30.0)
+
+    def _pooled_metrics(self, r: int, group: list[str], sums: dict) -> dict:
+        """The group's validation sums, by a secure sum of every member's own: no member's held-out
+        results are seen alone. If the sum fails twice, none are published (rather than ours)."""
+        keys = ("val_loss_sum", "val_correct", "val_rows")
+        for attempt in range(2):
+            vector = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64)  # + the weight: 4 values
+            self.metrics_averager.prepare_round(r, len(group), attempt=attempt)
+            merger = SecureMerge(self, r, self.metrics_averager, [vector], 1.0, bound=METRIC_RANGE, noise_std=0.0,
+                                 gather={"round": r}, stage="metrics")
+            if merger.attempt(attempt, frozenset(group)) is not None:
+                loss_sum, correct, rows = vector.tolist()
+                return {**sums, "val_loss_sum": loss_sum, "val_correct": round(correct), "val_rows": round(rows),
+                        "val_pooled": True}
+        logger.warning(f"job {self.job.job_id}: round {r}: the group's validation could not be pooled securely; "
+                       f"publishing none")
+        return {**{k: 0 for k in sums}, "val_pooled": True}
 
     def _rounds_trained_before(self) -> int:
         """The rounds of this job this owner already trained (its own signed records say so): its

@@ -62,12 +62,12 @@ def contribution_units(paid: dict[str, ProgressRecord], credits=()) -> dict[str,
     """wallet -> the units a round pays: the samples each paid member trained, or, with the
     members' leave-one-out scores (``CreditRecord``s, ``aggregation.credit``), those samples weighed
     by how much each update helped. A member credited nothing is left out of the tree."""
-    from aggregation.credit import credit_shares, credited_units
+    from aggregation.credit import credit_gains, credited_units
 
     samples = {peer: p.samples for peer, p in paid.items()}
-    scores = [(c.rows, c.loss_sum, c.without) for c in credits if c.peer_id in paid]
+    scores = [(c.peer_id, c.rows, c.loss_sum, c.without) for c in credits if c.peer_id in paid]
     if scores:
-        samples = credited_units(samples, credit_shares(sorted(paid), scores))
+        samples = credited_units(samples, credit_gains(sorted(paid), scores))
     return {paid[peer].wallet: units for peer, units in sorted(samples.items()) if units > 0}
 
 

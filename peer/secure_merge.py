@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 STEP_TIMEOUT = 30.0  # seconds to wait for the others' records at each step
 PUBLISH_TRIES = 3
+METRIC_RANGE = float(2**20)  # validation sums (rows, correct, loss) of one owner stay below this
 RECORD_TTL = 3600.0
 NOISE_SIGMAS = 8.0
 MAX_WEIGHT = MAX_SPEED_SKEW  # an owner's work in rounds' worth (peer.schedule.owner_local_steps)  # the quantizer's range covers a noised coordinate to this many standard deviations
@@ -55,9 +56,11 @@ class SecureMerge:
     """The secure merge of one owner in one round; ``attempt`` is the runner's ``merge_once``."""
 
     def __init__(self, runner: "JobRunner", round_no: int, averager, update: Sequence[torch.Tensor], weight: float,
-                 *, bound: float, noise_std: float, gather: dict):
+                 *, bound: float, noise_std: float, gather: dict, stage: str = "update"):
+        """``stage="metrics"``: ``update`` holds validation sums; they become the group's sums
+        (not a weighted mean), and the sum runs to its end once the group formed (no give-up)."""
         self.runner, self.r, self.averager = runner, round_no, averager
-        self.update, self.weight, self.gather = update, weight, gather
+        self.update, self.weight, self.gather, self.stage = update, weight, gather, stage
         self.size = sum(u.numel() for u in update)
         self.bound = bound  # each member's clipped update, before noise
         # a noised coordinate may exceed the clip, and a weight is at most MAX_WEIGHT: the range
@@ -76,7 +79,7 @@ class SecureMerge:
     # ---------------------------------------------------------------- the steps
     def _attempt(self, attempt: int, expected: frozenset[str]) -> dict | None:
         runner, me = self.runner, self.runner.me
-        context = f"gpuflex|{runner.job.job_id}|{self.r}|{attempt}".encode()
+        context = f"gpuflex|{runner.job.job_id}|{self.r}|{attempt}|{self.stage}".encode()
         secrets = MemberSecrets.generate()  # fresh every attempt: a failed one's reveals must not help later
         mine = secrets.public(context)
         self._publish(attempt, "keys", cipher_key=mine.cipher_key.hex(), mask_key=mine.mask_key.hex(),
@@ -99,8 +102,9 @@ class SecureMerge:
         flat = torch.cat([u.detach().reshape(-1).to(torch.float64) * self.weight for u in self.update]
                          + [torch.tensor([self.weight], dtype=torch.float64)])
         wire = as_wire(mask_input(quantizer.encode(flat), me, secrets, roster, context))
+        give_up = (lambda: runner._merge_went_on(self.r, attempt)) if self.stage == "update" else None
         gathered = self.averager.merge([wire], weight=1.0, gather=self.gather, timeout=30.0,
-                                       stop=runner.peer.stopping, give_up=lambda: runner._merge_went_on(self.r, attempt))
+                                       stop=runner.peer.stopping, give_up=give_up)
         if gathered is None:
             return None
         survivors = sorted(gathered)
@@ -118,11 +122,12 @@ class SecureMerge:
         weights = float(summed[-1])
         if not weights > 0:
             raise SecureAggregationError(f"the group's summed weight is {weights:.3g}: nobody trained")
-        mean, offset = summed[:-1] / weights, 0
+        mean, offset = (summed[:-1] / weights if self.stage == "update" else summed[:-1]), 0
         for u in self.update:
             u.copy_(mean[offset: offset + u.numel()].reshape(u.shape).to(u.dtype))
             offset += u.numel()
-        logger.info(f"job {runner.job.job_id}: round {self.r} summed securely by {len(survivors)} of "
+        what = "summed" if self.stage == "update" else "pooled its validation"
+        logger.info(f"job {runner.job.job_id}: round {self.r} {what} securely by {len(survivors)} of "
                     f"{len(roster)} members")
         return gathered
 
@@ -130,9 +135,9 @@ class SecureMerge:
     def _publish(self, attempt: int, step: str, **fields) -> None:
         runner = self.runner
         record = SecAggRecord(peer_id=runner.me, job_id=runner.job.job_id, round=self.r, attempt=attempt, step=step,
-                              **fields)
+                              stage=self.stage, **fields)
         for retry in range(PUBLISH_TRIES):  # a store can time out on a loaded box: the others wait on it
-            if runner.records.publish(secagg_key(runner.job.job_id, self.r, attempt), record, ttl=RECORD_TTL,
+            if runner.records.publish(secagg_key(runner.job.job_id, self.r, attempt, self.stage), record, ttl=RECORD_TTL,
                                       subkey_prefix=step.encode() + b":"):
                 return
             runner.peer.stopping.wait(0.2 * (retry + 1))
@@ -141,12 +146,12 @@ class SecureMerge:
     def _gather(self, attempt: int, step: str, members: frozenset[str], enough: int | None = None) -> dict:
         """``{peer: record}`` of ``step`` from ``members``: all of them, or what came within the timeout
         (at least ``enough`` if given)."""
-        runner, key = self.runner, secagg_key(self.runner.job.job_id, self.r, attempt)
+        runner, key = self.runner, secagg_key(self.runner.job.job_id, self.r, attempt, self.stage)
 
         def read():
             return {s.author: s.body for s in runner.records.read(key, SecAggRecord)
                     if s.body.step == step and s.author in members and s.body.round == self.r
-                    and s.body.attempt == attempt}
+                    and s.body.attempt == attempt and s.body.stage == self.stage}
 
         found = runner._wait_for(lambda: (lambda got: got if set(got) == set(members) else None)(read()),
                                  timeout=STEP_TIMEOUT)

@@ -24,7 +24,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from dht.records import ProgressRecord, VerdictRecord
-from peer.schedule import assign_shards, local_steps_for
+from peer.schedule import MAX_SPEED_SKEW, assign_shards, local_steps_for
 
 
 def _rank(*parts: object) -> bytes:
@@ -77,7 +77,7 @@ def rejected_targets(plan: Mapping[str, Sequence[str]], verdicts: Iterable[tuple
 
 
 def claim_problems(contributions: Sequence[ProgressRecord], train_ids: Sequence[str], *, seed: int,
-                   round_no: int, local_steps: int, batch_size: int) -> dict[str, str]:
+                   round_no: int, local_steps: int, batch_size: int, owner_steps: bool = False) -> dict[str, str]:
     """``{peer: why}`` for contributions whose claim is false on its face, checked by everyone.
 
     No re-run is needed to see these: the round's deal (shards and steps) is a pure function of
@@ -89,6 +89,10 @@ def claim_problems(contributions: Sequence[ProgressRecord], train_ids: Sequence[
     These checks need the group to agree on the roster and speeds. Peers read the DHT at slightly
     different moments, so a peer joining at a round boundary can leave honest members with
     different rosters (and deals); then only a bound of the group's total steps is checked.
+
+    ``owner_steps``: a federated job, whose owners train on their own rows (no shards dealt) for
+    steps that follow their rows (``schedule.owner_local_steps``): each is held to the most any
+    owner is given, ``MAX_SPEED_SKEW x local_steps``.
     """
     views = {(tuple(p.roster), tuple(sorted(p.speeds.items()))) for p in contributions}
     roster, speeds = (list(views.pop()[0]), contributions[0].speeds) if len(views) == 1 else ([], {})
@@ -98,7 +102,9 @@ def claim_problems(contributions: Sequence[ProgressRecord], train_ids: Sequence[
     problems = {}
     for p in contributions:
         dealt = deal.get(p.peer_id, []) + extra.get(p.peer_id, [])
-        if roster:
+        if owner_steps:
+            steps = int(MAX_SPEED_SKEW * local_steps)
+        elif roster:
             steps = local_steps_for(p.peer_id, deal, local_steps, bool(speeds))
         else:  # no agreed deal: a speed deal gives one peer at most the whole swarm's steps
             steps = local_steps * max(1, len(p.roster)) if p.speeds else local_steps
@@ -113,7 +119,7 @@ def claim_problems(contributions: Sequence[ProgressRecord], train_ids: Sequence[
 
 def round_rejections(contributions: Sequence[ProgressRecord], verdicts: Iterable[tuple[str, VerdictRecord]], *,
                      fraction: float, verifiers: int, train_ids: Sequence[str], seed: int, round_no: int,
-                     local_steps: int, batch_size: int) -> set[str]:
+                     local_steps: int, batch_size: int, owner_steps: bool = False) -> set[str]:
     """The round's rejected contributors: false claims (:func:`claim_problems`, every contribution)
     and contributions a strict majority of their drawn verifiers rejected. ``contributions``: the
     agreed group's merged records with samples; the same answer on every peer and for the consumer."""
@@ -123,7 +129,7 @@ def round_rejections(contributions: Sequence[ProgressRecord], verdicts: Iterable
     plan = verification_plan(f"{first.prev_round}|{first.model_id}", [p.peer_id for p in contributions], fraction,
                              verifiers, devices={p.peer_id: p.device for p in contributions})
     problems = claim_problems(contributions, train_ids, seed=seed, round_no=round_no, local_steps=local_steps,
-                              batch_size=batch_size)
+                              batch_size=batch_size, owner_steps=owner_steps)
     return rejected_targets(plan, verdicts) | set(problems)
 
 

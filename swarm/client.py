@@ -109,19 +109,35 @@ class Unfunded(GPUFlexError):
     """The consumer's wallet holds less GPUX than the budget to escrow."""
 
 
-def price_per_sample(spec: JobSpec, budget: float) -> tuple[int, int, int]:
+def most_samples(spec: JobSpec, manifest=None) -> int:
+    """The most samples a job may train: every peer it may have (``max_peers``), every round. A
+    federated owner's steps follow its rows (``schedule.owner_local_steps``): with the manifest's
+    owners, the ``max_peers`` largest owners' steps; before it is known, twice ``local_steps`` each."""
+    from peer.private_data import owner_split
+    from peer.schedule import MAX_SPEED_SKEW, owner_local_steps
+
+    t, peers = spec.training, spec.swarm.max_peers
+    if spec.data.federated is None:
+        return t.rounds * t.local_steps * t.batch_size * peers
+    if manifest is None or not manifest.owner_rows:
+        return int(t.rounds * MAX_SPEED_SKEW * t.local_steps * t.batch_size * peers)
+    rows = [len(owner_split(n, spec.data.validation_fraction, t.seed)[0]) for n in manifest.owner_rows]
+    steps = sorted((owner_local_steps(t.local_steps, n, rows) for n in rows), reverse=True)[:peers]
+    return t.rounds * t.batch_size * sum(steps)
+
+
+def price_per_sample(spec: JobSpec, budget: float, manifest=None) -> tuple[int, int, int]:
     """(budget, price per sample, most samples) in base units: the budget must cover every peer the
     job may have (``max_peers``) for all its rounds, at least one base unit a sample."""
     from ledger.chain import GPUX
 
-    t = spec.training
-    most_samples = t.rounds * t.local_steps * t.batch_size * spec.swarm.max_peers
+    most_samples_ = most_samples(spec, manifest)
     base_units = int(round(budget * GPUX))
-    price = base_units // most_samples
+    price = base_units // most_samples_
     if price <= 0:
-        raise BudgetTooSmall(f"--budget {budget} GPUX is too small for {most_samples:,} samples "
-                             f"(at least {most_samples / GPUX:.18f} GPUX: one base unit a sample)")
-    return base_units, price, most_samples
+        raise BudgetTooSmall(f"--budget {budget} GPUX is too small for {most_samples_:,} samples "
+                             f"(at least {most_samples_ / GPUX:.18f} GPUX: one base unit a sample)")
+    return base_units, price, most_samples_
 
 
 def check_funding(spec: JobSpec, budget: float, ledger) -> None:
@@ -135,7 +151,7 @@ def check_funding(spec: JobSpec, budget: float, ledger) -> None:
                        f"{budget:,.6f} GPUX: fund it first (gpuflex wallet faucet on a dev chain)")
 
 
-def open_escrow(spec: JobSpec, dataset_id: str, budget: float, ledger, deadline_hours: float) -> dict:
+def open_escrow(spec: JobSpec, dataset_id: str, budget: float, ledger, deadline_hours: float, manifest=None) -> dict:
     """Escrow ``budget`` GPUX for a job (one permit transaction); returns what the job record names.
 
     A work unit is one training sample; its price is set so the budget covers every peer the job
@@ -143,7 +159,7 @@ def open_escrow(spec: JobSpec, dataset_id: str, budget: float, ledger, deadline_
     """
     from ledger.signing import job_key
 
-    base_units, price_per_unit, _ = price_per_sample(spec, budget)
+    base_units, price_per_unit, _ = price_per_sample(spec, budget, manifest)
     key = job_key(f"{dataset_id}:{ledger.address}:{time.time_ns()}")
     deadline = ledger.chain_time() + int(deadline_hours * 3600)
     ledger.open_job(key, base_units, price_per_unit, deadline)
@@ -260,7 +276,7 @@ class Client:
             public["model"]["init_from"] = BLOB_REF + init[0]
         escrow = None
         if budget is not None:  # a paid job: the budget is escrowed on chain before the job is announced
-            escrow = open_escrow(spec, manifest.dataset_id, budget, ledger, deadline_hours)
+            escrow = open_escrow(spec, manifest.dataset_id, budget, ledger, deadline_hours, manifest)
         consumer = public_key_hex(load_or_create_consumer_key(self.consumer_key))
         job_id = self.loop.run(send_submission(self.p2p, self.peer_id, public, manifest.to_bytes(), blobs, escrow,
                                                consumer_key=consumer), timeout=600)
@@ -462,7 +478,8 @@ class Client:
         verdicts = [(s.author, s.body) for s in self.records.read(verdict_key(job.job_id, r), VerdictRecord)]
         return round_rejections(agreed, verdicts, fraction=v.fraction, verifiers=v.verifiers,
                                 train_ids=self._train_ids[job.dataset_id], seed=t.seed, round_no=r,
-                                local_steps=t.local_steps, batch_size=t.batch_size)
+                                local_steps=t.local_steps, batch_size=t.batch_size,
+                                owner_steps=spec.data.federated is not None)
 
     # ---------------------------------------------------------------- ratings
     def rate(self, job_id: str, stars: int, comment: str = "") -> RatingRecord:

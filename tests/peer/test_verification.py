@@ -197,3 +197,15 @@ def test_a_deal_that_follows_speed_bounds_each_claim_by_its_own_steps():
     # one member claiming other speeds than the group's: no agreed deal, only the loose bound
     mixed = _claims(pa={"shards": deal["pa"], "speeds": speeds, "samples": 960})
     assert claim_problems(mixed, SHARDS, seed=0, round_no=3, local_steps=10, batch_size=64) == {}
+
+
+def test_a_federated_owner_is_held_to_the_most_any_owner_trains():
+    """Owners train steps that follow their rows (up to 2x local_steps), on no shards: a big owner's
+    honest claim passes, one beyond what any owner is given does not."""
+    big = _claims(pa={"samples": 2 * 10 * 64, "shards": []}, pb={"samples": 640, "shards": []},
+                  pc={"samples": 320, "shards": []})
+    assert claim_problems(big, [], seed=0, round_no=3, local_steps=10, batch_size=64, owner_steps=True) == {}
+    assert claim_problems(big, [], seed=0, round_no=3, local_steps=10, batch_size=64) != {}  # open-job bound
+    greedy = _claims(pa={"samples": 2 * 10 * 64 + 64, "shards": []}, pb={"shards": []}, pc={"shards": []})
+    assert claim_problems(greedy, [], seed=0, round_no=3, local_steps=10, batch_size=64, owner_steps=True) == {
+        "pa": "claims 1344 samples, a round holds at most 1280"}

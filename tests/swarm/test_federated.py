@@ -96,6 +96,10 @@ def test_two_owners_train_a_federated_job_and_no_row_of_theirs_leaves_them(local
             progress = client.records.read(progress_key(job_id, r), ProgressRecord)
             assert {s.author for s in progress} == owner_ids
             assert all(s.body.shards == [] and s.body.update_id for s in progress)
+            # each owner's record holds the group's pooled validation, not its own
+            pooled = {(s.body.val_rows, s.body.val_correct, s.body.val_loss_sum) for s in progress}
+            assert all(s.body.val_pooled for s in progress) and len(pooled) == 1
+            assert next(iter(pooled))[0] == 360  # both owners' held-out rows
             # the attempt that summed (a failed one, retried, stops before its reveals) went through all steps
             steps = [{s.body.step for s in client.records.read(secagg_key(job_id, r, a), SecAggRecord)}
                      for a in range(MAX_ATTEMPTS)]
@@ -199,13 +203,17 @@ def _owners_seen(local_swarm) -> int:
 
 
 def test_a_paid_federated_job_pays_by_leave_one_out_credit(local_swarm, tmp_path):
-    """Three owners, one of them holding random labels, a paid job with credit leave_one_out and
-    no secure aggregation: every round's tree is the samples weighed by the group's scores, the
-    owner whose update hurt is paid (next to) nothing, and the consumer's loss is the owners' gain."""
+    """Three owners: one with half the digits, one with a quarter, one with a quarter whose labels
+    are random; a paid job with credit leave_one_out and no secure aggregation. The big owner trains
+    twice the steps (its steps follow its rows) and is not rejected for it; every round's tree is
+    the samples weighed by the group's scores; the big owner earns the most, the owner whose
+    update hurt (next to) nothing, and nobody is paid more than the samples trained."""
     from ledger.chain import GPUX
     from ledger.wallet import keyfile_address
 
-    owners = write_owner_splits(tmp_path / "owners", 3)
+    half = write_owner_splits(tmp_path / "halves", 2)[0]
+    quarters = write_owner_splits(tmp_path / "quarters", 4)
+    owners = [half, quarters[2], quarters[3]]
     noisy = tmp_path / "noisy.csv"
     rng = np.random.default_rng(0)
     with open(owners[2]) as src, open(noisy, "w", newline="") as dst:
@@ -242,5 +250,7 @@ def test_a_paid_federated_job_pays_by_leave_one_out_credit(local_swarm, tmp_path
         assert amount == price * sum(t.contributions.get(wallet, 0) for t in trees.values())
     units = [sum(t.contributions.get(w, 0) for t in trees.values()) for w in wallets]
     assert sum(units) <= sum(samples.values())  # credit moves pay between owners, never adds to it
-    assert earned[2] < 0.25 * min(earned[:2]), earned  # the random labels' update hurt: it earns next to nothing
+    assert earned[0] > earned[1], earned  # twice the rows: twice the work, and it helped more
+    assert earned[2] < 0.25 * earned[1], earned  # the random labels' update hurt: it earns next to nothing
+    assert samples[keyfile_address(local_swarm.wallets[0])] == 2 * samples[keyfile_address(local_swarm.wallets[1])]
     assert before - ledger.balance(consumer) == 100 * GPUX  # escrowed; what was not earned is refundable

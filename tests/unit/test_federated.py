@@ -200,19 +200,25 @@ def test_fedprox_pulls_local_training_towards_the_rounds_model():
 
 
 def test_leave_one_out_takes_each_member_out_of_the_weighted_mean():
-    from aggregation.credit import credit_shares, credited_units, leave_one_out_updates
+    from aggregation.credit import credit_gains, credited_units, leave_one_out_updates
 
     weighted = {"a": torch.tensor([2.0, 0.0]), "b": torch.tensor([0.0, 1.0]), "c": torch.tensor([1.0, 1.0])}
     weights = {"a": 1.0, "b": 0.5, "c": 0.5}
     full, without = leave_one_out_updates(weighted, weights)
     assert full.tolist() == [1.5, 1.0]
     assert without["a"].tolist() == [1.0, 2.0] and without["b"].tolist() == [2.0, 2 / 3]
-    # gains from two evaluators: a helped (its removal costs loss), b did nothing, c hurt
-    scores = [(10, 5.0, {"a": 7.0, "b": 5.0, "c": 4.0}), (30, 15.0, {"a": 17.0, "b": 15.0, "c": 14.0})]
-    shares = credit_shares(["a", "b", "c"], scores)
-    assert shares == pytest.approx({"a": 3.0, "b": 0.0, "c": 0.0})
-    assert credited_units({"a": 640, "b": 640, "c": 640}, shares) == {"a": 1920, "b": 0, "c": 0}
-    assert credit_shares(["a", "b"], [(10, 5.0, {"a": 4.0, "b": 5.0})]) == {"a": 1.0, "b": 1.0}  # no evidence
+    # scored by the others: a helped (its removal costs loss), b did nothing, c hurt; what a member
+    # says of itself does not count (c claims its removal would cost a lot)
+    scores = [("a", 10, 5.0, {"a": 9.0, "b": 5.0, "c": 4.0}), ("b", 30, 15.0, {"a": 17.0, "b": 15.0, "c": 14.0}),
+              ("c", 10, 5.0, {"a": 7.0, "b": 5.0, "c": 50.0})]
+    gains = credit_gains(["a", "b", "c"], scores)
+    assert gains == pytest.approx({"a": 0.1, "b": 0.0, "c": -0.05})
+    assert credited_units({"a": 640, "b": 640, "c": 640}, gains) == {"a": 1920, "b": 0, "c": 0}
+    # work counts too: twice the samples at the same gain, twice the units; the total stays
+    assert credited_units({"a": 1280, "b": 640}, {"a": 0.1, "b": 0.1}) == {"a": 1280, "b": 640}
+    assert credited_units({"a": 1280, "b": 640}, {"a": 0.05, "b": 0.1}) == {"a": 960, "b": 960}
+    no_evidence = credit_gains(["a", "b"], [("a", 10, 5.0, {"a": 4.0, "b": 5.0})])
+    assert credited_units({"a": 640, "b": 320}, no_evidence) == {"a": 640, "b": 320}
 
 
 def test_more_useful_data_earns_more_and_random_or_duplicated_data_no_more_than_clean(digits_csv):
@@ -222,7 +228,7 @@ def test_more_useful_data_earns_more_and_random_or_duplicated_data_no_more_than_
     member is scored on held-out rows; what each earns is its samples times its share."""
     import numpy as np
 
-    from aggregation.credit import credit_shares, credited_units, leave_one_out_updates
+    from aggregation.credit import credit_gains, credited_units, leave_one_out_updates
     from peer.local_training import evaluate, loss_fn, make_optimizer, round_generator
     from peer.schedule import owner_local_steps
     from swarm.catalog import build_model
@@ -274,7 +280,7 @@ def test_more_useful_data_earns_more_and_random_or_duplicated_data_no_more_than_
 
         loo = {m: score(d) for m, d in without.items()}
         merged = score(full)  # the model moves on to the round's merge
-        units = credited_units(samples, credit_shares(sorted(owners), [(len(held_out), merged, loo)]))
+        units = credited_units(samples, credit_gains(sorted(owners), [("referee", len(held_out), merged, loo)]))
         for m, u in units.items():
             earned[m] += u
     assert earned["twice"] > 1.2 * earned["clean"]
@@ -292,3 +298,17 @@ def test_an_owners_steps_follow_its_rows_within_twice_either_way():
     # the manifest fixes the counts: the DP plan is set for exactly these steps
     plans = check_budget(spec(), [400, 1600], [400, 1600])
     assert [p.steps_per_round for p in plans] == [5, 16] and plans[0].sample_rate > plans[1].sample_rate
+
+
+def test_pooled_validation_is_counted_once_not_once_per_member():
+    from dht.records import ProgressRecord
+    from swarm.report import val_metrics
+
+    def merged(peer, pooled, rows, correct, loss):
+        return ProgressRecord(peer_id=peer, job_id="0" * 24, round=1, phase="merged", time=0.0, val_pooled=pooled,
+                              val_rows=rows, val_correct=correct, val_loss_sum=loss)
+
+    pooled = [merged(p, True, 360, 324, 72.0) for p in ("a", "b", "c")]  # every member holds the group's sums
+    assert val_metrics("classification", pooled) == {"val_rows": 360, "val_loss": 0.2, "val_accuracy": 0.9}
+    own = [merged("a", False, 100, 90, 20.0), merged("b", False, 260, 234, 52.0)]  # open: each its own part
+    assert val_metrics("classification", own) == {"val_rows": 360, "val_loss": 0.2, "val_accuracy": 0.9}
