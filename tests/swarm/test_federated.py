@@ -254,3 +254,31 @@ def test_a_paid_federated_job_pays_by_leave_one_out_credit(local_swarm, tmp_path
     assert earned[2] < 0.25 * earned[1], earned  # the random labels' update hurt: it earns next to nothing
     assert samples[keyfile_address(local_swarm.wallets[0])] == 2 * samples[keyfile_address(local_swarm.wallets[1])]
     assert before - ledger.balance(consumer) == 100 * GPUX  # escrowed; what was not earned is refundable
+
+
+def test_peer_level_dp_accounts_every_round_and_says_what_it_protects(local_swarm, tmp_path):
+    """DP-FedAvg under secure aggregation on three owners: each owner's epsilon after each round is
+    the accountant's for that many rounds, the last within the budget, and the report says the
+    guarantee covers one owner's whole dataset."""
+    from aggregation.privacy import plan_for
+    from swarm.spec import JobSpec
+
+    owners = write_owner_splits(tmp_path / "owners", 3)
+    for path in owners:
+        local_swarm.start_peer("--private-data", f"digits={path}")
+    job_file = federated_job(tmp_path, training={"rounds": 3}, swarm={"min_peers": 3},
+                             privacy={"dp": {"level": "peer", "epsilon": 8.0, "max_grad_norm": 0.5},
+                                      "secure_aggregation": True})
+    job_id = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0]).stdout.strip()
+    local_swarm.wait_for(lambda: local_swarm.status(job_id)["state"] == "finished", timeout=300, what="the job")
+    out = tmp_path / "out"
+    local_swarm.cli("job", "result", job_id, "--peer", local_swarm.maddrs[1], "-o", str(out))
+    report = json.loads((out / "report.json").read_text())
+    plan = plan_for(JobSpec.from_dict(yaml.safe_load(Path(job_file).read_text())), 480)
+    for r, summary in enumerate(report["rounds"], start=1):
+        assert len(summary["epsilon_by_peer"]) == 3
+        assert all(eps == pytest.approx(plan.epsilon_after(r), rel=1e-6) for eps in summary["epsilon_by_peer"].values())
+    assert report["privacy"]["epsilon_spent"] <= 8.0
+    assert "differential privacy for one owner's whole dataset" in report["privacy"]["guarantee"]
+    for index in range(3):
+        assert "round 3 summed securely by 3 of 3 members" in (local_swarm.root / f"peer{index}.log").read_text()
