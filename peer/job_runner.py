@@ -460,8 +460,8 @@ class JobRunner:
         seconds_waiting = merge_started - wait_started
         timings = averager.last_timings if len(group) > 1 else None
         seconds_matchmaking = timings.matchmaking if timings else 0.0
-        if adopted:  # our update is not in the model we adopted: our shards are owed to the next round
-            mine, samples, update_id = [], 0, None
+        if adopted and self.me not in group:  # our update is not in the model we adopted: our shards
+            mine, samples, update_id = [], 0, None  # are owed to the next round
         if len(group) > 1:
             metrics.allreduce_seconds.observe(seconds_merging)
             metrics.matchmaking_seconds.observe(seconds_matchmaking)
@@ -497,7 +497,8 @@ class JobRunner:
             optimizer_state_id=optimizer_state_id, resume_state_id=resume_state_id, outer_state_id=outer_state_id,
             seconds_training=seconds_training, started=round_started, lr=lr,
             seconds_merging=seconds_merging, seconds_waiting=seconds_waiting, seconds_matchmaking=seconds_matchmaking,
-            epsilon_spent=epsilon, credit_update_id=self.credit_update_id if not adopted else None, **sums,
+            epsilon_spent=epsilon, credit_update_id=self.credit_update_id if not adopted or self.me in group else None,
+            **sums,
         )
         metrics.rounds.labels(job).inc()
         self.last_merged = (r, model_id, group)
@@ -717,6 +718,16 @@ class JobRunner:
         if agreed is None:
             return [self.me], None
         load_model_bytes(model, self.peer.fetch(agreed))
+        # The others' all-reduce may have succeeded with us in it (ours failed only on the way back:
+        # a reducer's averaged part never reached us). Then our update is in the model we adopt:
+        # we are in the group its records name, and our shards are done, not owed (re-dealing them
+        # would train them twice, and pay for them twice).
+        records = [s.body for s in self.records.read(progress_key(self.job.job_id, r), ProgressRecord)
+                   if s.body.phase == "merged" and s.body.model_id == agreed]
+        their_group = Counter(tuple(sorted(p.group)) for p in records).most_common(1)[0][0] if records else ()
+        if self.me in their_group:
+            logger.info(f"job {self.job.job_id}: round {r}: the group merged with our update in it")
+            return list(their_group), agreed
         return sorted(p for p, m in self._state(r).merged.items() if m == agreed), agreed
 
     def _merge_private(self, r, model, update, averager, trained: set[str], samples: int,

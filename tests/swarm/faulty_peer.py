@@ -25,6 +25,7 @@ class Fault(enum.Enum):
     POISON_UPDATE = "train honestly, then send the update sign-flipped and scaled 10x (verifies honestly)"
     MISS_GROUP_START = "once: not hear that its group began (the leader counts it in, it keeps looking for one)"
     KILL_AFTER_MASKING = "secure aggregation: die right after dealing its shares, before its masked input is sent"
+    LOSE_AVERAGED_PART = "once: its all-reduce fails on the way back, after the others got everything it sent"
 
 
 def crash() -> None:
@@ -137,6 +138,21 @@ def install(fault: Fault, at_round: int) -> None:
             return group
 
         Matchmaking.look_for_group = look_on_after_the_group_formed
+    elif fault is Fault.LOSE_AVERAGED_PART:
+        from hivemind.averaging.partition import AllreduceException
+
+        lost = []
+
+        class LosingAverager(RoundAverager):
+            async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+                _, _, mine = self.serializer.loads(group_info.gathered[group_info.peer_ids.index(self.peer_id)])
+                await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
+                if self.serializer.loads(mine)["round"] >= at_round and not lost:
+                    lost.append(True)  # everyone else ends the round merged, with our update in it
+                    raise AllreduceException("an averaged part never came back (injected)")
+
+        LosingAverager.__name__ = LosingAverager.__qualname__ = RoundAverager.__name__
+        job_runner.JobRunner.averager_class = LosingAverager
     else:
         class DyingAverager(RoundAverager):
             async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):

@@ -89,6 +89,25 @@ def test_a_member_that_missed_its_group_start_is_brought_into_the_retry(local_sw
     assert [sum(r["shards"].values()) for r in rounds] == [count_train_shards(job_file)] * 5
 
 
+def test_a_member_whose_merge_failed_after_the_others_got_its_update_is_not_trained_twice(
+        local_swarm, digits_job, tmp_path):
+    """The others' all-reduce succeeded with this member in it; its own failed on the way back. It
+    adopts their model, which holds its update: its shards are done (not dealt again), its work
+    counts in the round."""
+    for _ in range(2):
+        local_swarm.start_peer()
+    local_swarm.start_peer(command=[*FAULTY_PEER, "LOSE_AVERAGED_PART", "2"])
+    job_file = digits_job(training={"rounds": 4})
+    job_id = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0]).stdout.strip()
+    report = finish_and_fetch(local_swarm, job_id, tmp_path / "out")
+
+    assert logged(local_swarm, 2, r"round 2: the group merged with our update in it")
+    rounds = report["rounds"]
+    assert all(len(r["peers_done"]) == 3 for r in rounds)
+    assert all(len(r["samples_by_peer"]) == 3 and all(r["samples_by_peer"].values()) for r in rounds)
+    assert [sum(r["shards"].values()) for r in rounds] == [count_train_shards(job_file)] * 4  # none twice
+
+
 def test_sigterm_hands_the_round_back_and_exits_within_ten_seconds(local_swarm, digits_job, tmp_path):
     for _ in range(3):
         local_swarm.start_peer()
