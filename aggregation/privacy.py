@@ -87,15 +87,11 @@ def check_budget(spec, owner_rows: Sequence[int], all_owner_rows: Sequence[int] 
     (one line) if any cannot meet the budget."""
     if spec.privacy is None or spec.privacy.dp is None:
         return []
-    from peer.private_data import owner_split
-    from peer.schedule import owner_local_steps
+    from peer.private_data import owner_steps, training_rows
 
-    def train_rows(rows):
-        return len(owner_split(rows, spec.data.validation_fraction, 0)[0])
-
-    everyone = [train_rows(r) for r in (all_owner_rows or owner_rows)]
-    return [plan_for(spec, train_rows(rows), owner_local_steps(spec.training.local_steps, train_rows(rows), everyone))
-            for rows in owner_rows]
+    fraction, everyone = spec.data.validation_fraction, all_owner_rows or owner_rows
+    return [plan_for(spec, training_rows(rows, fraction),
+                     owner_steps(spec.training.local_steps, rows, everyone, fraction)) for rows in owner_rows]
 
 
 def noise_shares(spec, group_size: int) -> int:
@@ -117,12 +113,12 @@ def clip_update(tensors: Sequence[torch.Tensor], max_norm: float) -> tuple[list[
 
 def gaussian_noise_like(tensors: Sequence[torch.Tensor], std: float) -> list[torch.Tensor]:
     """Fresh N(0, std^2) noise shaped like ``tensors``, seeded from the OS's entropy."""
-    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
+    generator = private_generator()
     return [torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.dtype) * std for t in tensors]
 
 
 def private_generator() -> torch.Generator:
-    """For DP-SGD's noise: seeded from the OS's entropy, not from anything public."""
+    """For DP noise: seeded from the OS's entropy, not from anything public."""
     return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
 
 

@@ -47,7 +47,7 @@ from aggregation.credit import leave_one_out_updates
 from aggregation.privacy import PrivacyBudgetError, clip_update, gaussian_noise_like, noise_shares, plan_for
 from aggregation.privacy import private_generator
 from peer import provenance, schedule
-from peer.private_data import PrivateDataError, owner_split, schema_problem
+from peer.private_data import PrivateDataError, owner_split, owner_steps, schema_problem
 from peer.secure_merge import METRIC_RANGE, SecureMerge
 from peer.lr_schedule import lr_for_round
 from peer.verification import banned as verification_banned
@@ -158,9 +158,9 @@ class JobRunner:
         self.own_steps = self.spec.training.local_steps  # a federated owner's: in proportion to its rows
         if self.federated:
             self.own_train, self.own_val = self._own_rows()
-            fraction, seed = self.spec.data.validation_fraction, self.spec.training.seed
-            owners = [len(owner_split(rows, fraction, seed)[0]) for rows in self.manifest.owner_rows or []]
-            self.own_steps = schedule.owner_local_steps(self.spec.training.local_steps, len(self.own_train), owners)
+            own_rows = self.peer.private_data[self.manifest.federated].rows
+            self.own_steps = owner_steps(self.spec.training.local_steps, own_rows, self.manifest.owner_rows or [],
+                                         self.spec.data.validation_fraction)
             self.dp_plan = plan_for(self.spec, len(self.own_train), self.own_steps)
             if self.dp_plan is not None:  # back after a restart: what it trained before is spent
                 self.rounds_trained = self._rounds_trained_before()
@@ -359,6 +359,9 @@ class JobRunner:
             raise JobCancelled(f"job {self.job.job_id}: cancelled by its consumer, stopping before round {r}")
         if self.payouts is not None and (closed := escrow_closed(self.job, self.peer.ledger)):
             raise JobClosed(f"job {self.job.job_id}: escrow {closed}, stopping before round {r}")
+        if self.dp_plan is not None and self.rounds_trained >= t.rounds:  # before we join: nobody waits for us
+            raise PrivacyBudgetError(f"job {self.job.job_id}: this owner has trained {self.rounds_trained} rounds, "
+                                     f"all its privacy budget pays for: not training round {r}")
         round_started = time.time()
         self._publish_progress(r, "joined", base_model_id=base_model_id)
         roster = self._wait_for_roster(r, previous_group, swarm.min_peers)
@@ -380,9 +383,6 @@ class JobRunner:
             peer_id=self.me, job_id=self.job.job_id, round=r, shards=mine, roster=sorted(roster),
         ))  # renewed by the heartbeat
         data = self.own_train if self.federated else self._load_shards(mine)
-        if self.dp_plan is not None and self.rounds_trained >= t.rounds:
-            raise PrivacyBudgetError(f"job {self.job.job_id}: this owner has trained {self.rounds_trained} rounds, "
-                                     f"all its privacy budget pays for: not training round {r}")
         base_params = [p.detach().clone() for p in model.parameters()] if self.federated else None
 
         # this round's learning rate (the same on every peer), set before the state is committed,
@@ -722,13 +722,13 @@ class JobRunner:
         # a reducer's averaged part never reached us). Then our update is in the model we adopt:
         # we are in the group its records name, and our shards are done, not owed (re-dealing them
         # would train them twice, and pay for them twice).
-        records = [s.body for s in self.records.read(progress_key(self.job.job_id, r), ProgressRecord)
-                   if s.body.phase == "merged" and s.body.model_id == agreed]
-        their_group = Counter(tuple(sorted(p.group)) for p in records).most_common(1)[0][0] if records else ()
+        on_agreed = [s.body for s in self.records.read(progress_key(self.job.job_id, r), ProgressRecord)
+                     if s.body.phase == "merged" and s.body.model_id == agreed]
+        their_group = Counter(tuple(sorted(p.group)) for p in on_agreed).most_common(1)[0][0] if on_agreed else ()
         if self.me in their_group:
             logger.info(f"job {self.job.job_id}: round {r}: the group merged with our update in it")
             return list(their_group), agreed
-        return sorted(p for p, m in self._state(r).merged.items() if m == agreed), agreed
+        return sorted(p.peer_id for p in on_agreed), agreed
 
     def _merge_private(self, r, model, update, averager, trained: set[str], samples: int,
                        base_model_id: str) -> tuple[list[str], str | None]:

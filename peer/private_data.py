@@ -127,8 +127,23 @@ def owner_split(rows: int, validation_fraction: float, seed: int) -> tuple[np.nd
     """(train rows, held-out rows) of an owner's dataset: a seeded shuffle, at least one row each
     when there are two or more."""
     order = np.random.default_rng(seed).permutation(rows)
-    held_out = min(max(1, round(rows * validation_fraction)), rows - 1) if rows > 1 else 0
+    held_out = rows - training_rows(rows, validation_fraction)
     return np.sort(order[held_out:]), np.sort(order[:held_out])
+
+
+def training_rows(rows: int, validation_fraction: float) -> int:
+    """How many of an owner's ``rows`` it trains on (``owner_split``'s count, without the shuffle)."""
+    return rows - (min(max(1, round(rows * validation_fraction)), rows - 1) if rows > 1 else 0)
+
+
+def owner_steps(local_steps: int, own_rows: int, owner_rows: Sequence[int], validation_fraction: float) -> int:
+    """An owner's steps per round from its advertised rows among the job's owners' (the manifest's
+    ``owner_rows``): ``schedule.owner_local_steps`` on their training rows. The runner, the privacy
+    budget and the escrow all count an owner's work with this."""
+    from peer.schedule import owner_local_steps
+
+    return owner_local_steps(local_steps, training_rows(own_rows, validation_fraction),
+                             [training_rows(n, validation_fraction) for n in owner_rows])
 
 
 def _label(cell: str) -> str:

@@ -61,12 +61,11 @@ class SecureMerge:
         (not a weighted mean), and the sum runs to its end once the group formed (no give-up)."""
         self.runner, self.r, self.averager = runner, round_no, averager
         self.update, self.weight, self.gather, self.stage = update, weight, gather, stage
-        self.size = sum(u.numel() for u in update)
-        self.bound = bound  # each member's clipped update, before noise
-        # a noised coordinate may exceed the clip, and a weight is at most MAX_WEIGHT: the range
-        # (and the sum's bound) allow for both
+        size = sum(u.numel() for u in update)
+        # ``bound``: each member's clipped update, before noise. A noised coordinate may exceed it,
+        # and a weight is at most MAX_WEIGHT: the range (and the sum's bound) allow for both
         self.clip = MAX_WEIGHT * max(1.0, bound + NOISE_SIGMAS * noise_std)  # the weight coordinate too
-        self.summand_norm = MAX_WEIGHT * (bound + 2.0 * noise_std * math.sqrt(self.size) + 1.0)
+        self.summand_norm = MAX_WEIGHT * (bound + 2.0 * noise_std * math.sqrt(size) + 1.0)
 
     def attempt(self, attempt: int, expected: frozenset[str]) -> dict | None:
         try:
@@ -153,9 +152,11 @@ class SecureMerge:
                     if s.body.step == step and s.author in members and s.body.round == self.r
                     and s.body.attempt == attempt and s.body.stage == self.stage}
 
-        found = runner._wait_for(lambda: (lambda got: got if set(got) == set(members) else None)(read()),
-                                 timeout=STEP_TIMEOUT)
-        found = found or read()
+        def everyone():
+            got = read()
+            return got if set(got) == set(members) else None
+
+        found = runner._wait_for(everyone, timeout=STEP_TIMEOUT) or read()
         if enough is not None and len(found) < enough:
             raise SecureAggregationError(f"{len(found)} of {len(members)} members published their {step}, "
                                          f"{enough} are needed")

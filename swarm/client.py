@@ -113,16 +113,16 @@ def most_samples(spec: JobSpec, manifest=None) -> int:
     """The most samples a job may train: every peer it may have (``max_peers``), every round. A
     federated owner's steps follow its rows (``schedule.owner_local_steps``): with the manifest's
     owners, the ``max_peers`` largest owners' steps; before it is known, twice ``local_steps`` each."""
-    from peer.private_data import owner_split
-    from peer.schedule import MAX_SPEED_SKEW, owner_local_steps
+    from peer.private_data import owner_steps
+    from peer.schedule import MAX_SPEED_SKEW
 
     t, peers = spec.training, spec.swarm.max_peers
     if spec.data.federated is None:
         return t.rounds * t.local_steps * t.batch_size * peers
     if manifest is None or not manifest.owner_rows:
         return int(t.rounds * MAX_SPEED_SKEW * t.local_steps * t.batch_size * peers)
-    rows = [len(owner_split(n, spec.data.validation_fraction, t.seed)[0]) for n in manifest.owner_rows]
-    steps = sorted((owner_local_steps(t.local_steps, n, rows) for n in rows), reverse=True)[:peers]
+    steps = sorted((owner_steps(t.local_steps, n, manifest.owner_rows, spec.data.validation_fraction)
+                    for n in manifest.owner_rows), reverse=True)[:peers]
     return t.rounds * t.batch_size * sum(steps)
 
 
@@ -288,8 +288,10 @@ class Client:
         refused in one line if too few owners fit it or its privacy budget cannot be met."""
         from swarm.federated import federated_manifest
 
-        owners = self.records.read(private_data_key(spec.data.federated), PrivateDataRecord)
-        return federated_manifest(spec, [s.body for s in owners])
+        return federated_manifest(spec, self._owner_records(spec))
+
+    def _owner_records(self, spec: JobSpec) -> list[PrivateDataRecord]:
+        return [s.body for s in self.records.read(private_data_key(spec.data.federated), PrivateDataRecord)]
 
     def refund(self, job_id: str, ledger) -> int:
         """Consumer: close a finished paid job's escrow, or one past its deadline; returns the refund."""
@@ -368,7 +370,10 @@ class Client:
 
         spec = job if isinstance(job, JobSpec) else load_job_file(job)
         if spec.data.federated is not None:
-            manifest = self.federated_manifest(spec)
+            from swarm.federated import federated_manifest, fitting_owners
+
+            owner_records = self._owner_records(spec)
+            manifest = federated_manifest(spec, owner_records)
         else:
             manifest, _ = shard_dataset(load_dataset(spec.data, spec.task), spec)
         footprint = estimate_footprint(build_model(spec.model, manifest, seed=spec.training.seed), manifest, spec)
@@ -376,10 +381,7 @@ class Client:
                   for s in self.records.read(PEERS_KEY, PeerRecord)]
         t, min_peers, max_peers = spec.training, spec.swarm.min_peers, spec.swarm.max_peers
         if spec.data.federated is not None:  # only the owners can train it: their speeds, their number
-            from swarm.federated import fitting_owners
-
-            records = [s.body for s in self.records.read(private_data_key(spec.data.federated), PrivateDataRecord)]
-            owners = {r.peer_id for r in fitting_owners(spec, records)[1]}
+            owners = {r.peer_id for r in fitting_owners(spec, owner_records)[1]}
             offers = [o for o in offers if o.peer_id in owners]
             max_peers = max(min_peers, min(max_peers, len(offers)))
         return quote(forward_flops_per_sample=footprint.train_flops_per_sample // 3, rounds=t.rounds,

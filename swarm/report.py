@@ -18,8 +18,11 @@ def val_metrics(task: str, records: Iterable[ProgressRecord]) -> dict:
     merged = [p for p in records if p.phase == "merged"]
     pooled = [p for p in merged if p.val_pooled]
     if pooled:  # a secure federated round: every member holds the group's sums; take them once
-        merged = [Counter((p.val_rows, p.val_loss_sum, p.val_correct) for p in pooled).most_common(1)[0][0]]
-        merged = [next(p for p in pooled if (p.val_rows, p.val_loss_sum, p.val_correct) == merged[0])]
+        def sums(p):
+            return p.val_rows, p.val_loss_sum, p.val_correct
+
+        common = Counter(map(sums, pooled)).most_common(1)[0][0]
+        merged = [next(p for p in pooled if sums(p) == common)]
     rows = sum(p.val_rows for p in merged)
     if rows == 0:
         return {}
