@@ -138,6 +138,7 @@ class RoundAverager(DecentralizedAverager):
         reducer: str = "mean",
         reducer_options: dict | None = None,
         compression: str = "none",
+        retry_matchmaking_time: float = 12.0,
         **kwargs,
     ):
         try:  # a bad name or option fails here, before any process starts, not mid-round
@@ -155,6 +156,13 @@ class RoundAverager(DecentralizedAverager):
         # DHT read or two on a loaded box) and misses the window loses its round's work, so it is
         # generous. A dead member is already out of the expected size (the barrier saw it go).
         kwargs.setdefault("min_matchmaking_time", 5.0)
+        # A retry's window is longer. Its members come from a failed attempt, and leaving that
+        # attempt's matchmaking awaits a DHT store ("no longer looking") that takes seconds on a
+        # busy box: a member that was itself stuck in it (counted in by a leader it had given up
+        # on) reaches the retry seconds after the others, and one that misses the window adopts
+        # the others' model, so its round's work is lost. The wait matters only for a member
+        # that is missing: a dead one leaves the expected size once its heartbeat lapses (12 s).
+        self._windows = (kwargs["min_matchmaking_time"], retry_matchmaking_time)
         # how long a follower waits for a leader's answer. A leader that answers later still counts
         # the follower in (and starts a full group at once), but the follower has gone: the group
         # then has a member that does not know it is in it, and every member's merge fails. On a
@@ -186,12 +194,16 @@ class RoundAverager(DecentralizedAverager):
             raise ValueError(f"attempt must be in [0, {MAX_ATTEMPTS}), got {attempt}")
         future = MPFuture()
         key = round_no * MAX_ATTEMPTS + attempt
-        self._outer_pipe.send(("_prepare_round", [], dict(round_no=key, size=expected_group_size, future=future)))
+        window = self._windows[attempt > 0]
+        self._outer_pipe.send(("_prepare_round", [], dict(round_no=key, size=expected_group_size, window=window,
+                                                          future=future)))
         future.result()
 
-    async def _prepare_round(self, round_no: int, size: int, future: MPFuture) -> None:
+    async def _prepare_round(self, round_no: int, size: int, window: float, future: MPFuture) -> None:
         try:
             self._matchmaking.group_key_manager.group_bits = format(round_no, f"0{ROUND_BITS}b")
+            self._matchmaking.min_matchmaking_time = window
+            self._matchmaking.potential_leaders.min_matchmaking_time = window
             self._matchmaking.target_group_size = size
             self._matchmaking.potential_leaders.target_group_size = size
             self._matchmaking.group_key_manager.target_group_size = size

@@ -83,6 +83,7 @@ logger = logging.getLogger(__name__)
 
 RECORD_TTL = 7 * 24 * 3600.0  # progress and leases outlive the job: reports and audits read them
 POLL = 0.2  # seconds between DHT reads while waiting on a condition
+LEAVING_WAIT = 4.0  # seconds a peer shutting down after a merge waits for its group's records
 ROSTER_SETTLE = 1.5  # a roster must be unchanged this long before the round starts
 
 
@@ -505,7 +506,8 @@ class JobRunner:
         if sums["val_rows"] and self.manifest.task == "classification":
             metrics.val_accuracy.labels(job).set(sums["val_correct"] / sums["val_rows"])
         self.peer.release_lease(leases_key(self.job.job_id, r))
-        if self.peer.stopping.is_set():  # the round is merged and published: leave before settling
+        if self.peer.stopping.is_set():  # the round is merged and published: sign its pay and leave
+            self._sign_before_leaving(r, group, model_id, prev_round)
             raise JobStopped(f"job {self.job.job_id}: stopped after round {r}")
         if self.spec.aggregation.credit == "leave_one_out" and len(group) > 1 and self.me in group:
             self._score_members(r, group, model, base_params)
@@ -526,16 +528,12 @@ class JobRunner:
         drawn verifiers count, and a strict majority of them must reject it. A verdict that never
         comes (its verifier died) rejects nothing.
         """
-        v, t = self.spec.verification, self.spec.training
         if len(group) < 2:
             return set()
         contributions = {p.peer_id: p for p in self._agreed_records(r) if p.samples > 0}
-        false_claims = claim_problems(list(contributions.values()), self.train_ids, seed=t.seed, round_no=r,
-                                      local_steps=t.local_steps, batch_size=t.batch_size, owner_steps=self.federated)
+        false_claims, plan = self._round_checks(r, contributions, model_id, prev_round)
         for target, why in sorted(false_claims.items()):
             logger.warning(f"job {self.job.job_id}: round {r}: rejected {target}'s contribution: {why}")
-        plan = verification_plan(f"{prev_round}|{model_id}", list(contributions), v.fraction, v.verifiers,
-                                 devices={p: c.device for p, c in contributions.items()})
         key = verdict_key(self.job.job_id, r)
         for target, verifiers in plan.items():
             if self.me in verifiers:
@@ -554,6 +552,47 @@ class JobRunner:
             (s.author, s.body) for s in self.records.read(key, VerdictRecord)]
         self.rejections[r] = rejected_targets(plan, verdicts) | set(false_claims)
         return self.rejections[r]
+
+    def _round_checks(self, r: int, contributions: dict[str, ProgressRecord], model_id: str,
+                      prev_round: str | None) -> tuple[dict[str, str], dict[str, list[str]]]:
+        """Round ``r``'s false claims (checked against the deal, no re-run) and its verification
+        plan (target -> the peers drawn to re-run it), the same on every member."""
+        v, t = self.spec.verification, self.spec.training
+        false_claims = claim_problems(list(contributions.values()), self.train_ids, seed=t.seed, round_no=r,
+                                      local_steps=t.local_steps, batch_size=t.batch_size, owner_steps=self.federated)
+        plan = verification_plan(f"{prev_round}|{model_id}", list(contributions), v.fraction, v.verifiers,
+                                 devices={p: c.device for p, c in contributions.items()})
+        return false_claims, plan
+
+    def _sign_before_leaving(self, r: int, group: list[str], model_id: str, prev_round: str | None) -> None:
+        """Shutting down right after round ``r``'s merge: attest the round's pay before we go.
+
+        Posting a round takes a quorum of its group's signatures, which in a group of two is
+        both: without ours the other member could never be paid for the round. We sign only
+        what needs no re-run from us. A peer drawn to re-run someone's work leaves unsigned (a
+        signature would vouch for work it did not check); the round then pays if the rest of the
+        group is a quorum, as before. The wait ignores the shutdown: a few seconds of the 10 s
+        a SIGTERM allows, for the group's merged records to be readable.
+        """
+        if self.payouts is None or len(group) < 2 or self.me not in group:
+            return
+        deadline = time.time() + LEAVING_WAIT
+        while True:
+            merged = [s.body for s in self.records.read(progress_key(self.job.job_id, r), ProgressRecord)
+                      if s.body.phase == "merged" and s.author in group]
+            if len(merged) == len(group) or time.time() > deadline:
+                break
+            time.sleep(POLL)
+        if len(merged) < len(group):
+            logger.info(f"job {self.job.job_id}: leaving round {r} unsigned: its group's records did not all arrive")
+            return
+        contributions = {p.peer_id: p for p in merged if p.model_id == model_id and p.samples > 0}
+        false_claims, plan = self._round_checks(r, contributions, model_id, prev_round)
+        if any(self.me in verifiers for verifiers in plan.values()):
+            logger.info(f"job {self.job.job_id}: leaving round {r} unsigned: drawn to re-run work we cannot check now")
+            return
+        if self.payouts.sign(r, group, merged, rejected=set(false_claims)) is not None:
+            logger.info(f"job {self.job.job_id}: signed round {r}'s pay before leaving")
 
     def _past_rejections(self, r: int) -> set[str]:
         """Round ``r``'s rejected contributions, recomputed from its records (for a peer joining later)."""

@@ -94,27 +94,32 @@ class RoundPayouts:
 
         ``rejected``: peers whose contribution failed re-execution this round; they earn nothing.
         """
-        from ledger.merkle import ContributionTree
-
-        paid = payable(merged, group, rejected)
-        units = contribution_units(paid, round_credits(self.records, self.job, r, group)) if paid else {}
-        if not units:
-            return
-        tree = ContributionTree(units)
-        self.trees[r], self.signers[r] = tree, set(paid)
-        root = "0x" + tree.root.hex()
-        key = attestation_key(self.job.job_id, r)
-        if self.ledger.address in tree:
-            attestation = self.ledger.sign_round(self.job_key, r, tree)
-            self.records.publish(key, AttestationRecord(
-                peer_id=self.records.peer_id, job_id=self.job.job_id, round=r, root=root,
-                attestation=attestation.to_dict()), ttl=24 * 3600)
-        if self.records.peer_id != min(paid):
+        tree = self.sign(r, group, merged, rejected)
+        if tree is None or self.records.peer_id != min(self.signers[r]):
             return  # one poster per round: the others only sign
         # rounds post in order: one the last poster never posted (it shut down right after the
         # merge) could never be posted after this one, and its group would go unpaid
         self._post_unposted(before=r)
         self._post(r, tree, wait=60.0)
+
+    def sign(self, r: int, group: list[str], merged: list[ProgressRecord], rejected: set[str] = frozenset()):
+        """Build round ``r``'s contribution tree and publish our attestation of it (when we are
+        paid in it); returns the tree (None: the round pays nobody). A member that leaves right
+        after the merge signs and goes: in a group of two, the other member's quorum needs it."""
+        from ledger.merkle import ContributionTree
+
+        paid = payable(merged, group, rejected)
+        units = contribution_units(paid, round_credits(self.records, self.job, r, group)) if paid else {}
+        if not units:
+            return None
+        tree = ContributionTree(units)
+        self.trees[r], self.signers[r] = tree, set(paid)
+        if self.ledger.address in tree:
+            attestation = self.ledger.sign_round(self.job_key, r, tree)
+            self.records.publish(attestation_key(self.job.job_id, r), AttestationRecord(
+                peer_id=self.records.peer_id, job_id=self.job.job_id, round=r, root="0x" + tree.root.hex(),
+                attestation=attestation.to_dict()), ttl=24 * 3600)
+        return tree
 
     def _post_unposted(self, before: int) -> None:
         """Post the rounds we were paid in, before ``before``, that their poster never posted."""

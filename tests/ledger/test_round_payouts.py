@@ -94,3 +94,26 @@ def test_a_round_short_of_its_quorum_is_not_posted_and_pays_nobody(chain, stores
     group = sorted(s.peer_id for s in stores)
     payouts[2].settle(1, group, merged(stores, wallets, job_id, 1, [0, 1, 2]))  # 1 of 3 signed: no quorum
     assert payouts[2].claim() == 0 and not chain.ledger.round(key, 1).posted
+
+
+def test_a_two_member_round_whose_poster_signed_as_it_left_is_paid(chain, stores):
+    """A group of two needs both signatures. Its poster shut down right after the merge: it
+    signed on its way out (no posting), and the other member posts the round at its claim."""
+    key, job_id = chain.new_job(price=10**12), "e" * 23 + "4"
+    payouts, wallets = members(chain, stores, key, job_id)
+    group = sorted(stores[i].peer_id for i in (0, 1))
+    records = merged(stores, wallets, job_id, 1, [0, 1])
+    assert payouts[0].sign(1, group, records) is not None  # the leaver: signs, posts nothing
+    payouts[1].settle(1, group, records)  # not the poster: signs only
+    assert not chain.ledger.round(key, 1).posted
+    price = chain.ledger.job(key).price_per_unit
+    assert payouts[1].claim() == price * SAMPLES[1]  # after post_grace it posts with both signatures
+    assert chain.ledger.round(key, 1).posted
+
+
+def test_a_two_member_round_whose_poster_left_unsigned_pays_nobody(chain, stores):
+    key, job_id = chain.new_job(price=10**12), "e" * 23 + "5"
+    payouts, wallets = members(chain, stores, key, job_id)
+    group = sorted(stores[i].peer_id for i in (0, 1))
+    payouts[1].settle(1, group, merged(stores, wallets, job_id, 1, [0, 1]))  # one of two: no quorum
+    assert payouts[1].claim() == 0 and not chain.ledger.round(key, 1).posted

@@ -26,6 +26,7 @@ class Fault(enum.Enum):
     MISS_GROUP_START = "once: not hear that its group began (the leader counts it in, it keeps looking for one)"
     KILL_AFTER_MASKING = "secure aggregation: die right after dealing its shares, before its masked input is sent"
     LOSE_AVERAGED_PART = "once: its all-reduce fails on the way back, after the others got everything it sent"
+    SIGTERM_AFTER_MERGE = "SIGTERM itself the moment its merged record is out, before the round is settled"
 
 
 def crash() -> None:
@@ -80,6 +81,15 @@ def install(fault: Fault, at_round: int) -> None:
 
         job_runner.train_local = train_a_quarter if fault is Fault.CLAIM_UNDONE_WORK else train_then_poison
         job_runner.JobRunner = LazyRunner
+        return
+    if fault is Fault.SIGTERM_AFTER_MERGE:
+        class LeavingRunner(job_runner.JobRunner):
+            def _publish_progress(self, r, phase, **fields):
+                super()._publish_progress(r, phase, **fields)
+                if phase == "merged" and r >= at_round:
+                    signal.raise_signal(signal.SIGTERM)  # the peer's own handler: a real shutdown
+
+        job_runner.JobRunner = LeavingRunner
         return
     if fault is Fault.KILL_AFTER_MASKING:
         from peer.secure_merge import SecureMerge

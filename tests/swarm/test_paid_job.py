@@ -208,3 +208,49 @@ def test_a_cheating_peer_is_rejected_banned_and_not_paid(local_swarm, digits_job
     # the cheat's two rounds are in the model (the lazy's short updates, the thief's real ones, the
     # poisoner's clipped ones): the job still trains
     assert report["final"]["val_accuracy"] >= 0.85
+
+
+@pytest.mark.skipif(NO_ANVIL is not None, reason=f"anvil is not installed: {NO_ANVIL}")
+def test_a_peer_leaving_right_after_a_merge_signs_its_round_so_a_pair_is_paid(local_swarm, digits_job, tmp_path):
+    """A round of two posts only with both members' signatures. One is shut down the moment its
+    round-2 merge is out: it signs the round as it goes, and both are paid for every round."""
+    import sys
+    from pathlib import Path
+
+    from ledger.chain import GPUX
+    from ledger.wallet import keyfile_address
+    from swarm.client import Client
+
+    chain = local_swarm.start_chain(consumer_gpux=100)
+    ledger = local_swarm.ledger
+    local_swarm.start_peer()
+    local_swarm.start_peer(command=[sys.executable, str(Path(__file__).with_name("faulty_peer.py")),
+                                    "SIGTERM_AFTER_MERGE", "2"])
+    job_file = digits_job(training={"rounds": 4}, swarm={"min_peers": 1, "max_peers": 2},
+                          verification={"fraction": 0.0})  # nobody is drawn to re-run: the leaver may sign
+    job_id = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0], "--budget", "20",
+                             "--wallet", str(chain["consumer"]), "--deployment", str(chain["deployment"])).stdout.strip()
+    assert local_swarm.procs[1].wait(timeout=240) == 0  # it left cleanly after its round 2
+    report = finish_and_fetch_paid(local_swarm, job_id, tmp_path / "out")
+    assert [len(r["peers_done"]) for r in report["rounds"]][1:] == [2, 1, 1]  # it left after round 2
+
+    with Client(local_swarm.maddrs[0]) as client:
+        trees = local_swarm.wait_for(lambda: (t := client.posted_trees(job_id, ledger)) and len(t) == 4 and t,
+                                     timeout=60, what="every round posted", poll=1.0)
+    assert sorted(trees) == [1, 2, 3, 4]  # round 2 too: the stayer posted it with the leaver's signature
+    stayer, leaver = (keyfile_address(w) for w in local_swarm.wallets)
+    assert trees[2].units(leaver) == trees[2].units(stayer) == 20 * 32
+    # the leaver collects its rounds later, with its key file, from any peer
+    claimed = local_swarm.cli("wallet", "claim", job_id, "--peer", local_swarm.maddrs[0], "--keyfile",
+                              str(local_swarm.wallets[1]), "--deployment", str(chain["deployment"])).stdout
+    price = 20 * GPUX // (4 * 20 * 32 * 2)  # budget / (rounds x local_steps x batch x max_peers)
+    assert ledger.balance(leaver) == price * sum(t.units(leaver) for t in trees.values() if leaver in t), claimed
+    assert local_swarm.wait_for(lambda: ledger.balance(stayer) or None, timeout=60, what="the stayer's claim") \
+        == price * 4 * 20 * 32
+    assert "signed round 2's pay before leaving" in (local_swarm.root / "peer1.log").read_text()
+
+
+def finish_and_fetch_paid(local_swarm, job_id, out) -> dict:
+    local_swarm.wait_for(lambda: local_swarm.status(job_id)["state"] == "finished", timeout=240, what="the job")
+    local_swarm.cli("job", "result", job_id, "--peer", local_swarm.maddrs[0], "-o", str(out))
+    return json.loads((out / "report.json").read_text())
