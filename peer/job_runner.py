@@ -197,7 +197,8 @@ class JobRunner:
         try:
             base_model_id, loaded_round = self._initial_model_id(model), None
             while True:  # arriving late: start from the swarm's latest merged model
-                round_no, base_round = schedule.entry_round(self._rounds(range(1, t.rounds + 1)), t.rounds)
+                last_possible = t.rounds + schedule.MAKEUP_ROUNDS
+                round_no, base_round = schedule.entry_round(self._rounds(range(1, last_possible + 1)), last_possible)
                 if base_round is None or base_round == loaded_round:
                     break  # loading took a while: look again, the swarm may have moved on meanwhile
                 base_model_id = self._wait_for_merged_model(base_round)
@@ -220,8 +221,7 @@ class JobRunner:
             feedback = ErrorFeedback(make_compression(agg.compression)) if (
                 outer is not None and agg.compression != "none" and agg.error_feedback) else None
             group: list[str] = []
-            last_round = t.rounds
-            while round_no <= t.rounds:
+            while self._round_is_due(round_no):  # the job file's rounds, then make-up rounds if owed
                 self._move_if_needed(round_no, group)
                 try:
                     group, base_model_id = self._play_or_stop(
@@ -243,8 +243,10 @@ class JobRunner:
                         self._take_outer_state(outer, round_no, base_model_id)
                     group = []
                 round_no += 1
+            else:
+                last_round = round_no - 1
             self._publish_result(base_model_id, group, last_round)
-            self._drop_blobs(upto=t.rounds, resume_state=True)  # done: nothing is re-run or resumed
+            self._drop_blobs(upto=last_round, resume_state=True)  # done: nothing is re-run or resumed
             if self.payouts is not None:
                 self._claim()
         except FinishedElsewhere:
@@ -287,7 +289,7 @@ class JobRunner:
                     summary = round_summary(k, self._agreed_records(k), self.manifest.task)
                     self.metric_history[k] = summary.get(t.schedule.plateau_metric)
                 history.append(self.metric_history[k])
-        return lr_for_round(t.lr, r, t.rounds, t.schedule, history)
+        return lr_for_round(t.lr, min(r, t.rounds), t.rounds, t.schedule, history)  # make-up: the last's
 
     def _check_fit(self, model) -> None:
         from swarm.footprint import estimate_footprint
@@ -319,7 +321,7 @@ class JobRunner:
     def _stop_early(self, r: int, group: list[str]) -> bool:
         """The consumer's ``stop_when`` met by round ``r``'s merged metrics (the whole group's)."""
         condition = self.spec.training.stop_when
-        if not condition or r == self.spec.training.rounds:
+        if not condition or r >= self.spec.training.rounds:
             return False
         summary = round_summary(r, self._wait_for_merged_records(r, group), self.manifest.task)
         if stop_condition_met(condition, summary):
@@ -365,7 +367,8 @@ class JobRunner:
                                      f"all its privacy budget pays for: not training round {r}")
         round_started = time.time()
         self._publish_progress(r, "joined", base_model_id=base_model_id)
-        roster = self._wait_for_roster(r, previous_group, swarm.min_peers)
+        # a make-up round is for whoever is left of the last round's group: it waits for nobody new
+        roster = self._wait_for_roster(r, previous_group, swarm.min_peers if r <= t.rounds else 1)
         if self.me not in (merged := self._state(r).merged or {}) and schedule.majority_model(merged):
             raise RoundMissed(r)  # the round is already merged (a peer back from an outage said so): move on
         leases = self.records.read(leases_key(self.job.job_id, r), LeaseRecord)
@@ -376,10 +379,9 @@ class JobRunner:
         # every shard once, plus what the last round's agreed model is missing (a peer crashed)
         carried, prev_round = self._carried_into(r)
         speeds = self._speeds_for(r, roster)
-        deal = schedule.assign_shards(self.train_ids, roster, seed=t.seed, round_no=r, speeds=speeds)
-        mine = deal.get(self.me, []) + schedule.assign_shards(carried, roster, seed=t.seed + 1, round_no=r,
-                                                             speeds=speeds).get(self.me, [])
-        steps = self.own_steps if self.federated else schedule.local_steps_for(self.me, deal, t.local_steps, bool(speeds))
+        mine, steps = schedule.round_work(self.me, self.train_ids, carried, roster, seed=t.seed, round_no=r,
+                                          rounds=t.rounds, local_steps=t.local_steps, speeds=speeds)
+        steps = self.own_steps if self.federated else steps
         self.peer.hold_lease(leases_key(self.job.job_id, r), LeaseRecord(
             peer_id=self.me, job_id=self.job.job_id, round=r, shards=mine, roster=sorted(roster),
         ))  # renewed by the heartbeat
@@ -477,7 +479,7 @@ class JobRunner:
         model_id = self.peer.blobs.put(model_to_bytes(model))
         outer_state_id = self.peer.blobs.put(outer.momentum_bytes()) if outer is not None else None
         self.models.update({model_id, outer_state_id} - {None})  # the round's state: kept, served
-        checkpoint = r % t.checkpoint_every == 0 or r == t.rounds
+        checkpoint = r % t.checkpoint_every == 0 or r >= t.rounds
         resume_state_id = self.peer.blobs.put(optimizer_state_bytes(optimizer)) if checkpoint else None
         if resume_state_id:  # only the latest checkpoint is ever resumed from
             previous, self.resume_state_id = self.resume_state_id, resume_state_id
@@ -516,7 +518,8 @@ class JobRunner:
             self.payouts.settle(r, group, self._wait_for_merged_records(r, group), rejected=rejected)
         self._drop_blobs(upto=r - 2)  # a verifier still re-running those is a round too late anyway
         loss = "n/a (no rows dealt)" if train_loss is None else f"{train_loss:.4f}"
-        logger.info(f"job {self.job.job_id}: round {r}/{t.rounds} done, loss {loss}, group {len(group)}")
+        which = f"{r}/{t.rounds}" if r <= t.rounds else f"{r} (make-up for {len(carried)} shards)"
+        logger.info(f"job {self.job.job_id}: round {which} done, loss {loss}, group {len(group)}")
         return group, model_id
 
     # ---------------------------------------------------------------- verification
@@ -559,7 +562,8 @@ class JobRunner:
         plan (target -> the peers drawn to re-run it), the same on every member."""
         v, t = self.spec.verification, self.spec.training
         false_claims = claim_problems(list(contributions.values()), self.train_ids, seed=t.seed, round_no=r,
-                                      local_steps=t.local_steps, batch_size=t.batch_size, owner_steps=self.federated)
+                                      local_steps=t.local_steps, batch_size=t.batch_size, owner_steps=self.federated,
+                                      rounds=t.rounds)
         plan = verification_plan(f"{prev_round}|{model_id}", list(contributions), v.fraction, v.verifiers,
                                  devices={p: c.device for p, c in contributions.items()})
         return false_claims, plan
@@ -601,7 +605,7 @@ class JobRunner:
         verdicts = [(s.author, s.body) for s in self.records.read(verdict_key(self.job.job_id, r), VerdictRecord)]
         return round_rejections(agreed, verdicts, fraction=v.fraction, verifiers=v.verifiers, train_ids=self.train_ids,
                                 seed=t.seed, round_no=r, local_steps=t.local_steps, batch_size=t.batch_size,
-                                owner_steps=self.federated)
+                                owner_steps=self.federated, rounds=t.rounds)
 
     def _reexecute(self, r: int, claim: ProgressRecord) -> VerdictRecord:
         """Train exactly what ``claim`` says it trained and compare with the update it committed."""
@@ -638,8 +642,8 @@ class JobRunner:
         except Exception as e:  # not a state this optimizer can take: nothing to re-run from
             return verdict(False, f"its committed optimizer state does not load: {e}")
         data = Batches.from_arrays(parts, device)
-        deal = schedule.assign_shards(self.train_ids, claim.roster, seed=t.seed, round_no=r, speeds=claim.speeds)
-        steps = schedule.local_steps_for(claim.peer_id, deal, t.local_steps, bool(claim.speeds))
+        _, steps = schedule.round_work(claim.peer_id, self.train_ids, claim.carried, claim.roster, seed=t.seed,
+                                       round_no=r, rounds=t.rounds, local_steps=t.local_steps, speeds=claim.speeds)
         _, samples = train_local(model, optimizer, data, steps=steps, batch_size=t.batch_size,
                                  generator=round_generator(t.seed, r, claim.shards), loss=self.loss,
                                  should_stop=self.peer.stopping.is_set,  # a re-run is as long as a round
@@ -897,7 +901,7 @@ class JobRunner:
         rounds = []
         for r in range(1, last_round + 1):
             progress = [s.body for s in self.records.read(progress_key(self.job.job_id, r), ProgressRecord)]
-            rounds.append(round_summary(r, progress, self.manifest.task))
+            rounds.append(round_summary(r, progress, self.manifest.task) | ({"makeup": True} if r > t.rounds else {}))
         report = build_report(self.job, self.manifest, rounds, model_id=model_id, finished_at=time.time(),
                               faults=self._faults(), cancelled=cancelled)
         report_id = self.peer.blobs.put(json.dumps(report, indent=2, sort_keys=True).encode())
@@ -1036,8 +1040,22 @@ class JobRunner:
         agreed = self._agreed_records(r - 1)
         if not agreed:
             return [], None
-        owed = schedule.orphaned_shards(self.train_ids, agreed[0].carried, [p.shards for p in agreed])
+        fresh = schedule.fresh_shards(self.train_ids, r - 1, self.spec.training.rounds)
+        owed = schedule.orphaned_shards(fresh, agreed[0].carried, [p.shards for p in agreed])
         return owed, provenance.round_digest(r - 1, agreed)
+
+    def _round_is_due(self, r: int) -> bool:
+        """Whether the job has a round ``r``: one of the job file's, or a make-up round for the
+        shards the model before it misses (a peer crashed in the last round; the same answer on
+        every peer, from that round's agreed records). Federated owners deal no shards."""
+        t = self.spec.training
+        if r <= t.rounds or self.federated or r > t.rounds + schedule.MAKEUP_ROUNDS:
+            return r <= t.rounds
+        owed, _ = self._carried_into(r)
+        if owed:
+            logger.info(f"job {self.job.job_id}: round {r - 1}'s model misses {len(owed)} shards (a peer crashed "
+                        f"in it): a make-up round for them")
+        return schedule.round_is_due(r, t.rounds, owed)
 
     def _speeds_for(self, r: int, roster) -> dict[str, float]:
         """The speeds round ``r``'s deal follows: what the roster trained at in round ``r - 1``

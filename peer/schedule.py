@@ -110,6 +110,52 @@ def orphaned_shards(
     return sorted((+owed).elements())
 
 
+# A crash in the last round leaves shards no later round makes up. Then the job runs make-up
+# rounds after its last, each dealing only what the model before it misses, until none is owed
+# (a crash in a make-up round owes the next one); this many at most.
+MAKEUP_ROUNDS = 2
+
+
+def fresh_shards(train_ids: Sequence[str], round_no: int, rounds: int) -> list[str]:
+    """The shards round ``round_no`` deals besides those carried in: every training shard in the
+    job file's rounds, none in a make-up round (it deals only what is owed)."""
+    return list(train_ids) if round_no <= rounds else []
+
+
+def round_is_due(round_no: int, rounds: int, owed: Sequence[str]) -> bool:
+    """Whether the job goes on to ``round_no``: each of its ``rounds``, then a make-up round while
+    the last merged model misses ``owed`` shards, at most :data:`MAKEUP_ROUNDS` of them."""
+    return round_no <= rounds or (round_no <= rounds + MAKEUP_ROUNDS and bool(owed))
+
+
+def makeup_steps(peer: str, makeup_deal: Mapping[str, Sequence[str]], local_steps: int, train_shards: int) -> int:
+    """A peer's steps in a make-up round: a full round's steps per shard, for the shards it makes
+    up. (A full round gives each of its peers ``local_steps`` for about ``train_shards / peers``
+    shards.) So the make-up does about the work that was lost, not a round's worth per peer:
+    what the consumer pays for it is what the crashed peer was never paid."""
+    mine = len(makeup_deal.get(peer, ()))
+    if not mine or not train_shards:
+        return 0
+    return max(1, math.ceil(local_steps * mine * len(makeup_deal) / train_shards))
+
+
+def round_work(peer: str, train_ids: Sequence[str], carried: Sequence[str], roster: Iterable[str], *, seed: int,
+               round_no: int, rounds: int, local_steps: int,
+               speeds: Mapping[str, float] | None = None) -> tuple[list[str], int]:
+    """``peer``'s shards and optimizer steps in round ``round_no``: its part of the round's deal
+    (:func:`fresh_shards`) and of the shards carried in, dealt apart; its steps follow the fresh
+    deal (:func:`local_steps_for`), or in a make-up round its share of the owed shards
+    (:func:`makeup_steps`). The same on every peer, and for whoever re-runs the work."""
+    roster = list(roster)
+    deal = assign_shards(fresh_shards(train_ids, round_no, rounds), roster, seed=seed, round_no=round_no,
+                         speeds=speeds)
+    extra = assign_shards(carried, roster, seed=seed + 1, round_no=round_no, speeds=speeds)
+    shards = deal.get(peer, []) + extra.get(peer, [])
+    if round_no > rounds:
+        return shards, makeup_steps(peer, extra, local_steps, len(train_ids))
+    return shards, local_steps_for(peer, deal, local_steps, bool(speeds))
+
+
 @dataclass(frozen=True)
 class JobView:
     """What a peer knows about one job when deciding where to work."""

@@ -24,7 +24,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from dht.records import ProgressRecord, VerdictRecord
-from peer.schedule import MAX_SPEED_SKEW, assign_shards, local_steps_for
+from peer.schedule import MAX_SPEED_SKEW, assign_shards, fresh_shards, local_steps_for, makeup_steps
 
 
 def _rank(*parts: object) -> bytes:
@@ -77,7 +77,8 @@ def rejected_targets(plan: Mapping[str, Sequence[str]], verdicts: Iterable[tuple
 
 
 def claim_problems(contributions: Sequence[ProgressRecord], train_ids: Sequence[str], *, seed: int,
-                   round_no: int, local_steps: int, batch_size: int, owner_steps: bool = False) -> dict[str, str]:
+                   round_no: int, local_steps: int, batch_size: int, owner_steps: bool = False,
+                   rounds: int | None = None) -> dict[str, str]:
     """``{peer: why}`` for contributions whose claim is false on its face, checked by everyone.
 
     No re-run is needed to see these: the round's deal (shards and steps) is a pure function of
@@ -93,17 +94,24 @@ def claim_problems(contributions: Sequence[ProgressRecord], train_ids: Sequence[
     ``owner_steps``: a federated job, whose owners train on their own rows (no shards dealt) for
     steps that follow their rows (``schedule.owner_local_steps``): each is held to the most any
     owner is given, ``MAX_SPEED_SKEW x local_steps``.
+
+    ``rounds``: the job file's; a round after them is a make-up round, which deals only the
+    shards carried in, for :func:`peer.schedule.makeup_steps` (None: no make-up rounds).
     """
     views = {(tuple(p.roster), tuple(sorted(p.speeds.items()))) for p in contributions}
     roster, speeds = (list(views.pop()[0]), contributions[0].speeds) if len(views) == 1 else ([], {})
     carried = Counter(tuple(p.carried) for p in contributions).most_common(1)[0][0] if contributions else ()
-    deal = assign_shards(train_ids, roster, seed=seed, round_no=round_no, speeds=speeds)
+    makeup = rounds is not None and round_no > rounds
+    fresh = fresh_shards(train_ids, round_no, rounds if rounds is not None else round_no)
+    deal = assign_shards(fresh, roster, seed=seed, round_no=round_no, speeds=speeds)
     extra = assign_shards(carried, roster, seed=seed + 1, round_no=round_no, speeds=speeds)
     problems = {}
     for p in contributions:
         dealt = deal.get(p.peer_id, []) + extra.get(p.peer_id, [])
         if owner_steps:
             steps = int(MAX_SPEED_SKEW * local_steps)
+        elif makeup:  # with no agreed deal, a make-up round's peer does at most a round's steps
+            steps = makeup_steps(p.peer_id, extra, local_steps, len(train_ids)) if roster else local_steps
         elif roster:
             steps = local_steps_for(p.peer_id, deal, local_steps, bool(speeds))
         else:  # no agreed deal: a speed deal gives one peer at most the whole swarm's steps
@@ -119,7 +127,8 @@ def claim_problems(contributions: Sequence[ProgressRecord], train_ids: Sequence[
 
 def round_rejections(contributions: Sequence[ProgressRecord], verdicts: Iterable[tuple[str, VerdictRecord]], *,
                      fraction: float, verifiers: int, train_ids: Sequence[str], seed: int, round_no: int,
-                     local_steps: int, batch_size: int, owner_steps: bool = False) -> set[str]:
+                     local_steps: int, batch_size: int, owner_steps: bool = False,
+                     rounds: int | None = None) -> set[str]:
     """The round's rejected contributors: false claims (:func:`claim_problems`, every contribution)
     and contributions a strict majority of their drawn verifiers rejected. ``contributions``: the
     agreed group's merged records with samples; the same answer on every peer and for the consumer."""
@@ -129,7 +138,7 @@ def round_rejections(contributions: Sequence[ProgressRecord], verdicts: Iterable
     plan = verification_plan(f"{first.prev_round}|{first.model_id}", [p.peer_id for p in contributions], fraction,
                              verifiers, devices={p.peer_id: p.device for p in contributions})
     problems = claim_problems(contributions, train_ids, seed=seed, round_no=round_no, local_steps=local_steps,
-                              batch_size=batch_size, owner_steps=owner_steps)
+                              batch_size=batch_size, owner_steps=owner_steps, rounds=rounds)
     return rejected_targets(plan, verdicts) | set(problems)
 
 

@@ -342,7 +342,7 @@ class Client:
         job = self._job(job_id)
         key = _escrow_key(job)
         trees = {}
-        for r in range(1, job.spec["training"]["rounds"] + 1):
+        for r in _round_numbers(job):
             merged = [s.body for s in self.records.read(progress_key(job_id, r), ProgressRecord)
                       if s.body.phase == "merged" and s.body.wallet and s.body.samples > 0]
             groups = Counter(tuple(p.group) for p in merged)
@@ -395,7 +395,7 @@ class Client:
     def status(self, job_id: str) -> dict:
         job = self._job(job_id)
         rounds = []
-        for r in range(1, job.spec["training"]["rounds"] + 1):
+        for r in _round_numbers(job):
             progress = [s.body for s in self.records.read(progress_key(job_id, r), ProgressRecord)]
             if not progress:
                 break
@@ -465,7 +465,6 @@ class Client:
         (the peers' own rule, ``peer.verification.round_rejections``)."""
         from peer.provenance import agreed_model
         from peer.verification import round_rejections
-        from swarm.shards import DatasetManifest
         from swarm.spec import JobSpec
 
         spec = JobSpec.from_dict(job.spec, source=f"job {job.job_id}")
@@ -473,15 +472,36 @@ class Client:
         agreed = [p for p in merged if p.model_id == model_id and p.samples > 0]
         if not agreed:
             return set()
-        if job.dataset_id not in self._train_ids:
-            manifest = DatasetManifest.from_bytes(self._download(job.dataset_id), job.dataset_id)
-            self._train_ids[job.dataset_id] = [s.id for s in manifest.shards if s.split == "train"]
         v, t = spec.verification, spec.training
         verdicts = [(s.author, s.body) for s in self.records.read(verdict_key(job.job_id, r), VerdictRecord)]
         return round_rejections(agreed, verdicts, fraction=v.fraction, verifiers=v.verifiers,
-                                train_ids=self._train_ids[job.dataset_id], seed=t.seed, round_no=r,
+                                train_ids=self._train_ids_of(job), seed=t.seed, round_no=r,
                                 local_steps=t.local_steps, batch_size=t.batch_size,
-                                owner_steps=spec.data.federated is not None)
+                                owner_steps=spec.data.federated is not None, rounds=t.rounds)
+
+    def _train_ids_of(self, job: JobRecord) -> list[str]:
+        """The job's training shards (a round's deal, and what it owes, follow from them)."""
+        from swarm.shards import DatasetManifest
+
+        if job.dataset_id not in self._train_ids:
+            manifest = DatasetManifest.from_bytes(self._download(job.dataset_id), job.dataset_id)
+            self._train_ids[job.dataset_id] = [s.id for s in manifest.shards if s.split == "train"]
+        return self._train_ids[job.dataset_id]
+
+    def _makeup_was_due(self, job: JobRecord, r: int) -> bool:
+        """Whether round ``r``, after the job file's rounds, was a make-up round the peers owed:
+        the model of the round before it misses shards (the peers' own rule, ``schedule``)."""
+        from peer import schedule
+        from peer.provenance import agreed_model
+
+        rounds = job.spec["training"]["rounds"]
+        merged = [s.body for s in self.records.read(progress_key(job.job_id, r - 1), ProgressRecord)
+                  if s.body.phase == "merged"]
+        model_id = agreed_model(merged)
+        agreed = [p for p in merged if p.model_id == model_id] if model_id else []
+        fresh = schedule.fresh_shards(self._train_ids_of(job), r - 1, rounds)
+        owed = schedule.orphaned_shards(fresh, agreed[0].carried if agreed else [], [p.shards for p in agreed])
+        return bool(agreed) and schedule.round_is_due(r, rounds, owed)
 
     # ---------------------------------------------------------------- ratings
     def rate(self, job_id: str, stars: int, comment: str = "") -> RatingRecord:
@@ -531,7 +551,7 @@ class Client:
         job = self._job(job_id)
         rejected_before = self.records.rejected
         rounds = []
-        for r in range(1, job.spec["training"]["rounds"] + 1):
+        for r in _round_numbers(job):
             progress = [s.body for s in self.records.read(progress_key(job_id, r), ProgressRecord)]
             if not progress:
                 break
@@ -581,6 +601,10 @@ class Client:
         if cancelled and not self.cancelled(job_id, job):
             raise ResultUnverified(f"job {job_id}: the result says the job was cancelled after round {final_round}, "
                                    f"but its consumer signed no cancel")
+        rounds = job.spec["training"]["rounds"]
+        if final_round > rounds and not all(self._makeup_was_due(job, r) for r in range(rounds + 1, final_round + 1)):
+            raise ResultUnverified(f"job {job_id}: the result claims {final_round - rounds} make-up rounds after the "
+                                   f"job's {rounds}, but no shard was owed for them")
         if final_round < job.spec["training"]["rounds"] and not cancelled:  # stopped early: only if asked for
             condition = job.spec["training"].get("stop_when")
             if not stop_condition_met(condition, round_summary(final_round, merged, job.spec["task"])):
@@ -658,3 +682,10 @@ class Job:
 
     def download(self, out_dir: str | os.PathLike) -> ResultFiles:
         return self.client.result(self.job_id, out_dir)
+
+
+def _round_numbers(job: JobRecord) -> range:
+    """Every round a job can have: its job file's, then make-up rounds (``peer.schedule``)."""
+    from peer.schedule import MAKEUP_ROUNDS
+
+    return range(1, job.spec["training"]["rounds"] + MAKEUP_ROUNDS + 1)

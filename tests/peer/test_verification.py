@@ -183,6 +183,30 @@ def test_round_rejections_joins_false_claims_and_the_verifiers_majority():
                             local_steps=10, batch_size=64) == set()
 
 
+def test_a_make_up_round_claim_is_held_to_the_owed_shards_and_their_steps():
+    owed = SHARDS[:4]  # a make-up round (11 of 10) deals only these, 5 steps a shard (10 steps, 4 shards a peer)
+    extra = assign_shards(owed, ROSTER, seed=1, round_no=11)
+    steps = {p: max(1, -(-10 * len(extra[p]) * 3 // 12)) if extra[p] else 0 for p in ROSTER}
+
+    def claims(**overrides):
+        records = {p: ProgressRecord(peer_id=p, job_id=JOB, round=11, phase="merged", samples=64 * steps[p],
+                                     shards=extra[p], carried=owed, roster=ROSTER, model_id="m" * 64, prev_round="d")
+                   for p in ROSTER}
+        for peer, fields in overrides.items():
+            records[peer] = records[peer].model_copy(update=fields)
+        return list(records.values())
+
+    assert claim_problems(claims(), SHARDS, seed=0, round_no=11, local_steps=10, batch_size=64, rounds=10) == {}
+    # a full round's samples in a make-up round: more than its owed shards hold
+    problems = claim_problems(claims(pa={"samples": 640}), SHARDS, seed=0, round_no=11, local_steps=10,
+                              batch_size=64, rounds=10)
+    assert set(problems) == {"pa"} and "640 samples" in problems["pa"]
+    # fresh shards in a make-up round were dealt to nobody
+    fresh = assign_shards(SHARDS, ROSTER, seed=0, round_no=11)["pb"]
+    assert set(claim_problems(claims(pb={"shards": extra["pb"] + fresh}), SHARDS, seed=0, round_no=11,
+                              local_steps=10, batch_size=64, rounds=10)) == {"pb"}
+
+
 def test_a_deal_that_follows_speed_bounds_each_claim_by_its_own_steps():
     speeds = {"pa": 200.0, "pb": 100.0, "pc": 100.0}
     deal = assign_shards(SHARDS, ROSTER, seed=0, round_no=3, speeds=speeds)

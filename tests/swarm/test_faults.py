@@ -71,6 +71,29 @@ def test_a_peer_crashing_mid_round_does_not_stop_the_job(local_swarm, digits_job
     assert report["final"]["val_accuracy"] >= 0.9
 
 
+def test_a_crash_in_the_last_round_is_made_up_in_a_make_up_round(local_swarm, digits_job, tmp_path):
+    """No later round takes up what a peer dying in the last round was dealt: the survivors run
+    one make-up round for exactly those shards, and the result verifies with it."""
+    for _ in range(2):
+        local_swarm.start_peer()
+    local_swarm.start_peer(command=[*FAULTY_PEER, "KILL_IN_TRAINING", "4"])
+    job_file = digits_job(training={"rounds": 4}, swarm={"min_peers": 2})
+    job_id = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0]).stdout.strip()
+    report = finish_and_fetch(local_swarm, job_id, tmp_path / "out")  # `job result` checks the make-up was owed
+
+    assert local_swarm.procs[2].poll() == -signal.SIGKILL
+    rounds = report["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5] and rounds[4].get("makeup") and not rounds[3].get("makeup")
+    train_shards = count_train_shards(job_file)
+    per_round = [sum(r["shards"].values()) for r in rounds]
+    assert per_round[3] < train_shards and sum(per_round) == 4 * train_shards  # every shard, every round
+    # the make-up does about the work that was lost (the crashed peer's 20 steps), not a round per survivor
+    assert 0 < sum(rounds[4]["samples_by_peer"].values()) <= 20 * 32 and len(rounds[4]["peers_done"]) == 2
+    assert report["model_id"] == rounds[4]["model_id"] and report["final"]["val_accuracy"] >= 0.85
+    audit = local_swarm.cli("job", "audit", job_id, "--peer", local_swarm.maddrs[1], "--skip-models").stdout
+    assert "5 rounds, chain intact, finished" in audit
+
+
 def test_a_member_that_missed_its_group_start_is_brought_into_the_retry(local_swarm, digits_job, tmp_path):
     """hivemind's leader can count in a follower that gave up on it (it answered too late): the
     group's all-reduce fails for every member. They all try again, the one still looking too."""

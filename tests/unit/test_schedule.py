@@ -153,6 +153,26 @@ def test_shards_missing_from_the_agreed_model_are_owed_to_the_next_round():
     assert schedule.orphaned_shards(train, ["a"], []) == ["a", "a", "b", "c", "d"]
 
 
+def test_make_up_rounds_follow_the_last_round_only_while_shards_are_owed():
+    train = [f"s{i}" for i in range(12)]
+    assert schedule.fresh_shards(train, 10, rounds=10) == train and schedule.fresh_shards(train, 11, rounds=10) == []
+    assert schedule.round_is_due(10, 10, owed=[]) and not schedule.round_is_due(11, 10, owed=[])
+    assert schedule.round_is_due(11, 10, owed=["s3"]) and schedule.round_is_due(12, 10, owed=["s3"])
+    assert not schedule.round_is_due(10 + schedule.MAKEUP_ROUNDS + 1, 10, owed=["s3"])  # bounded
+    # a make-up round owes only what it dealt: what it trained is done
+    assert schedule.orphaned_shards(schedule.fresh_shards(train, 11, 10), ["s1", "s2"], [["s1"], ["s2"]]) == []
+
+
+def test_a_make_up_round_does_about_the_lost_work_not_a_round_per_peer():
+    # 12 shards, 3 peers, 20 steps: 5 steps a shard. One crashed with its 4 shards; the two
+    # survivors make 2 each up: 7 steps each (rounded up), 14 of the 20 the crash cost
+    deal = schedule.assign_shards(["s1", "s2", "s3", "s4"], ["pa", "pb"], seed=1, round_no=11)
+    assert [schedule.makeup_steps(p, deal, 20, 12) for p in ("pa", "pb")] == [7, 7]
+    # more peers than owed shards: the one dealt none trains nothing
+    deal = schedule.assign_shards(["s1"], ["pa", "pb"], seed=1, round_no=11)
+    assert sorted(schedule.makeup_steps(p, deal, 20, 12) for p in ("pa", "pb")) == [0, 4]
+
+
 def test_choose_job_never_takes_a_job_that_does_not_fit_or_pays_too_little():
     small = schedule.PeerOffer(memory_bytes=100 << 20, reference_flops_per_sec=1e9, price_per_gpu_hour=3.6)
     big = JobView("big", 0.0, 2, 4, 0, False, memory_bytes=200 << 20)
