@@ -7,6 +7,8 @@ chain, running the same paid job; the clean run is the baseline of the same invo
 
 - kill in training / kill in all-reduce: one peer SIGKILLs its whole process group in round 3
   (tests/swarm/faulty_peer.py), mid-training or once its all-reduce group has formed.
+- kill in the last round: as kill in training, in the job's last round; the survivors make its
+  shards up in a make-up round ("rounds completed" says so).
 - sigterm: one peer gets SIGTERM after round 2 and must leave cleanly.
 - whole swarm restart: all three are SIGKILLed after round 3 and restarted from their data dirs.
 - grow and shrink: the job starts on 2 peers, a third joins after round 2, and one of the first
@@ -40,8 +42,8 @@ from benchdoc import write_section  # scripts/ is on sys.path when run as a scri
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 FAULTY_PEER = [sys.executable, str(ROOT / "tests" / "swarm" / "faulty_peer.py")]
-SCENARIOS = ["clean", "kill in training", "kill in all-reduce", "sigterm", "whole swarm restart", "grow and shrink",
-             "cancel"]
+SCENARIOS = ["clean", "kill in training", "kill in all-reduce", "kill in the last round", "sigterm",
+             "whole swarm restart", "grow and shrink", "cancel"]
 
 
 def run_scenario(name: str, rounds: int, job_file: Path, work: Path) -> dict:
@@ -54,9 +56,10 @@ def run_scenario(name: str, rounds: int, job_file: Path, work: Path) -> dict:
         chain = swarm.start_chain(consumer_gpux=1000)
         ledger, consumer = swarm.ledger, keyfile_address(chain["consumer"])
         for index in range(2 if name == "grow and shrink" else 3):
-            fault = {"kill in training": "KILL_IN_TRAINING", "kill in all-reduce": "KILL_IN_ALLREDUCE"}.get(name)
+            fault, at_round = {"kill in training": ("KILL_IN_TRAINING", 3), "kill in all-reduce": (
+                "KILL_IN_ALLREDUCE", 3), "kill in the last round": ("KILL_IN_TRAINING", rounds)}.get(name, (None, 0))
             if fault and index == 2:
-                swarm.start_peer(command=[*FAULTY_PEER, fault, "3"])
+                swarm.start_peer(command=[*FAULTY_PEER, fault, str(at_round)])
             else:
                 swarm.start_peer()
         before = ledger.balance(consumer)
@@ -111,14 +114,16 @@ def run_scenario(name: str, rounds: int, job_file: Path, work: Path) -> dict:
             wallets = [keyfile_address(w) for w in swarm.wallets]
             units = sorted(tree.units(w) for w in wallets if w in tree) if tree else []
             wrong_rounds += units != work_done
-        train_shards = statistics.mode(sum(r["shards"].values()) for r in report["rounds"])
+        full_rounds = [r for r in report["rounds"] if not r.get("makeup")]  # a make-up round deals only what is owed
+        train_shards = statistics.mode(sum(r["shards"].values()) for r in full_rounds)
         finished = [r["finished_at"] for r in report["rounds"]]
         durations = [b - a for a, b in zip([report["submitted_at"], *finished], finished)]
         return {
-            "rounds": len(report["rounds"]),
+            "rounds": len(full_rounds),
+            "makeup_rounds": len(report["rounds"]) - len(full_rounds),
             "accuracy": report["final"]["val_accuracy"],
             "durations": durations,
-            "lost": len(report["rounds"]) * train_shards - sum(sum(r["shards"].values()) for r in report["rounds"]),
+            "lost": len(full_rounds) * train_shards - sum(sum(r["shards"].values()) for r in report["rounds"]),
             "wrong_rounds": wrong_rounds,
             "unaccounted_gpux": (spent - paid) / GPUX,
             "wall": wall,
@@ -161,7 +166,8 @@ def main() -> None:
     for name, res in results.items():
         recovery = max(res["durations"][1:]) - typical if name != "clean" else 0.0
         lines.append(
-            f"| {name} | {res['rounds']}/{args.rounds} | {res['accuracy']:.3f} "
+            f"| {name} | {res['rounds']}/{args.rounds}{f' + {n} make-up' if (n := res['makeup_rounds']) else ''} "
+            f"| {res['accuracy']:.3f} "
             f"| {100 * (res['accuracy'] - clean['accuracy']):+.1f} | {recovery:.1f} | {res['lost']} "
             f"| {res['wrong_rounds']} / {res['unaccounted_gpux']:.6f} | {res['wall']:.0f} |"
         )
