@@ -738,7 +738,7 @@ class JobRunner:
                 gathered = merge_once(attempt, frozenset(expected))
             else:
                 gathered = averager.merge(tensors, weight=samples, gather=gather, timeout=30.0,
-                                          stop=self.peer.stopping, give_up=lambda: self._merge_went_on(r, attempt))
+                                          stop=self.peer.stopping, give_up=lambda: self._merge_went_on(r, attempt, frozenset(expected)))
             state, announced = self._merge_progress(r)
             if gathered is not None or self.peer.stopping.is_set() or state.merged:
                 break  # merged; or shutting down; or the others merged without us (we adopt theirs)
@@ -889,10 +889,16 @@ class JobRunner:
         announced = max((p.body.merge_attempt for p in progress if p.body.phase == "trained"), default=0)
         return self._state_of(progress), announced
 
-    def _merge_went_on(self, r: int, attempt: int) -> bool:
-        """While matchmaking: the round merged without us, or its members moved to a later attempt."""
+    def _merge_went_on(self, r: int, attempt: int, expected: frozenset[str] = frozenset()) -> bool:
+        """While matchmaking: the round merged without us, its members moved to a later attempt,
+        or (in a retry) a member we wait for is gone. A retry's window is long, so that a member
+        that is late still joins it; one whose heartbeat lapses meanwhile is dead (it died in the
+        failed attempt before its heartbeat ran out), and waiting out the window for it would
+        cost the round seconds: the members move on to the next attempt without it at once."""
         state, announced = self._merge_progress(r)
-        return bool(state.merged) or announced > attempt
+        if state.merged or announced > attempt:
+            return True
+        return attempt > 0 and bool(expected - (self.peer.alive_peers() - state.left) - {self.me})
 
     # ---------------------------------------------------------------- the end of the job
     def _publish_result(self, model_id: str, last_group: list[str], last_round: int, cancelled: bool = False) -> None:

@@ -101,7 +101,8 @@ class SecureMerge:
         flat = torch.cat([u.detach().reshape(-1).to(torch.float64) * self.weight for u in self.update]
                          + [torch.tensor([self.weight], dtype=torch.float64)])
         wire = as_wire(mask_input(quantizer.encode(flat), me, secrets, roster, context))
-        give_up = (lambda: runner._merge_went_on(self.r, attempt)) if self.stage == "update" else None
+        give_up = (lambda: runner._merge_went_on(self.r, attempt, frozenset(roster))) if self.stage == "update" \
+            else None
         gathered = self.averager.merge([wire], weight=1.0, gather=self.gather, timeout=30.0,
                                        stop=runner.peer.stopping, give_up=give_up)
         if gathered is None:
