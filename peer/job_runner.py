@@ -83,7 +83,7 @@ logger = logging.getLogger(__name__)
 
 RECORD_TTL = 7 * 24 * 3600.0  # progress and leases outlive the job: reports and audits read them
 POLL = 0.2  # seconds between DHT reads while waiting on a condition
-LEAVING_WAIT = 4.0  # seconds a peer shutting down after a merge waits for its group's records
+LEAVING_WAIT = 3.0  # seconds a peer shutting down after a merge waits for its group's records
 ROSTER_SETTLE = 1.5  # a roster must be unchanged this long before the round starts
 
 
@@ -140,6 +140,7 @@ class JobRunner:
         self.loss = loss_fn(self.manifest.task, self.manifest.target_mean, self.manifest.target_std)
         self.payouts = RoundPayouts(job, peer.ledger, self.records, self._wait_for) if job.escrow else None
         self.rejections: dict[int, set[str]] = {}  # round -> peers whose work re-execution rejected
+        self.missing_since: dict[str, float] = {}  # a merge attempt's members seen missing, and since when
         # blobs only a round's re-execution needs (our update and optimizer state, what we fetched
         # to re-run others): dropped two rounds later. Round models stay: they are the history.
         self.for_reexecution: dict[int, set[str]] = {}
@@ -367,8 +368,11 @@ class JobRunner:
                                      f"all its privacy budget pays for: not training round {r}")
         round_started = time.time()
         self._publish_progress(r, "joined", base_model_id=base_model_id)
-        # a make-up round is for whoever is left of the last round's group: it waits for nobody new
-        roster = self._wait_for_roster(r, previous_group, swarm.min_peers if r <= t.rounds else 1)
+        min_peers = swarm.min_peers
+        if r > t.rounds:  # a make-up round waits for whoever is left of the last round's agreed group
+            agreed = self._agreed_records(r - 1)  # (the same on every peer: a newcomer waits for them too)
+            previous_group, min_peers = (sorted(agreed[0].group) if agreed else previous_group), 1
+        roster = self._wait_for_roster(r, previous_group, min_peers)
         if self.me not in (merged := self._state(r).merged or {}) and schedule.majority_model(merged):
             raise RoundMissed(r)  # the round is already merged (a peer back from an outage said so): move on
         leases = self.records.read(leases_key(self.job.job_id, r), LeaseRecord)
@@ -509,7 +513,10 @@ class JobRunner:
             metrics.val_accuracy.labels(job).set(sums["val_correct"] / sums["val_rows"])
         self.peer.release_lease(leases_key(self.job.job_id, r))
         if self.peer.stopping.is_set():  # the round is merged and published: sign its pay and leave
-            self._sign_before_leaving(r, group, model_id, prev_round)
+            try:
+                self._sign_before_leaving(r, group, model_id, prev_round)
+            except Exception as e:  # leaving must not fail: the others settle the round without us
+                logger.warning(f"job {self.job.job_id}: could not sign round {r} before leaving: {e}")
             raise JobStopped(f"job {self.job.job_id}: stopped after round {r}")
         if self.spec.aggregation.credit == "leave_one_out" and len(group) > 1 and self.me in group:
             self._score_members(r, group, model, base_params)
@@ -572,11 +579,13 @@ class JobRunner:
         """Shutting down right after round ``r``'s merge: attest the round's pay before we go.
 
         Posting a round takes a quorum of its group's signatures, which in a group of two is
-        both: without ours the other member could never be paid for the round. We sign only
-        what needs no re-run from us. A peer drawn to re-run someone's work leaves unsigned (a
-        signature would vouch for work it did not check); the round then pays if the rest of the
-        group is a quorum, as before. The wait ignores the shutdown: a few seconds of the 10 s
-        a SIGTERM allows, for the group's merged records to be readable.
+        both: without ours the other member could never be paid for the round. We sign only if
+        nobody else's work is drawn to be re-run this round (ours may be: the others sign a root
+        that pays us only if they accept it). Otherwise our root, made before the verdicts,
+        would still pay a contribution a re-run may reject, and with that contributor's own
+        signature it could make the quorum a rejection would deny. Then we leave unsigned and the
+        round pays if the rest of the group is a quorum. The wait ignores the shutdown: a few
+        seconds of the 10 s a SIGTERM allows, for the group's merged records to be readable.
         """
         if self.payouts is None or len(group) < 2 or self.me not in group:
             return
@@ -592,8 +601,8 @@ class JobRunner:
             return
         contributions = {p.peer_id: p for p in merged if p.model_id == model_id and p.samples > 0}
         false_claims, plan = self._round_checks(r, contributions, model_id, prev_round)
-        if any(self.me in verifiers for verifiers in plan.values()):
-            logger.info(f"job {self.job.job_id}: leaving round {r} unsigned: drawn to re-run work we cannot check now")
+        if set(plan) - {self.me}:
+            logger.info(f"job {self.job.job_id}: leaving round {r} unsigned: others' work is still to be re-run")
             return
         if self.payouts.sign(r, group, merged, rejected=set(false_claims)) is not None:
             logger.info(f"job {self.job.job_id}: signed round {r}'s pay before leaving")
@@ -734,6 +743,7 @@ class JobRunner:
         expected, attempt, gathered = set(trained), 0, None
         while True:
             averager.prepare_round(r, len(expected), attempt=attempt)
+            self.missing_since = {}  # members seen missing while this attempt waits (_merge_went_on)
             if merge_once is not None:
                 gathered = merge_once(attempt, frozenset(expected))
             else:
@@ -898,7 +908,13 @@ class JobRunner:
         state, announced = self._merge_progress(r)
         if state.merged or announced > attempt:
             return True
-        return attempt > 0 and bool(expected - (self.peer.alive_peers() - state.left) - {self.me})
+        if attempt == 0 or not expected:
+            return False
+        from peer.runtime import HEARTBEAT_S  # (runtime imports this module)
+
+        self.missing_since, gone = schedule.members_gone(expected, self.peer.alive_peers() - state.left, self.me,
+                                                         self.missing_since, time.monotonic(), hold=HEARTBEAT_S)
+        return gone
 
     # ---------------------------------------------------------------- the end of the job
     def _publish_result(self, model_id: str, last_group: list[str], last_round: int, cancelled: bool = False) -> None:
