@@ -747,8 +747,8 @@ class JobRunner:
             if merge_once is not None:
                 gathered = merge_once(attempt, frozenset(expected))
             else:
-                gathered = averager.merge(tensors, weight=samples, gather=gather, timeout=30.0,
-                                          stop=self.peer.stopping, give_up=lambda: self._merge_went_on(r, attempt, frozenset(expected)))
+                gathered = averager.merge(tensors, weight=samples, gather=gather, timeout=30.0, stop=self.peer.stopping,
+                                          give_up=lambda: self._merge_went_on(r, attempt, frozenset(expected)))
             state, announced = self._merge_progress(r)
             if gathered is not None or self.peer.stopping.is_set() or state.merged:
                 break  # merged; or shutting down; or the others merged without us (we adopt theirs)
@@ -1062,8 +1062,7 @@ class JobRunner:
         agreed = self._agreed_records(r - 1)
         if not agreed:
             return [], None
-        fresh = schedule.fresh_shards(self.train_ids, r - 1, self.spec.training.rounds)
-        owed = schedule.orphaned_shards(fresh, agreed[0].carried, [p.shards for p in agreed])
+        owed = schedule.owed_after(self.train_ids, r - 1, self.spec.training.rounds, agreed)
         return owed, provenance.round_digest(r - 1, agreed)
 
     def _round_is_due(self, r: int) -> bool:

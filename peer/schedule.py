@@ -122,6 +122,14 @@ def fresh_shards(train_ids: Sequence[str], round_no: int, rounds: int) -> list[s
     return list(train_ids) if round_no <= rounds else []
 
 
+def owed_after(train_ids: Sequence[str], round_no: int, rounds: int, agreed: Sequence) -> list[str]:
+    """The shards round ``round_no`` dealt that its ``agreed`` records (the agreed group's merged
+    ProgressRecords) did not train: what the next round owes (:func:`orphaned_shards` of the
+    round's fresh deal and what it carried in). The peers and the consumer's client use this."""
+    carried = agreed[0].carried if agreed else []
+    return orphaned_shards(fresh_shards(train_ids, round_no, rounds), carried, [p.shards for p in agreed])
+
+
 def round_is_due(round_no: int, rounds: int, owed: Sequence[str]) -> bool:
     """Whether the job goes on to ``round_no``: each of its ``rounds``, then a make-up round while
     the last merged model misses ``owed`` shards, at most :data:`MAKEUP_ROUNDS` of them."""

@@ -24,7 +24,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from dht.records import ProgressRecord, VerdictRecord
-from peer.schedule import MAX_SPEED_SKEW, assign_shards, fresh_shards, local_steps_for, makeup_steps
+from peer.schedule import MAX_SPEED_SKEW, round_work
 
 
 def _rank(*parts: object) -> bytes:
@@ -101,21 +101,17 @@ def claim_problems(contributions: Sequence[ProgressRecord], train_ids: Sequence[
     views = {(tuple(p.roster), tuple(sorted(p.speeds.items()))) for p in contributions}
     roster, speeds = (list(views.pop()[0]), contributions[0].speeds) if len(views) == 1 else ([], {})
     carried = Counter(tuple(p.carried) for p in contributions).most_common(1)[0][0] if contributions else ()
-    makeup = rounds is not None and round_no > rounds
-    fresh = fresh_shards(train_ids, round_no, rounds if rounds is not None else round_no)
-    deal = assign_shards(fresh, roster, seed=seed, round_no=round_no, speeds=speeds)
-    extra = assign_shards(carried, roster, seed=seed + 1, round_no=round_no, speeds=speeds)
+    rounds = round_no if rounds is None else rounds
     problems = {}
     for p in contributions:
-        dealt = deal.get(p.peer_id, []) + extra.get(p.peer_id, [])
+        # the deal every member computes (round_work: the peers' own rule)
+        dealt, steps = round_work(p.peer_id, train_ids, carried, roster, seed=seed, round_no=round_no,
+                                  rounds=rounds, local_steps=local_steps, speeds=speeds)
         if owner_steps:
             steps = int(MAX_SPEED_SKEW * local_steps)
-        elif makeup:  # with no agreed deal, a make-up round's peer does at most a round's steps
-            steps = makeup_steps(p.peer_id, extra, local_steps, len(train_ids)) if roster else local_steps
-        elif roster:
-            steps = local_steps_for(p.peer_id, deal, local_steps, bool(speeds))
-        else:  # no agreed deal: a speed deal gives one peer at most the whole swarm's steps
-            steps = local_steps * max(1, len(p.roster)) if p.speeds else local_steps
+        elif not roster:  # no agreed deal: a speed deal gives one peer at most the whole swarm's steps,
+            # a make-up round's peer at most a round's
+            steps = local_steps * max(1, len(p.roster)) if p.speeds and round_no <= rounds else local_steps
         max_samples = steps * batch_size
         if p.samples > max_samples:
             problems[p.peer_id] = f"claims {p.samples} samples, a round holds at most {max_samples}"

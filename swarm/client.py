@@ -501,8 +501,7 @@ class Client:
                   if s.body.phase == "merged"]
         model_id = agreed_model(merged)
         agreed = [p for p in merged if p.model_id == model_id] if model_id else []
-        fresh = schedule.fresh_shards(self._train_ids_of(job), r - 1, rounds)
-        owed = schedule.orphaned_shards(fresh, agreed[0].carried if agreed else [], [p.shards for p in agreed])
+        owed = schedule.owed_after(self._train_ids_of(job), r - 1, rounds, agreed)
         return bool(agreed) and schedule.round_is_due(r, rounds, owed)
 
     # ---------------------------------------------------------------- ratings
