@@ -25,6 +25,8 @@ provider     ``gpuflex.blob.<sha256>``                    peer that serves this 
 private      ``gpuflex.private.<name>``                   owner: a private dataset's schema, row count
 secagg       ``gpuflex.job.<id>.secagg.<round>.<try>``    (peer, step): keys / shares / reveal
 credit       ``gpuflex.job.<id>.credit.<round>``          owner: leave-one-out losses on its held-out rows
+leader       ``gpuflex.job.<id>.leader``                  peer: its lease on driving a sweep's study
+trial        ``gpuflex.job.<id>.trials``                  (leader, trial number): a sweep's trial and its state
 ===========  ===========================================  ====================================
 """
 
@@ -83,6 +85,14 @@ def credit_key(job_id: str, round_no: int) -> str:
     return f"gpuflex.job.{job_id}.credit.{round_no}"
 
 
+def leader_key(job_id: str) -> str:
+    return f"gpuflex.job.{job_id}.leader"
+
+
+def trials_key(job_id: str) -> str:
+    return f"gpuflex.job.{job_id}.trials"
+
+
 def secagg_key(job_id: str, round_no: int, attempt: int, stage: str = "update") -> str:
     """A secure sum's records: the round's update, or (``stage="metrics"``) its pooled validation."""
     return f"gpuflex.job.{job_id}.secagg.{round_no}.{attempt}" + ("" if stage == "update" else f".{stage}")
@@ -117,6 +127,9 @@ class JobRecord(_Body):
     # one peer's need, estimated at intake (swarm.footprint): memory_bytes, train_flops_per_sample,
     # flops_per_round, parameters. Peers check it again on their own build before working.
     resources: dict[str, int] | None = None
+    # a sweep's trial: {"sweep": the sweep's job id, "number": n}. Published by the sweep's
+    # leader; peers take it only while the sweep's trial record names this job (swarm.sweep).
+    trial: dict[str, str | int] | None = None
 
 
 class LeaseRecord(_Body):
@@ -269,6 +282,25 @@ class CreditRecord(_Body):
     without: dict[str, float]  # member -> loss sum of the merged model without its update
 
 
+class LeaderRecord(_Body):
+    """A peer's lease on leading a sweep: asking Optuna for trials, pruning, publishing the result."""
+
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+    since: float
+
+
+class TrialRecord(_Body):
+    """One trial of a sweep (published under subkey ``<number>:`` by the leader that updates it)."""
+
+    job_id: str = Field(pattern=JOB_ID_PATTERN)  # the sweep's
+    number: int = Field(ge=0)
+    trial_job: str = Field(pattern=JOB_ID_PATTERN)
+    params: dict[str, str | int | float]  # Optuna's values (a choice of lists as JSON text)
+    state: Literal["running", "complete", "pruned", "failed"] = "running"
+    value: float | None = None  # the metric of the trial's final model
+    intermediate: dict[str, float] = {}  # round (as text: msgpack keys) -> the metric of its merged model
+
+
 RECORD_KINDS: dict[str, type[_Body]] = {
     "peer": PeerRecord,
     "job": JobRecord,
@@ -283,6 +315,8 @@ RECORD_KINDS: dict[str, type[_Body]] = {
     "private": PrivateDataRecord,
     "secagg": SecAggRecord,
     "credit": CreditRecord,
+    "leader": LeaderRecord,
+    "trial": TrialRecord,
 }
 KIND_OF = {cls: kind for kind, cls in RECORD_KINDS.items()}
 
@@ -300,6 +334,8 @@ _KEY_PATTERNS = {
     "private": re.compile(r"gpuflex\.private\.[A-Za-z0-9_-]{1,64}$"),
     "secagg": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.secagg\.[0-9]+\.[0-9]+(\.metrics)?$"),
     "credit": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.credit\.[0-9]+$"),
+    "leader": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.leader$"),
+    "trial": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.trials$"),
 }
 
 

@@ -29,6 +29,7 @@ from aggregation.outer import OuterOptimizer
 from dht.errors import GPUFlexError
 from dht.ratings import consumer_cancel
 from dht.records import (
+    JOBS_KEY,
     CancelRecord,
     CreditRecord,
     JobRecord,
@@ -97,6 +98,10 @@ class Banned(GPUFlexError):
 
 class JobCancelled(JobClosed):
     """The job's consumer signed a cancel: the peers stop at the round boundary."""
+
+
+class TrialPruned(JobClosed):
+    """The sweep's leader pruned this trial (or it is no longer the sweep's): stop at the boundary."""
 
 
 class DoesNotFit(GPUFlexError):
@@ -361,6 +366,8 @@ class JobRunner:
         t, swarm = self.spec.training, self.spec.swarm
         if self._cancelled():
             raise JobCancelled(f"job {self.job.job_id}: cancelled by its consumer, stopping before round {r}")
+        if self.job.trial is not None and (why := self._trial_problem()):
+            raise TrialPruned(f"job {self.job.job_id}: {why}, stopping before round {r}")
         if self.payouts is not None and (closed := escrow_closed(self.job, self.peer.ledger)):
             raise JobClosed(f"job {self.job.job_id}: escrow {closed}, stopping before round {r}")
         if self.dp_plan is not None and self.rounds_trained >= t.rounds:  # before we join: nobody waits for us
@@ -946,6 +953,13 @@ class JobRunner:
             self.records.rejected += len(forged)
             logger.warning(f"job {self.job.job_id}: ignored {len(forged)} cancel record(s) not signed by its consumer")
         return genuine is not None
+
+    def _trial_problem(self) -> str | None:
+        """A sweep's trial: why it should stop now (pruned by the sweep's leader), or None."""
+        from peer.sweep_leader import trial_problem
+
+        jobs = {s.body.job_id: s.body for s in self.records.read(JOBS_KEY, JobRecord)}
+        return trial_problem(self.records, self.job, jobs)
 
     def _state(self, r: int) -> schedule.RoundState:
         return self._state_of(self.records.read(progress_key(self.job.job_id, r), ProgressRecord))

@@ -19,6 +19,7 @@ from dht.records import (
     JOBS_KEY,
     PEERS_KEY,
     JobRecord,
+    LeaderRecord,
     private_data_key,
     LeaseRecord,
     PeerRecord,
@@ -36,6 +37,7 @@ from peer.loop import LoopThread
 from peer.metrics import PeerMetrics
 from peer.payout import escrow_problem
 from peer.private_data import load_private_dataset
+from peer.sweep_leader import SweepLeader, is_sweep, trial_problem
 from peer.transfer import PROVIDER_TTL, BlobService
 
 logger = logging.getLogger(__name__)
@@ -66,7 +68,7 @@ class Peer:
         self.config = config
         self.stopping = threading.Event()
         self.current_job: str | None = None
-        self._leases: dict[str, LeaseRecord] = {}
+        self._leases: dict[str, tuple[LeaseRecord | LeaderRecord, float]] = {}  # key -> (lease, ttl)
         self._lock = threading.Lock()
         self._alive: tuple[float, frozenset[str], dict[str, frozenset[str]]] = (0.0, frozenset(), {})
         self._finished_jobs: set[str] = set()
@@ -114,6 +116,7 @@ class Peer:
             self.metrics_url = f"http://127.0.0.1:{port}/metrics"
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name="gpuflex-heartbeat", daemon=True)
         self._heartbeat.start()
+        self._sweeps = SweepLeader(self).start()  # leads the sweeps no live lower-id peer leads
         return self
 
     def shutdown(self) -> None:
@@ -121,6 +124,8 @@ class Peer:
         self.metrics.stop()
         if hasattr(self, "_heartbeat"):
             self._heartbeat.join(timeout=HEARTBEAT_S + 1)
+        if hasattr(self, "_sweeps"):
+            self._sweeps.join(timeout=10)
         if hasattr(self, "loop"):
             if hasattr(self, "p2p"):
                 self.loop.run(self.p2p.shutdown(), timeout=10)
@@ -186,7 +191,12 @@ class Peer:
         staffing, offer = self._heartbeats()[1], self.offer()  # who is on which job: the same read as alive_peers
         views = []
         for job in jobs.values():
-            if job.job_id in self._finished_jobs or self._escrow_problem(job):
+            if is_sweep(job) or job.job_id in self._finished_jobs or self._escrow_problem(job):
+                continue  # a sweep is led (peer.sweep_leader), its trials are trained
+            if job.trial is not None and (why := trial_problem(self.records, job, jobs)):
+                if job.job_id not in self._declined:
+                    self._declined.add(job.job_id)
+                    logger.info(f"not taking job {job.job_id}: {why}")
                 continue
             if self.records.read(result_key(job.job_id), ResultRecord):
                 self._finished_jobs.add(job.job_id)
@@ -269,10 +279,10 @@ class Peer:
             self._served.difference_update(blob_ids)
         return sum(self.blobs.discard(b) for b in set(blob_ids))
 
-    def hold_lease(self, key: str, lease: LeaseRecord) -> None:
+    def hold_lease(self, key: str, lease: LeaseRecord | LeaderRecord, ttl: float = LEASE_TTL) -> None:
         with self._lock:
-            self._leases[key] = lease
-        self.records.publish(key, lease, ttl=LEASE_TTL)
+            self._leases[key] = (lease, ttl)
+        self.records.publish(key, lease, ttl=ttl)
 
     def leases_held(self) -> int:
         with self._lock:
@@ -294,8 +304,8 @@ class Peer:
         self._publish_peer_record()
         with self._lock:
             leases = dict(self._leases)
-        for key, lease in leases.items():
-            self.records.publish(key, lease, ttl=LEASE_TTL)
+        for key, (lease, ttl) in leases.items():
+            self.records.publish(key, lease, ttl=ttl)
         if time.time() - self._announced_at > PROVIDER_TTL / 3:  # provider records expire: renew them
             self._announced_at = time.time()
             with self._lock:

@@ -355,3 +355,11 @@ def owner_local_steps(local_steps: int, own_rows: int, owner_rows: Sequence[int]
     mean = sum(owner_rows) / len(owner_rows)
     steps = round(local_steps * own_rows / mean)
     return int(min(MAX_SPEED_SKEW * local_steps, max(math.ceil(local_steps / MAX_SPEED_SKEW), steps)))
+
+
+def sweep_leader(holders: Iterable[str], alive: Iterable[str]) -> str | None:
+    """Who leads a sweep: of the peers holding a live leader lease and still alive, the lowest id.
+    Leases, not elections: a peer that sees no leader takes a lease, and the next look decides
+    between any two that took one at the same moment (the higher one lets its lease lapse)."""
+    live = sorted(set(holders) & set(alive))
+    return live[0] if live else None

@@ -204,6 +204,9 @@ def job_status(
     if as_json:
         typer.echo(json.dumps(status, sort_keys=True))
         return
+    if status.get("type") == "sweep":
+        typer.echo(_sweep_lines(status))
+        return
     typer.echo(f"job {status['job_id']} ({status['name']}): {status['state']}")
     typer.echo(f"  round {status['round']}/{status['rounds']} ({status['rounds_done']} done)")
     if status["train_loss"] is not None:
@@ -218,6 +221,20 @@ def job_status(
         said = f": \"{rating['comment']}\"" if rating["comment"] else ""
         typer.echo(f"  rated {stars(rating['stars'])} {rating['stars']}/5 by the consumer{said}")
         typer.echo(f"    for the work of {', '.join(p[:12] for p in sorted(status['peers_done']))}")
+
+
+def _sweep_lines(status: dict) -> str:
+    """A sweep's status: one line for the sweep, one per trial (its parameters, state, value)."""
+    metric = status["metric"]
+    lines = [f"sweep {status['job_id']} ({status['name']}): {status['state']}, "
+             f"{len(status['trials'])}/{status['trials_total']} trials started, {status['parallel']} at a time, "
+             f"{status['direction']} {metric}"]
+    for row in status["trials"]:
+        params = ", ".join(f"{k.removeprefix('param_')}={v}" for k, v in row.items() if k.startswith("param_"))
+        value = f"{row[metric]:.4f}" if row[metric] is not None else "-"
+        lines.append(f"  trial {row['trial']:>3}  {row['state']:<8}  {metric} {value:<7}  rounds {row['rounds']:<3} "
+                     f"job {row['job_id']}  {params}{'  <- best' if row['best'] else ''}")
+    return "\n".join(lines)
 
 
 @job_app.command("rate")
@@ -267,6 +284,17 @@ def job_watch(
             from swarm.watch import render
 
             status = client.status(job_id)
+            if status.get("type") == "sweep":  # a sweep's trials, reprinted as they change
+                shown = None
+                while True:
+                    lines = _sweep_lines(status)
+                    if lines != shown:
+                        typer.echo(lines)
+                        shown = lines
+                    if status["state"] in ENDED:
+                        return
+                    time.sleep(every)
+                    status = client.status(job_id)
             with Live(render(status), console=Console(), refresh_per_second=4) as live:
                 while status["state"] not in ENDED:
                     time.sleep(every)
@@ -301,6 +329,11 @@ def job_result(
         typer.echo(f"warning: the result is fine, but logging it to MLflow failed: {files.tracking_error}", err=True)
     for extra in files.extras:
         typer.echo(f"        {extra}")
+    if report.get("type") == "sweep":
+        best = report["best"]
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(best["params"].items()))
+        typer.echo(f"  best trial {best['trial']} (job {best['job_id']}): {report['search']['metric']} "
+                   f"{best['value']:.4f} with {shown}")
     for key, value in sorted(report.get("final", {}).items()):
         typer.echo(f"  {key} {value:.4f}" if isinstance(value, float) else f"  {key} {value}")
 

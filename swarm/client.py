@@ -9,6 +9,7 @@ does not have to be trusted, and does not have to be the one that took the job.
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import os
 import shutil
@@ -126,10 +127,18 @@ def most_samples(spec: JobSpec, manifest=None) -> int:
     return t.rounds * t.batch_size * sum(steps)
 
 
+class SweepUnpaid(GPUFlexError):
+    """A sweep was given a budget: its trials are unpaid (volunteer) jobs for now."""
+
+
 def price_per_sample(spec: JobSpec, budget: float, manifest=None) -> tuple[int, int, int]:
     """(budget, price per sample, most samples) in base units: the budget must cover every peer the
     job may have (``max_peers``) for all its rounds, at least one base unit a sample."""
     from ledger.chain import GPUX
+
+    if spec.type == "sweep":
+        raise SweepUnpaid("a sweep cannot be paid yet: its trials are separate jobs that one escrow does not "
+                          "cover; submit it without --budget (its trials run as volunteer work)")
 
     most_samples_ = most_samples(spec, manifest)
     base_units = int(round(budget * GPUX))
@@ -394,6 +403,8 @@ class Client:
 
     def status(self, job_id: str) -> dict:
         job = self._job(job_id)
+        if job.spec.get("type") == "sweep":
+            return self._sweep_status(job)
         rounds = []
         for r in _round_numbers(job):
             progress = [s.body for s in self.records.read(progress_key(job_id, r), ProgressRecord)]
@@ -428,6 +439,8 @@ class Client:
     # ---------------------------------------------------------------- result
     def result(self, job_id: str, out_dir: str | os.PathLike) -> ResultFiles:
         """Download the final model and report, verified against the final round's signed records."""
+        if self._job(job_id).spec.get("type") == "sweep":
+            return self._sweep_result(job_id, out_dir)
         model_id = self._agreed_model_id(job_id)
         audit = self.audit(job_id, check_models=False)
         if not audit.ok:
@@ -459,6 +472,103 @@ class Client:
         files = ResultFiles(out, out / "model.safetensors", out / "report.json", model_id, verified=True, extras=extras)
         track_result(self._job(job_id).spec, report, files)  # the job file's `tracking:`, if any
         return files
+
+    # ---------------------------------------------------------------- sweeps
+    def _sweep_status(self, job: JobRecord) -> dict:
+        """A sweep's state and its trials so far, from the leader's trial records."""
+        from peer.sweep_leader import read_trials
+        from swarm.sweep import best_trial, trials_table
+
+        spec = JobSpec.from_dict(job.spec, source=f"sweep {job.job_id}")
+        jobs = {j.job_id: j for j in self.jobs()}
+        trials = read_trials(self.records, job.job_id, jobs)
+        best = best_trial(spec.search, trials)
+        finished = bool(self.records.read(result_key(job.job_id), ResultRecord))
+        return {"job_id": job.job_id, "name": spec.name, "type": "sweep", "state": "finished" if finished else "running",
+                "metric": spec.search.metric, "direction": spec.search.direction, "trials_total": spec.search.trials,
+                "parallel": spec.search.parallel, "trials": trials_table(spec.search, trials),
+                "best": None if best is None else {"trial": best.number, "job_id": best.job_id, "value": best.value}}
+
+    def _sweep_result(self, job_id: str, out_dir: str | os.PathLike) -> ResultFiles:
+        """A sweep's best model, verified as its trial job's own result; the report, a table (trials.csv)
+        and a plot (trials.png) of every trial. Each complete trial's value is checked against its
+        job's verified report, so the best is the best of what the trials really reached."""
+        from swarm.sweep import TrialView, best_trial, table_csv, trials_plot, trials_table
+
+        sweep_job = self._job(job_id)
+        spec = JobSpec.from_dict(sweep_job.spec, source=f"sweep {job_id}")
+        search = spec.search
+        results = [s.body for s in self.records.read(result_key(job_id), ResultRecord)]
+        if not results:
+            raise ResultNotReady(f"sweep {job_id} has no result yet (see `gpuflex job status {job_id}`)")
+        report = None
+        for result in results:
+            try:
+                candidate = json.loads(self._download(result.report_id))
+            except (BlobUnavailable, ValueError):
+                continue
+            if candidate.get("job_id") == job_id and candidate.get("model_id") == result.model_id:
+                report = candidate
+                break
+        if report is None:
+            raise ResultUnverified(f"sweep {job_id}: no readable report matches its result record")
+        trials: dict[int, TrialView] = {}
+        for row in report["trials"]:
+            trial_job = self._job(row["job_id"], missing_ok=True)
+            if trial_job is None or trial_job.trial != {"sweep": job_id, "number": row["trial"]}:
+                raise ResultUnverified(f"sweep {job_id}: trial {row['trial']}'s job {row['job_id']} is not in the "
+                                       f"swarm as that trial")
+            params = {k.removeprefix("param_"): v for k, v in row.items() if k.startswith("param_")}
+            if spec.trial(params).to_dict() != trial_job.spec:
+                raise ResultUnverified(f"sweep {job_id}: trial {row['trial']}'s job is not the sweep's job with "
+                                       f"its parameters")
+            value = row[search.metric]
+            if row["state"] == "complete":
+                value = self._trial_value(row["job_id"], search.metric)
+                if value is None or not math.isclose(value, row[search.metric], rel_tol=1e-9, abs_tol=1e-12):
+                    raise ResultUnverified(f"sweep {job_id}: trial {row['trial']} reports {search.metric} "
+                                           f"{row[search.metric]}, its job's verified result says {value}")
+            curve = report.get("curves", {}).get(str(row["trial"]), {})
+            trials[row["trial"]] = TrialView(number=row["trial"], job_id=row["job_id"], params=params,
+                                             state=row["state"], value=value,
+                                             intermediate={int(r): v for r, v in curve.items()})
+        if len(trials) != search.trials:
+            raise ResultUnverified(f"sweep {job_id}: the report names {len(trials)} trials, the sweep asked for "
+                                   f"{search.trials}")
+        best = best_trial(search, trials)
+        if best is None or best.job_id != report["best"]["job_id"]:
+            raise ResultUnverified(f"sweep {job_id}: the report's best trial is not the best of its trials")
+        out = Path(out_dir)
+        files = self.result(best.job_id, out)  # the best trial's model, verified from its own rounds
+        if files.model_id != report["model_id"]:
+            raise ResultUnverified(f"sweep {job_id}: its result names model {report['model_id'][:12]}, the best "
+                                   f"trial's verified model is {files.model_id[:12]}")
+        files.report.rename(out / "best_trial_report.json")
+        (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+        (out / "trials.csv").write_text(table_csv(trials_table(search, trials)))
+        (out / "trials.png").write_bytes(trials_plot(search, trials))
+        extras = [out / "best_trial_report.json", out / "trials.csv", out / "trials.png"] + files.extras
+        return ResultFiles(out, files.model, out / "report.json", files.model_id, verified=True, extras=extras)
+
+    def _trial_value(self, trial_job_id: str, metric: str) -> float | None:
+        """The sweep metric of a trial's final model, from its job's verified report."""
+        from swarm.sweep import metric_of
+
+        model_id = self._agreed_model_id(trial_job_id)
+        for result in self.records.read(result_key(trial_job_id), ResultRecord):
+            if result.body.model_id != model_id:
+                continue
+            try:
+                report = json.loads(self._download(result.body.report_id))
+            except (BlobUnavailable, ValueError):
+                continue
+            if report.get("model_id") != model_id or report.get("job_id") != trial_job_id:
+                continue
+            if metric == "train_loss":
+                return metric_of(next((r for r in reversed(report["rounds"]) if r.get("train_loss") is not None),
+                                      {}), metric)
+            return metric_of(report.get("final") or {}, metric)
+        return None
 
     def rejected(self, job: JobRecord, r: int, merged: list[ProgressRecord]) -> set[str]:
         """Peers whose round-``r`` work was rejected: a false claim, or its drawn verifiers' majority

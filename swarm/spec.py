@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from dht.errors import GPUFlexError
 from swarm.datasets import DatasetError, inspect_columns
+from swarm.sweep import SearchSpec, SpaceError, decode_params, param_path, trial_spec
 
 __all__ = [
     "DataSpec",
@@ -400,6 +401,9 @@ class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    # training: the swarm trains it; sweep: a hyperparameter search (``search:``) whose trials are
+    # training jobs built from this one (swarm.sweep)
+    type: Literal["training", "sweep"] = "training"
     task: Literal["classification", "regression"]
     model: ModelSpec
     data: DataSpec
@@ -409,11 +413,16 @@ class JobSpec(BaseModel):
     verification: VerificationSpec = Field(default_factory=VerificationSpec)
     privacy: PrivacySpec | None = None  # federated jobs only
     tracking: TrackingSpec | None = None
+    search: SearchSpec | None = None  # type: sweep only
 
     @model_validator(mode="after")
     def _check(self) -> JobSpec:
         if self.data.format == "image_folder" and self.task != "classification":
             raise _FieldError("data.format", "'image_folder' supports task 'classification' only")
+        if self.type == "sweep":
+            self._check_sweep()
+        elif self.search is not None:
+            raise _FieldError("search", "only for a sweep (type: sweep)")
         if self.data.federated is None:
             if self.aggregation.credit != "samples":
                 raise _FieldError("aggregation.credit", "leave_one_out is for federated jobs (a shared dataset's "
@@ -453,6 +462,40 @@ class JobSpec(BaseModel):
                                                  "member's update)")
         return self
 
+    def _check_sweep(self) -> None:
+        """Every trial a sweep can ask for must be a valid job: each parameter names a field, and
+        the base job with each end of its range (each choice) put in validates."""
+        if self.search is None:
+            raise _FieldError("search", "required for type: sweep (space, trials, parallel, metric, ...)")
+        if self.data.federated is not None:
+            raise _FieldError("type", "a sweep runs on a shared dataset (data.path), not a federated one")
+        if self.task == "classification" and self.search.metric in ("val_mse", "val_mae"):
+            raise _FieldError("search.metric", f"{self.search.metric} is a regression metric")
+        if self.task == "regression" and self.search.metric == "val_accuracy":
+            raise _FieldError("search.metric", "val_accuracy is a classification metric (use val_mse, val_mae, "
+                                               "val_loss or train_loss)")
+        fields = sweep_fields()
+        base = self.model_dump(mode="json")
+        for name, dist in self.search.space.items():
+            try:
+                param_path(name, fields)
+            except SpaceError as e:
+                raise _FieldError(f"search.space.{name}", str(e)) from None
+            kind, values = next(iter(dist.items()))
+            ends = values if kind == "choice" else [int(v) if kind == "int" else float(v) for v in values]
+            for value in ends:
+                try:
+                    JobSpec.model_validate(trial_spec(base, decode_params(self.search, {name: value}), fields))
+                except ValidationError as e:
+                    raise _FieldError(f"search.space.{name}", f"value {value!r} does not make a valid job: "
+                                                              f"{_format_validation_error(e)}") from None
+
+    def trial(self, params: dict[str, Any]) -> JobSpec:
+        """A sweep's trial: this job with the trial's (Optuna-valued) parameters put in."""
+        assert self.search is not None
+        return JobSpec.model_validate(trial_spec(self.model_dump(mode="json"),
+                                                 decode_params(self.search, params), sweep_fields()))
+
     @classmethod
     def from_dict(cls, d: Any, source: str = "<sdk>") -> JobSpec:
         """Validate a plain dict (as parsed from YAML or JSON); errors name ``source`` and the field.
@@ -468,8 +511,19 @@ class JobSpec(BaseModel):
             raise JobSpecError(f"{source}: {_format_validation_error(e)}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict that :meth:`from_dict` turns back into an equal spec."""
-        return self.model_dump(mode="json")
+        """A JSON-able dict that :meth:`from_dict` turns back into an equal spec. A training job's
+        ``type`` and ``search`` are left out at their defaults, so its dict is what it always was."""
+        out = self.model_dump(mode="json")
+        if self.type == "training":
+            out.pop("type")
+            out.pop("search")
+        return out
+
+
+def sweep_fields() -> dict[str, set[str]]:
+    """The fields a sweep may search, by section."""
+    return {"training": set(TrainingSpec.model_fields), "model": set(ModelSpec.model_fields) - {"init_from"},
+            "aggregation": set(AggregationSpec.model_fields)}
 
 
 def load_job_file(path: str | Path) -> JobSpec:

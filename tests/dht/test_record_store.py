@@ -75,3 +75,28 @@ def test_joining_through_a_dead_address_fails_clearly(tmp_path):
             load_or_create_identity(tmp_path),
             initial_peers=["/ip4/127.0.0.1/tcp/9/p2p/QmVHZkVXSzmbzfGKx5LSe1gv3YzcxWuqezpKDr5FTwF7cK"],
         )
+
+
+def test_a_sweeps_trials_count_only_from_the_peer_that_started_them_or_leads_the_sweep(two_nodes):
+    from dht.records import JobRecord, LeaderRecord, TrialRecord, leader_key, trials_key
+    from peer.sweep_leader import read_trials
+
+    alice, bob = two_nodes
+    sweep, trial_job = "d" * 24, "e" * 24
+    job = JobRecord(peer_id=alice.peer_id, job_id=trial_job, spec={}, dataset_id="0" * 64, submitted_at=time.time(),
+                    trial={"sweep": sweep, "number": 0})
+    started = TrialRecord(peer_id=alice.peer_id, job_id=sweep, number=0, trial_job=trial_job, params={"lr": 0.001})
+    alice.publish(trials_key(sweep), started, ttl=30, subkey_prefix=b"0:")
+    # bob neither started the trial nor leads the sweep: his "pruned" (or a made-up value) is ignored
+    forged = TrialRecord(peer_id=bob.peer_id, job_id=sweep, number=0, trial_job=trial_job, params={"lr": 0.001},
+                         state="pruned")
+    bob.publish(trials_key(sweep), forged, ttl=30, subkey_prefix=b"0:")
+    rejected = alice.rejected
+    trials = read_trials(alice, sweep, {trial_job: job})
+    assert trials[0].state == "running" and trials[0].author == alice.peer_id
+    assert alice.rejected == rejected + 1
+    # once bob holds the sweep's leader lease (alice died, say), his update is the trial's state
+    bob.publish(leader_key(sweep), LeaderRecord(peer_id=bob.peer_id, job_id=sweep, since=time.time()), ttl=30)
+    assert read_trials(alice, sweep, {trial_job: job})[0].state == "pruned"
+    # a trial record with no job behind it, from nobody in charge, names no trial at all
+    assert read_trials(alice, "f" * 24, {}) == {}

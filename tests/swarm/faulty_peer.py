@@ -27,6 +27,7 @@ class Fault(enum.Enum):
     KILL_AFTER_MASKING = "secure aggregation: die right after dealing its shares, before its masked input is sent"
     LOSE_AVERAGED_PART = "once: its all-reduce fails on the way back, after the others got everything it sent"
     SIGTERM_AFTER_MERGE = "SIGTERM itself the moment its merged record is out, before the round is settled"
+    KILL_SWEEP_LEADER = "lead a sweep, and die the moment it has started trial number N (N: the round argument)"
 
 
 def crash() -> None:
@@ -81,6 +82,19 @@ def install(fault: Fault, at_round: int) -> None:
 
         job_runner.train_local = train_a_quarter if fault is Fault.CLAIM_UNDONE_WORK else train_then_poison
         job_runner.JobRunner = LazyRunner
+        return
+    if fault is Fault.KILL_SWEEP_LEADER:
+        from peer.sweep_leader import SweepLeader
+
+        start_trial = SweepLeader._start_trial
+
+        def start_then_die(self, sweep_job, spec, trials, number):
+            trial = start_trial(self, sweep_job, spec, trials, number)
+            if number == at_round:
+                crash()  # its trial records and trial jobs are out: the next leader must carry on from them
+            return trial
+
+        SweepLeader._start_trial = start_then_die
         return
     if fault is Fault.SIGTERM_AFTER_MERGE:
         class LeavingRunner(job_runner.JobRunner):
