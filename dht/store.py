@@ -42,6 +42,7 @@ class RecordStore:
         self._owner = identity.owner_marker
         self._lock = threading.Lock()
         self.rejected = 0  # records dropped by readers: forged, malformed or misplaced
+        self.reads = 0  # DHT lookups this store made (gpuflex_dht_reads_total: what a peer costs the DHT)
 
     @classmethod
     def start(
@@ -93,6 +94,8 @@ class RecordStore:
 
     def read(self, key: str, kind: type[T]) -> list[Signed[T]]:
         """All live, valid records of ``kind`` under ``key`` (one per author and subkey)."""
+        with self._lock:
+            self.reads += 1
         found = self.dht.get(key, latest=True)
         if found is None or not isinstance(found.value, dict):
             return []

@@ -69,6 +69,8 @@ class _LiveCounters:
         # peer tried to store them here (forged signatures, impersonation, replays)
         yield CounterMetricFamily("gpuflex_records_rejected", "DHT records dropped as forged, malformed or "
                                   "misplaced.", value=self.peer.records.rejected + _refused(self.peer.records))
+        yield CounterMetricFamily("gpuflex_dht_reads", "DHT lookups this peer made (records read).",
+                                  value=self.peer.records.reads)
         yield CounterMetricFamily("gpuflex_blob_bytes_served", "Shard, model and report bytes served to other "
                                   "peers.", value=self.peer.blobs_service.bytes_served)
 
