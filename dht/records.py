@@ -295,7 +295,7 @@ class TrialRecord(_Body):
     job_id: str = Field(pattern=JOB_ID_PATTERN)  # the sweep's
     number: int = Field(ge=0)
     trial_job: str = Field(pattern=JOB_ID_PATTERN)
-    params: dict[str, str | int | float]  # Optuna's values (a choice of lists as JSON text)
+    params: dict[str, bool | int | float | str | None]  # Optuna's values (a choice of lists as JSON text)
     state: Literal["running", "complete", "pruned", "failed"] = "running"
     value: float | None = None  # the metric of the trial's final model
     intermediate: dict[str, float] = {}  # round (as text: msgpack keys) -> the metric of its merged model

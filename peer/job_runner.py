@@ -959,7 +959,7 @@ class JobRunner:
         from peer.sweep_leader import trial_problem
 
         jobs = {s.body.job_id: s.body for s in self.records.read(JOBS_KEY, JobRecord)}
-        return trial_problem(self.records, self.job, jobs)
+        return trial_problem(self.records, self.job, jobs, unknown_is_a_problem=False)
 
     def _state(self, r: int) -> schedule.RoundState:
         return self._state_of(self.records.read(progress_key(self.job.job_id, r), ProgressRecord))

@@ -193,13 +193,15 @@ class Peer:
         for job in jobs.values():
             if is_sweep(job) or job.job_id in self._finished_jobs or self._escrow_problem(job):
                 continue  # a sweep is led (peer.sweep_leader), its trials are trained
+            if self.records.read(result_key(job.job_id), ResultRecord):
+                self._finished_jobs.add(job.job_id)
+                continue
             if job.trial is not None and (why := trial_problem(self.records, job, jobs)):
                 if job.job_id not in self._declined:
                     self._declined.add(job.job_id)
                     logger.info(f"not taking job {job.job_id}: {why}")
-                continue
-            if self.records.read(result_key(job.job_id), ResultRecord):
-                self._finished_jobs.add(job.job_id)
+                if " is pruned" in why or " is complete" in why or " is failed" in why or "another job" in why:
+                    self._finished_jobs.add(job.job_id)  # ended for good: not read again every second
                 continue
             view = job_view(job, len(staffing.get(job.job_id, ())))
             federated = (job.spec.get("data") or {}).get("federated")
@@ -285,8 +287,9 @@ class Peer:
         self.records.publish(key, lease, ttl=ttl)
 
     def leases_held(self) -> int:
+        """Shard leases (a sweep's leader lease is not work on shards)."""
         with self._lock:
-            return len(self._leases)
+            return sum(isinstance(lease, LeaseRecord) for lease, _ in self._leases.values())
 
     def release_lease(self, key: str) -> None:
         with self._lock:

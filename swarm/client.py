@@ -9,7 +9,6 @@ does not have to be trusted, and does not have to be the one that took the job.
 from __future__ import annotations
 
 import hashlib
-import math
 import json
 import os
 import shutil
@@ -125,6 +124,10 @@ def most_samples(spec: JobSpec, manifest=None) -> int:
     steps = sorted((owner_steps(t.local_steps, n, manifest.owner_rows, spec.data.validation_fraction)
                     for n in manifest.owner_rows), reverse=True)[:peers]
     return t.rounds * t.batch_size * sum(steps)
+
+
+class NoTrialCompleted(GPUFlexError):
+    """A sweep ended with every trial pruned or failed: there is no best model to fetch."""
 
 
 class SweepUnpaid(GPUFlexError):
@@ -480,19 +483,25 @@ class Client:
         from swarm.sweep import best_trial, trials_table
 
         spec = JobSpec.from_dict(job.spec, source=f"sweep {job.job_id}")
-        jobs = {j.job_id: j for j in self.jobs()}
-        trials = read_trials(self.records, job.job_id, jobs)
+        trials = read_trials(self.records, job, spec.search)
         best = best_trial(spec.search, trials)
-        finished = bool(self.records.read(result_key(job.job_id), ResultRecord))
-        return {"job_id": job.job_id, "name": spec.name, "type": "sweep", "state": "finished" if finished else "running",
+        results = [s.body for s in self.records.read(result_key(job.job_id), ResultRecord)]
+        state = ("cancelled" if any(r.cancelled for r in results) else "finished") if results else (
+            "cancelling" if self.cancelled(job.job_id, job) else "running")
+        return {"job_id": job.job_id, "name": spec.name, "type": "sweep", "state": state,
                 "metric": spec.search.metric, "direction": spec.search.direction, "trials_total": spec.search.trials,
                 "parallel": spec.search.parallel, "trials": trials_table(spec.search, trials),
                 "best": None if best is None else {"trial": best.number, "job_id": best.job_id, "value": best.value}}
 
     def _sweep_result(self, job_id: str, out_dir: str | os.PathLike) -> ResultFiles:
         """A sweep's best model, verified as its trial job's own result; the report, a table (trials.csv)
-        and a plot (trials.png) of every trial. Each complete trial's value is checked against its
-        job's verified report, so the best is the best of what the trials really reached."""
+        and a plot (trials.png) of every trial.
+
+        Nothing is taken on the leader's word: the trials are read from the sweep's records, each
+        one's job must be the sweep's job with its parameters, each one's state and value are read
+        again from its job's own signed round records (``trial_outcome``), and the best of those
+        must be the model the result names."""
+        from peer.sweep_leader import read_trials, trial_outcome
         from swarm.sweep import TrialView, best_trial, table_csv, trials_plot, trials_table
 
         sweep_job = self._job(job_id)
@@ -507,68 +516,51 @@ class Client:
                 candidate = json.loads(self._download(result.report_id))
             except (BlobUnavailable, ValueError):
                 continue
-            if candidate.get("job_id") == job_id and candidate.get("model_id") == result.model_id:
+            if candidate.get("job_id") == job_id and candidate.get("model_id") in (result.model_id, None):
                 report = candidate
                 break
         if report is None:
             raise ResultUnverified(f"sweep {job_id}: no readable report matches its result record")
+        if results[0].cancelled and not self.cancelled(job_id, sweep_job):
+            raise ResultUnverified(f"sweep {job_id}: its result says it was cancelled, its consumer signed no cancel")
+        jobs = {j.job_id: j for j in self.jobs()}
         trials: dict[int, TrialView] = {}
-        for row in report["trials"]:
-            trial_job = self._job(row["job_id"], missing_ok=True)
-            if trial_job is None or trial_job.trial != {"sweep": job_id, "number": row["trial"]}:
-                raise ResultUnverified(f"sweep {job_id}: trial {row['trial']}'s job {row['job_id']} is not in the "
-                                       f"swarm as that trial")
-            params = {k.removeprefix("param_"): v for k, v in row.items() if k.startswith("param_")}
-            if spec.trial(params).to_dict() != trial_job.spec:
-                raise ResultUnverified(f"sweep {job_id}: trial {row['trial']}'s job is not the sweep's job with "
-                                       f"its parameters")
-            value = row[search.metric]
-            if row["state"] == "complete":
-                value = self._trial_value(row["job_id"], search.metric)
-                if value is None or not math.isclose(value, row[search.metric], rel_tol=1e-9, abs_tol=1e-12):
-                    raise ResultUnverified(f"sweep {job_id}: trial {row['trial']} reports {search.metric} "
-                                           f"{row[search.metric]}, its job's verified result says {value}")
-            curve = report.get("curves", {}).get(str(row["trial"]), {})
-            trials[row["trial"]] = TrialView(number=row["trial"], job_id=row["job_id"], params=params,
-                                             state=row["state"], value=value,
-                                             intermediate={int(r): v for r, v in curve.items()})
-        if len(trials) != search.trials:
-            raise ResultUnverified(f"sweep {job_id}: the report names {len(trials)} trials, the sweep asked for "
-                                   f"{search.trials}")
+        for number, trial in read_trials(self.records, sweep_job, search).items():
+            trial_job = jobs.get(trial.job_id)
+            if trial_job is None or trial_job.trial != {"sweep": job_id, "number": number} or \
+                    spec.trial(trial.params).to_dict() != trial_job.spec or trial_job.dataset_id != sweep_job.dataset_id:
+                raise ResultUnverified(f"sweep {job_id}: trial {number}'s job {trial.job_id} is not the sweep's job "
+                                       f"with its parameters")
+            state, value, curve = trial_outcome(self.records, trial.job_id, spec)
+            if state == "running" and trial.state in ("pruned", "failed"):
+                state = trial.state  # stopped by the leader before its peers published a result
+            trials[number] = TrialView(number=number, job_id=trial.job_id, params=trial.params, state=state,
+                                       value=value, intermediate=curve)
+        if any(t.state == "running" for t in trials.values()):
+            raise ResultUnverified(f"sweep {job_id}: its result came while trials still run "
+                                   f"({', '.join(str(n) for n, t in sorted(trials.items()) if t.state == 'running')})")
+        if len(trials) != search.trials and not results[0].cancelled:
+            raise ResultUnverified(f"sweep {job_id}: {len(trials)} trials in its records, it asked for {search.trials}")
         best = best_trial(search, trials)
-        if best is None or best.job_id != report["best"]["job_id"]:
-            raise ResultUnverified(f"sweep {job_id}: the report's best trial is not the best of its trials")
+        named = (report.get("best") or {}).get("job_id")
+        if (best.job_id if best else None) != named:
+            raise ResultUnverified(f"sweep {job_id}: the result names trial job {named} as best, the trials' own "
+                                   f"records make it {best.job_id if best else 'none (no trial completed)'}")
+        if best is None:
+            raise NoTrialCompleted(f"sweep {job_id} ended with no complete trial ("
+                                   f"{', '.join(f'{n}: {t.state}' for n, t in sorted(trials.items())) or 'none ran'})")
         out = Path(out_dir)
         files = self.result(best.job_id, out)  # the best trial's model, verified from its own rounds
         if files.model_id != report["model_id"]:
             raise ResultUnverified(f"sweep {job_id}: its result names model {report['model_id'][:12]}, the best "
                                    f"trial's verified model is {files.model_id[:12]}")
         files.report.rename(out / "best_trial_report.json")
+        report["trials"] = trials_table(search, trials)  # as the records say (the same, when honest)
         (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
-        (out / "trials.csv").write_text(table_csv(trials_table(search, trials)))
+        (out / "trials.csv").write_text(table_csv(report["trials"]))
         (out / "trials.png").write_bytes(trials_plot(search, trials))
         extras = [out / "best_trial_report.json", out / "trials.csv", out / "trials.png"] + files.extras
         return ResultFiles(out, files.model, out / "report.json", files.model_id, verified=True, extras=extras)
-
-    def _trial_value(self, trial_job_id: str, metric: str) -> float | None:
-        """The sweep metric of a trial's final model, from its job's verified report."""
-        from swarm.sweep import metric_of
-
-        model_id = self._agreed_model_id(trial_job_id)
-        for result in self.records.read(result_key(trial_job_id), ResultRecord):
-            if result.body.model_id != model_id:
-                continue
-            try:
-                report = json.loads(self._download(result.body.report_id))
-            except (BlobUnavailable, ValueError):
-                continue
-            if report.get("model_id") != model_id or report.get("job_id") != trial_job_id:
-                continue
-            if metric == "train_loss":
-                return metric_of(next((r for r in reversed(report["rounds"]) if r.get("train_loss") is not None),
-                                      {}), metric)
-            return metric_of(report.get("final") or {}, metric)
-        return None
 
     def rejected(self, job: JobRecord, r: int, merged: list[ProgressRecord]) -> set[str]:
         """Peers whose round-``r`` work was rejected: a false claim, or its drawn verifiers' majority

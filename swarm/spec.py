@@ -483,12 +483,15 @@ class JobSpec(BaseModel):
                 raise _FieldError(f"search.space.{name}", str(e)) from None
             kind, values = next(iter(dist.items()))
             ends = values if kind == "choice" else [int(v) if kind == "int" else float(v) for v in values]
+            if kind in ("uniform", "loguniform"):  # a point between the ends: a whole-number field refuses it
+                ends = [*ends, ends[0] + 0.37 * (ends[1] - ends[0])]
             for value in ends:
                 try:
                     JobSpec.model_validate(trial_spec(base, decode_params(self.search, {name: value}), fields))
                 except ValidationError as e:
+                    hint = " (a whole-number field: use int: [low, high])" if "integer" in str(e) else ""
                     raise _FieldError(f"search.space.{name}", f"value {value!r} does not make a valid job: "
-                                                              f"{_format_validation_error(e)}") from None
+                                                              f"{_format_validation_error(e)}{hint}") from None
 
     def trial(self, params: dict[str, Any]) -> JobSpec:
         """A sweep's trial: this job with the trial's (Optuna-valued) parameters put in."""

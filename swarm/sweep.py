@@ -223,10 +223,24 @@ def should_prune(search: SearchSpec, trials: dict[int, TrialView], trial: TrialV
 
 
 def trials_to_ask(search: SearchSpec, trials: dict[int, TrialView]) -> list[int]:
-    """The trial numbers to start now: up to ``parallel`` running, ``trials`` in all."""
+    """The trial numbers to start now, lowest first: up to ``parallel`` running, each number below
+    ``trials`` once (a number that has a record is never asked again)."""
     running = sum(t.state == "running" for t in trials.values())
-    room = min(search.parallel - running, search.trials - len(trials))
-    return [len(trials) + i for i in range(max(room, 0))]
+    free = [n for n in range(search.trials) if n not in trials]
+    return free[:max(search.parallel - running, 0)]
+
+
+def params_in_space(search: SearchSpec, params: dict[str, Any]) -> bool:
+    """Whether a record's parameters are one point of the space (every name, each value inside)."""
+    if set(params) != set(search.space):
+        return False
+    for name, dist in distributions(search).items():
+        try:
+            if not dist._contains(dist.to_internal_repr(params[name])):
+                return False
+        except (ValueError, TypeError, KeyError):
+            return False
+    return True
 
 
 def sweep_done(search: SearchSpec, trials: dict[int, TrialView]) -> bool:

@@ -77,26 +77,31 @@ def test_joining_through_a_dead_address_fails_clearly(tmp_path):
         )
 
 
-def test_a_sweeps_trials_count_only_from_the_peer_that_started_them_or_leads_the_sweep(two_nodes):
+def test_a_sweeps_trials_count_only_from_its_leader_and_only_inside_its_space(two_nodes):
     from dht.records import JobRecord, LeaderRecord, TrialRecord, leader_key, trials_key
     from peer.sweep_leader import read_trials
+    from swarm.sweep import SearchSpec
 
     alice, bob = two_nodes
-    sweep, trial_job = "d" * 24, "e" * 24
-    job = JobRecord(peer_id=alice.peer_id, job_id=trial_job, spec={}, dataset_id="0" * 64, submitted_at=time.time(),
-                    trial={"sweep": sweep, "number": 0})
-    started = TrialRecord(peer_id=alice.peer_id, job_id=sweep, number=0, trial_job=trial_job, params={"lr": 0.001})
-    alice.publish(trials_key(sweep), started, ttl=30, subkey_prefix=b"0:")
-    # bob neither started the trial nor leads the sweep: his "pruned" (or a made-up value) is ignored
-    forged = TrialRecord(peer_id=bob.peer_id, job_id=sweep, number=0, trial_job=trial_job, params={"lr": 0.001},
-                         state="pruned")
-    bob.publish(trials_key(sweep), forged, ttl=30, subkey_prefix=b"0:")
+    sweep_id, trial_job = "d" * 24, "e" * 24
+    sweep = JobRecord(peer_id=alice.peer_id, job_id=sweep_id, spec={}, dataset_id="0" * 64, submitted_at=time.time())
+    search = SearchSpec(space={"lr": {"loguniform": [1e-4, 1e-2]}}, trials=2)
+    alice.publish(leader_key(sweep_id), LeaderRecord(peer_id=alice.peer_id, job_id=sweep_id, since=time.time()), ttl=30)
+    started = TrialRecord(peer_id=alice.peer_id, job_id=sweep_id, number=0, trial_job=trial_job, params={"lr": 0.001})
+    alice.publish(trials_key(sweep_id), started, ttl=30, subkey_prefix=b"0:")
+    # bob does not lead the sweep: his "pruned", and a trial of his own, are ignored and counted
+    for number, state in ((0, "pruned"), (1, "complete")):
+        forged = TrialRecord(peer_id=bob.peer_id, job_id=sweep_id, number=number, trial_job="f" * 24,
+                             params={"lr": 0.001}, state=state, value=1.0)
+        bob.publish(trials_key(sweep_id), forged, ttl=30, subkey_prefix=f"{number}:".encode())
+    # the leader's own records are dropped too when they leave the space or the trial count
+    for number, params in ((1, {"lr": 5.0}), (2, {"lr": 0.001}), (1, {"lr": 0.001, "extra": 1})):
+        odd = TrialRecord(peer_id=alice.peer_id, job_id=sweep_id, number=number, trial_job="a" * 24, params=params)
+        alice.publish(trials_key(sweep_id), odd, ttl=30, subkey_prefix=f"{number}:{params}".encode())
     rejected = alice.rejected
-    trials = read_trials(alice, sweep, {trial_job: job})
-    assert trials[0].state == "running" and trials[0].author == alice.peer_id
-    assert alice.rejected == rejected + 1
-    # once bob holds the sweep's leader lease (alice died, say), his update is the trial's state
-    bob.publish(leader_key(sweep), LeaderRecord(peer_id=bob.peer_id, job_id=sweep, since=time.time()), ttl=30)
-    assert read_trials(alice, sweep, {trial_job: job})[0].state == "pruned"
-    # a trial record with no job behind it, from nobody in charge, names no trial at all
-    assert read_trials(alice, "f" * 24, {}) == {}
+    trials = read_trials(alice, sweep, search)
+    assert list(trials) == [0] and trials[0].state == "running" and trials[0].author == alice.peer_id
+    assert alice.rejected >= rejected + 4
+    # once bob holds the sweep's leader lease (alice died, say), his records are the sweep's too
+    bob.publish(leader_key(sweep_id), LeaderRecord(peer_id=bob.peer_id, job_id=sweep_id, since=time.time()), ttl=30)
+    assert set(read_trials(alice, sweep, search)) == {0, 1}

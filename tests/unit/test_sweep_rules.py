@@ -63,6 +63,7 @@ def test_a_trial_is_the_base_job_with_its_parameters_and_nothing_of_the_search()
     ({"lr": {"uniform": [0.2, 0.1]}}, "low (0.2) must be below high (0.1)"),
     ({"lr": {"normal": [0, 1]}}, "one of loguniform, uniform, int, choice"),
     ({"batch_size": {"int": [0, 64]}}, "search.space.batch_size: value 0 does not make a valid job"),
+    ({"batch_size": {"uniform": [16, 128]}}, "a whole-number field: use int: [low, high]"),
     ({"hidden": {"choice": [[64]]}}, "choice needs a list of at least 2 values"),
     ({"optimizer": {"choice": ["adam", "lion"]}}, "search.space.optimizer: value 'lion' does not make a valid job"),
 ])
@@ -130,6 +131,8 @@ def test_trials_start_up_to_parallel_and_stop_at_the_count():
     running = TrialView(number=1, job_id="1" * 24, params={})
     assert trials_to_ask(search, {0: done(0, 0.9), 1: running}) == [2]
     assert trials_to_ask(search, {0: done(0, 0.9), 1: running, 2: running}) == []
+    # a gap (a number another leader's record left out) is filled; a number with a record never again
+    assert trials_to_ask(search, {0: done(0, 0.9), 2: running}) == [1]
     assert not sweep_done(search, {0: done(0, 0.9), 1: running, 2: done(2, 0.5)})
     assert sweep_done(search, {0: done(0, 0.9), 1: done(1, 0.4, state="pruned"), 2: done(2, 0.5, state="failed")})
 
@@ -166,3 +169,10 @@ def test_the_lowest_live_lease_holder_leads():
     assert sweep_leader({"b", "a"}, {"a", "b", "c"}) == "a"
     assert sweep_leader({"b", "a"}, {"b", "c"}) == "b"  # a's lease outlived its heartbeat: not a leader
     assert sweep_leader(set(), {"a"}) is None
+
+
+def test_a_sweep_with_a_budget_is_refused_in_one_line():
+    from swarm.client import SweepUnpaid, price_per_sample
+
+    with pytest.raises(SweepUnpaid, match="a sweep cannot be paid yet"):
+        price_per_sample(sweep_spec(), budget=100.0)
