@@ -33,6 +33,7 @@ import argparse
 import json
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -161,9 +162,14 @@ def run_size(n: int, job_file: Path, work: Path, start_timeout: float, job_timeo
             row["seen_median_s"], row["seen_p95_s"] = statistics.median(spread), pct(spread, 0.95)
             row["seen_last_s"] = max(spread)
         row["all_leased_s"] = max(leased.values()) - published
+        def finished() -> bool:
+            try:
+                return swarm.status(job_id)["state"] == "finished"
+            except (subprocess.TimeoutExpired, RuntimeError):  # a status call on a saturated box: ask again
+                return False
+
         try:
-            swarm.wait_for(lambda: swarm.status(job_id)["state"] == "finished", timeout=job_timeout,
-                           what=f"the {n}-peer job to finish", poll=2.0)
+            swarm.wait_for(finished, timeout=job_timeout, what=f"the {n}-peer job to finish", poll=2.0)
         except TimeoutError:
             row["job"] = f"did not finish within {job_timeout:.0f}s"
             return row
