@@ -205,6 +205,10 @@ class RoundAverager(DecentralizedAverager):
             self._matchmaking.min_matchmaking_time = window
             self._matchmaking.potential_leaders.min_matchmaking_time = window
             self._matchmaking.target_group_size = size
+            # a group must hold a strict majority of the peers expected: two groups of one round
+            # can then never both merge (on a loaded box, matchmaking under a deadline once split
+            # 16 peers into groups of 4, 4, 3, 2, 2 and 1: no model had a majority, the round was lost)
+            self._matchmaking.min_group_size = max(2, size // 2 + 1)
             self._matchmaking.potential_leaders.target_group_size = size
             self._matchmaking.group_key_manager.target_group_size = size
             future.set_result(None)

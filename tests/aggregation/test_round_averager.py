@@ -108,6 +108,39 @@ def test_peers_in_different_rounds_never_average_together(dhts):
             averager.shutdown()
 
 
+def test_a_minority_of_the_expected_group_never_merges_on_its_own(dhts):
+    """Two of the four peers a round expects find each other: they must not average as a group
+    (the other two could do the same, and the round would end with two models). Three can."""
+    models = [_model(seed) for seed in range(3)]
+    before = [_params(m) for m in models]
+    averagers = [_averager(m, dht, "m") for m, dht in zip(models, dhts)]
+
+    def merge(members, round_no):
+        results = {}
+
+        def run(i):
+            averagers[i].prepare_round(round_no, 4)
+            results[i] = averagers[i].merge(list(models[i].parameters()), weight=1.0, gather={}, timeout=8)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in members]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        return results
+
+    try:
+        assert merge([0, 1], round_no=3) == {0: None, 1: None}
+        for model, old in zip(models, before):
+            assert all(torch.equal(p, q) for p, q in zip(model.parameters(), old))
+        merged = merge([0, 1, 2], round_no=5)
+        assert all(result is not None for result in merged.values()), merged
+        assert_bit_identical(models)
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+
+
 @pytest.mark.parametrize("reducer,options", [("centered_clip", {}), ("trimmed_mean", {"trim": 1})])
 def test_a_robust_reducer_keeps_a_poisoned_peer_from_dragging_the_group(dhts, reducer, options):
     honest = [_model(seed) for seed in range(3)]
