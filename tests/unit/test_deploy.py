@@ -24,7 +24,7 @@ SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", 
 def exported_series() -> dict[str, str]:
     """Every series name a peer's /metrics can carry -> its metric family's type."""
     stub = SimpleNamespace(alive_peers=lambda: {"me"}, jobs_seen=0, leases_held=lambda: 0,
-                           records=SimpleNamespace(rejected=0, refused_by_node=lambda: 0), blobs_service=SimpleNamespace(bytes_served=0))
+                           records=SimpleNamespace(rejected=0, reads=0, refused_by_node=lambda: 0), blobs_service=SimpleNamespace(bytes_served=0))
     series = {}
     for family in PeerMetrics(stub).registry.collect():
         for suffix in SUFFIXES[family.type]:
