@@ -37,7 +37,7 @@ from peer.loop import LoopThread
 from peer.metrics import PeerMetrics
 from peer.payout import escrow_problem
 from peer.private_data import load_private_dataset
-from peer.sweep_leader import SweepLeader, is_sweep, trial_problem
+from peer.sweep_leader import SweepLeader, TrialEnded, is_sweep, trial_problem
 from peer.transfer import PROVIDER_TTL, BlobService
 
 logger = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ class Peer:
                 if job.job_id not in self._declined:
                     self._declined.add(job.job_id)
                     logger.info(f"not taking job {job.job_id}: {why}")
-                if " is pruned" in why or " is complete" in why or " is failed" in why or "another job" in why:
+                if isinstance(why, TrialEnded):
                     self._finished_jobs.add(job.job_id)  # ended for good: not read again every second
                 continue
             view = job_view(job, len(staffing.get(job.job_id, ())))

@@ -83,6 +83,10 @@ def parent_sweep(job: JobRecord, jobs: dict[str, JobRecord]) -> JobRecord | None
     return parent if parent is not None and is_sweep(parent) else None
 
 
+class TrialEnded(str):
+    """A ``trial_problem`` that is for good (the trial is another job, or it ended): no use asking again."""
+
+
 def trial_problem(records: RecordStore, job: JobRecord, jobs: dict[str, JobRecord], *,
                   unknown_is_a_problem: bool = True) -> str | None:
     """Why a peer should not train a trial job (None: its sweep's records name it, still running).
@@ -99,9 +103,9 @@ def trial_problem(records: RecordStore, job: JobRecord, jobs: dict[str, JobRecor
         if trial is None:
             return f"not trial {number} of sweep {parent.job_id} by its records" if unknown_is_a_problem else None
         if trial.job_id != job.job_id:
-            return f"trial {number} of sweep {parent.job_id} is another job"
+            return TrialEnded(f"trial {number} of sweep {parent.job_id} is another job")
         if trial.state != "running":
-            return f"trial {number} of sweep {parent.job_id} is {trial.state}"
+            return TrialEnded(f"trial {number} of sweep {parent.job_id} is {trial.state}")
         if spec.trial(trial.params).to_dict() != job.spec or job.dataset_id != parent.dataset_id:
             return f"its job is not the sweep's job with trial {number}'s parameters"
     except Exception as e:  # a record that passed the schema but makes no job: refuse, never crash
