@@ -27,6 +27,7 @@ secagg       ``gpuflex.job.<id>.secagg.<round>.<try>``    (peer, step): keys / s
 credit       ``gpuflex.job.<id>.credit.<round>``          owner: leave-one-out losses on its held-out rows
 leader       ``gpuflex.job.<id>.leader``                  peer: its lease on driving a sweep's study
 trial        ``gpuflex.job.<id>.trials``                  (leader, trial number): a sweep's trial and its state
+prediction   ``gpuflex.job.<id>.predictions``             (peer, shard): an inference shard's predictions
 ===========  ===========================================  ====================================
 """
 
@@ -91,6 +92,10 @@ def leader_key(job_id: str) -> str:
 
 def trials_key(job_id: str) -> str:
     return f"gpuflex.job.{job_id}.trials"
+
+
+def predictions_key(job_id: str) -> str:
+    return f"gpuflex.job.{job_id}.predictions"
 
 
 def secagg_key(job_id: str, round_no: int, attempt: int, stage: str = "update") -> str:
@@ -192,6 +197,9 @@ class ResultRecord(_Body):
     model_id: str = Field(pattern=SHA256_HEX)
     report_id: str = Field(pattern=SHA256_HEX)
     cancelled: bool = False  # the consumer cancelled: the model is the last round merged before it
+    # an inference job: predictions.csv, assembled from the shards' accepted predictions
+    # (model_id is then the weights they were predicted with)
+    predictions_id: str | None = Field(default=None, pattern=SHA256_HEX)
 
 
 class AttestationRecord(_Body):
@@ -212,6 +220,9 @@ class VerdictRecord(_Body):
     ok: bool
     distance: float | None = None  # relative error of the claimed update vs the re-executed one
     reason: str = ""
+    # an inference job's check (subkey ``target:shard:``): the shard re-run and the predictions judged
+    shard: str | None = Field(default=None, pattern=SHA256_HEX)
+    predictions_id: str | None = Field(default=None, pattern=SHA256_HEX)
 
 
 class RatingRecord(_Body):
@@ -301,6 +312,18 @@ class TrialRecord(_Body):
     intermediate: dict[str, float] = {}  # round (as text: msgpack keys) -> the metric of its merged model
 
 
+class PredictionRecord(_Body):
+    """One inference shard's predictions by one peer (published under subkey ``<shard>:``)."""
+
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+    shard: str = Field(pattern=SHA256_HEX)
+    predictions_id: str = Field(pattern=SHA256_HEX)  # blob: safetensors of the shard's outputs (swarm.inference)
+    rows: int = Field(ge=1)
+    seconds: float = Field(default=0.0, ge=0)  # spent predicting it
+    device: str | None = None
+    wallet: str | None = None  # where this peer's pay for its rows goes (paid jobs)
+
+
 RECORD_KINDS: dict[str, type[_Body]] = {
     "peer": PeerRecord,
     "job": JobRecord,
@@ -317,6 +340,7 @@ RECORD_KINDS: dict[str, type[_Body]] = {
     "credit": CreditRecord,
     "leader": LeaderRecord,
     "trial": TrialRecord,
+    "prediction": PredictionRecord,
 }
 KIND_OF = {cls: kind for kind, cls in RECORD_KINDS.items()}
 
@@ -336,6 +360,7 @@ _KEY_PATTERNS = {
     "credit": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.credit\.[0-9]+$"),
     "leader": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.leader$"),
     "trial": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.trials$"),
+    "prediction": re.compile(r"gpuflex\.job\.[0-9a-f]{24}\.predictions$"),
 }
 
 

@@ -47,7 +47,7 @@ def job_footprint(spec: JobSpec, manifest: DatasetManifest) -> dict[str, int] | 
     from swarm.footprint import estimate_footprint
 
     try:
-        model = build_model(spec.model, manifest, seed=spec.training.seed)
+        model = build_model(spec.model, manifest, seed=spec.training.seed if spec.training else 0)
         return estimate_footprint(model, manifest, spec).to_dict()
     except Exception as e:
         logger.warning(f"job footprint not estimated: {e}")
@@ -165,6 +165,9 @@ class JobIntake:
                 if abs(time.time() - submitted_at) > MAX_CLOCK_SKEW_S:
                     raise JobRejected(f"the submission is stamped {time.time() - submitted_at:+.0f}s away from "
                                       f"this peer's clock (more than {MAX_CLOCK_SKEW_S:.0f}s): check the clocks")
+                if manifest.inference != (spec.type == "inference"):
+                    raise JobRejected("an inference job's dataset must be rows to predict (and only an inference "
+                                      "job's may be)")
                 wanted = {s.id for s in manifest.shards}
                 init = spec.model.init_from  # warm-start weights may come along (or already be in the swarm)
                 optional = {init[len(BLOB_REF):]} if init and init.startswith(BLOB_REF) else set()

@@ -124,6 +124,30 @@ class RoundMissed(Exception):
     """The round's shards were dealt without this peer: it arrived (or fell) behind the swarm."""
 
 
+def check_fit(peer: "Peer", job_id: str, model, manifest, spec) -> None:
+    """Refuse a job whose model (as this peer built it) needs more memory than the peer offers."""
+    from swarm.footprint import estimate_footprint
+
+    need = estimate_footprint(model, manifest, spec).memory_bytes
+    offered = peer.memory_offered()
+    if offered is not None and need > offered:
+        raise DoesNotFit(f"job {job_id} needs {need / 2**20:,.0f} MiB per peer, this peer offers "
+                         f"{offered / 2**20:,.0f} MiB: not taking it")
+
+
+def consumer_cancelled(records, job: JobRecord, seen_forged: set[str]) -> bool:
+    """The consumer signed a cancel of this job. Forged ones are ignored and counted once each
+    (``seen_forged``: the caller's, across calls), not once a round."""
+    found = [s.body for s in records.read(cancel_key(job.job_id), CancelRecord)]
+    genuine, ignored = consumer_cancel(found, job.job_id, job.consumer_key)
+    forged = {c.signature for c in ignored} - seen_forged
+    if genuine is None and forged:
+        seen_forged |= forged
+        records.rejected += len(forged)
+        logger.warning(f"job {job.job_id}: ignored {len(forged)} cancel record(s) not signed by its consumer")
+    return genuine is not None
+
+
 def model_to_bytes(model: torch.nn.Module) -> bytes:
     return save_safetensors({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
 
@@ -298,13 +322,7 @@ class JobRunner:
         return lr_for_round(t.lr, min(r, t.rounds), t.rounds, t.schedule, history)  # make-up: the last's
 
     def _check_fit(self, model) -> None:
-        from swarm.footprint import estimate_footprint
-
-        need = estimate_footprint(model, self.manifest, self.spec).memory_bytes
-        offered = self.peer.memory_offered()
-        if offered is not None and need > offered:
-            raise DoesNotFit(f"job {self.job.job_id} needs {need / 2**20:,.0f} MiB per peer, this peer offers "
-                             f"{offered / 2**20:,.0f} MiB: not taking it")
+        check_fit(self.peer, self.job.job_id, model, self.manifest, self.spec)
 
     def _move_if_needed(self, r: int, group: list[str]) -> None:
         """Between rounds: if this job has peers to spare and another is short of its min_peers,
@@ -944,15 +962,7 @@ class JobRunner:
 
     # ---------------------------------------------------------------- reading the swarm
     def _cancelled(self) -> bool:
-        """The consumer signed a cancel of this job (forged ones are ignored and counted)."""
-        found = [s.body for s in self.records.read(cancel_key(self.job.job_id), CancelRecord)]
-        genuine, ignored = consumer_cancel(found, self.job.job_id, self.job.consumer_key)
-        forged = {c.signature for c in ignored} - self._forged_cancels
-        if genuine is None and forged:  # counted once each, not once a round
-            self._forged_cancels |= forged
-            self.records.rejected += len(forged)
-            logger.warning(f"job {self.job.job_id}: ignored {len(forged)} cancel record(s) not signed by its consumer")
-        return genuine is not None
+        return consumer_cancelled(self.records, self.job, self._forged_cancels)
 
     def _trial_problem(self) -> str | None:
         """A sweep's trial: why it should stop now (pruned by the sweep's leader), or None."""

@@ -140,6 +140,7 @@ class Peer:
         from peer.job_runner import (  # imports torch-heavy modules
             Banned, DoesNotFit, JobClosed, JobRunner, JobStopped, Reassigned,
         )
+        from peer.inference_runner import InferenceRunner
 
         next_job: str | None = None  # where a move at a round boundary sends us
         while not self.stopping.is_set():
@@ -152,7 +153,8 @@ class Peer:
                 continue
             self.set_current_job(job.job_id)
             try:
-                JobRunner(self, job).run()
+                runner = InferenceRunner if job.spec.get("type") == "inference" else JobRunner
+                runner(self, job).run()
                 self._finished_jobs.add(job.job_id)
             except JobStopped:
                 break
@@ -339,7 +341,7 @@ def job_view(job: JobRecord, active_peers: int) -> schedule.JobView:
     if job.escrow:
         from ledger.chain import GPUX
 
-        price = int(job.escrow["price_per_unit"]) / GPUX  # a unit is a trained sample
+        price = int(job.escrow["price_per_unit"]) / GPUX  # a unit is a trained sample (inference: a predicted row)
     return schedule.JobView(
         job_id=job.job_id, submitted_at=job.submitted_at, min_peers=swarm.get("min_peers", 1),
         max_peers=swarm.get("max_peers", 8), active_peers=active_peers, finished=False,

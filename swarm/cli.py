@@ -137,7 +137,9 @@ def job_submit(
         from swarm.datasets import load_dataset
 
         # bad data fails here, before any peer is dialled (a federated job's data is its owners')
-        dataset = load_dataset(spec.data, spec.task) if spec.data.federated is None else None
+        # (an inference job's rows are read by the client: they have no labels to check)
+        dataset = load_dataset(spec.data, spec.task) if spec.data.federated is None and spec.type != "inference" \
+            else None
 
         ledger = None
         if budget is not None:  # a wrong password, an empty wallet, a budget too small: before dialling
@@ -207,6 +209,9 @@ def job_status(
     if status.get("type") == "sweep":
         typer.echo(_sweep_lines(status))
         return
+    if status.get("type") == "inference":
+        typer.echo(_inference_lines(status))
+        return
     typer.echo(f"job {status['job_id']} ({status['name']}): {status['state']}")
     typer.echo(f"  round {status['round']}/{status['rounds']} ({status['rounds_done']} done)")
     if status["train_loss"] is not None:
@@ -221,6 +226,19 @@ def job_status(
         said = f": \"{rating['comment']}\"" if rating["comment"] else ""
         typer.echo(f"  rated {stars(rating['stars'])} {rating['stars']}/5 by the consumer{said}")
         typer.echo(f"    for the work of {', '.join(p[:12] for p in sorted(status['peers_done']))}")
+
+
+def _inference_lines(status: dict) -> str:
+    """An inference job's status: rows predicted, checks, and each peer's share."""
+    lines = [f"inference {status['job_id']} ({status['name']}): {status['state']}, "
+             f"{status['rows_done']:,}/{status['rows']:,} rows ({status['shards_done']}/{status['shards']} shards)"
+             + (f", model of job {status['from_job']}" if status["from_job"] else "")]
+    lines.append(f"  checks {status['checks']} ({status['rejected_checks']} rejected), caught "
+                 f"{len(status['caught'])}, disputed {status['disputed']}")
+    for peer_id, entry in sorted(status["peers"].items()):
+        working = "  predicting" if peer_id in status["working"] else ""
+        lines.append(f"  peer {peer_id[:12]}  {entry['rows']:>7,} rows  {entry['shards']:>4} shards{working}")
+    return "\n".join(lines)
 
 
 def _sweep_lines(status: dict) -> str:
@@ -284,10 +302,11 @@ def job_watch(
             from swarm.watch import render
 
             status = client.status(job_id)
-            if status.get("type") == "sweep":  # a sweep's trials, reprinted as they change
+            if status.get("type") in ("sweep", "inference"):  # reprinted as it changes
                 shown = None
+                lines_of = _sweep_lines if status["type"] == "sweep" else _inference_lines
                 while True:
-                    lines = _sweep_lines(status)
+                    lines = lines_of(status)
                     if lines != shown:
                         typer.echo(lines)
                         shown = lines
@@ -321,6 +340,11 @@ def job_result(
     except GPUFlexError as e:
         _fail(e)
     report = json.loads(files.report.read_text())
+    if report.get("type") == "inference":
+        typer.echo(f"predictions  {files.model}  (sha256 {files.model_id[:16]}…, verified: {report['rows']:,} rows "
+                   f"from {len(report['peers'])} peers, {len(report['checks'])} checks)")
+        typer.echo(f"report       {files.report}")
+        return
     typer.echo(f"model   {files.model}  (sha256 {files.model_id[:16]}…, verified)")
     typer.echo(f"report  {files.report}")
     if files.tracking_run:

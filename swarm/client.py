@@ -26,6 +26,7 @@ from dht.records import (
     JobRecord,
     LeaseRecord,
     PeerRecord,
+    PredictionRecord,
     PrivateDataRecord,
     ProgressRecord,
     ProviderRecord,
@@ -34,6 +35,7 @@ from dht.records import (
     ResultRecord,
     VerdictRecord,
     leases_key,
+    predictions_key,
     private_data_key,
     progress_key,
     provider_key,
@@ -116,6 +118,8 @@ def most_samples(spec: JobSpec, manifest=None) -> int:
     from peer.private_data import owner_steps
     from peer.schedule import MAX_SPEED_SKEW
 
+    if spec.type == "inference":  # a unit is a predicted row, paid once (re-runs that check it are not)
+        return manifest.predict_rows if manifest is not None else 1
     t, peers = spec.training, spec.swarm.max_peers
     if spec.data.federated is None:
         return t.rounds * t.local_steps * t.batch_size * peers
@@ -124,6 +128,10 @@ def most_samples(spec: JobSpec, manifest=None) -> int:
     steps = sorted((owner_steps(t.local_steps, n, manifest.owner_rows, spec.data.validation_fraction)
                     for n in manifest.owner_rows), reverse=True)[:peers]
     return t.rounds * t.batch_size * sum(steps)
+
+
+class InferenceRefused(GPUFlexError):
+    """An inference job's model can not be used: its training job is unknown, unfinished or not a training job."""
 
 
 class NoTrialCompleted(GPUFlexError):
@@ -264,6 +272,9 @@ class Client:
         from swarm.shards import shard_dataset
 
         spec = job if isinstance(job, JobSpec) else load_job_file(job)
+        if spec.type == "inference":
+            manifest, blobs, public = self._inference_submission(spec)
+            return self._send(spec, manifest, blobs, public, budget, ledger, deadline_hours)
         if spec.data.federated is not None:  # the owners hold the data: check the job against what they say
             manifest, blobs = self.federated_manifest(spec), {}
         else:
@@ -286,6 +297,9 @@ class Client:
         if init is not None:
             check_initial_weights(model, init[1])
             public["model"]["init_from"] = BLOB_REF + init[0]
+        return self._send(spec, manifest, blobs, public, budget, ledger, deadline_hours)
+
+    def _send(self, spec: JobSpec, manifest, blobs: dict, public: dict, budget, ledger, deadline_hours) -> "Job":
         escrow = None
         if budget is not None:  # a paid job: the budget is escrowed on chain before the job is announced
             escrow = open_escrow(spec, manifest.dataset_id, budget, ledger, deadline_hours, manifest)
@@ -294,6 +308,45 @@ class Client:
                                                consumer_key=consumer), timeout=600)
         self._wait(lambda: self._job(job_id, missing_ok=True), timeout=30, what=f"job {job_id} to appear in the DHT")
         return Job(self, job_id)
+
+    def _inference_submission(self, spec: JobSpec) -> tuple:
+        """An inference job's manifest, blobs and public spec: the rows in input order, the model
+        resolved (``from_job``: the training job's architecture and its verified final model) and
+        checked to load into the network before anything is sent."""
+        from swarm.catalog import build_model
+        from swarm.datasets import load_inputs
+        from swarm.shards import DatasetManifest, shard_inputs, weights_manifest
+
+        features, names = load_inputs(spec.data)
+        public = spec.to_dict()
+        public["data"]["path"] = Path(spec.data.path).name
+        blobs: dict[str, bytes] = {}
+        named = spec.data.format == "csv"
+        if spec.model.from_job is not None:
+            trained = self._job(spec.model.from_job, missing_ok=True)
+            if trained is None:
+                raise InferenceRefused(f"model.from_job: no job {spec.model.from_job} in the swarm")
+            if trained.spec.get("type", "training") != "training":
+                raise InferenceRefused(f"model.from_job: job {trained.job_id} is a {trained.spec['type']} job; name a "
+                                       "training job (a sweep's best trial is one: see its result)")
+            weights_id = self._agreed_model_id(trained.job_id)  # the final round's agreed model, or refused
+            trained_spec = JobSpec.from_dict(trained.spec, source=f"job {trained.job_id}")
+            trained_manifest = DatasetManifest.from_bytes(self._download(trained.dataset_id), trained.dataset_id)
+            manifest, blobs = shard_inputs(features, names, trained_manifest, spec.data.shard_rows, named=named)
+            public["task"] = trained_spec.task
+            public["model"] = trained_spec.model.model_dump(mode="json") | {
+                "init_from": BLOB_REF + weights_id, "from_job": trained.job_id}
+            weights = self._download(weights_id)
+        else:
+            base = weights_manifest(spec.task, list(features.shape[1:]), names, spec.data.class_names())
+            manifest, blobs = shard_inputs(features, names, base, spec.data.shard_rows, named=named)
+            weights = Path(spec.model.init_from).read_bytes()
+            weights_id = hashlib.sha256(weights).hexdigest()
+            blobs[weights_id] = weights
+            public["model"]["init_from"] = BLOB_REF + weights_id
+        resolved = JobSpec.from_dict(public, source="the inference job")
+        check_initial_weights(build_model(resolved.model, manifest, seed=0), weights)
+        return manifest, blobs, public
 
     def federated_manifest(self, spec: JobSpec):
         """A federated job's manifest, from the owners' records of its dataset (``swarm.federated``):
@@ -381,6 +434,9 @@ class Client:
         from swarm.footprint import estimate_footprint
 
         spec = job if isinstance(job, JobSpec) else load_job_file(job)
+        if spec.type == "inference":
+            raise InferenceRefused("a quote covers training jobs; an inference job costs its rows at the price its "
+                                   "--budget sets (budget / rows per row)")
         if spec.data.federated is not None:
             from swarm.federated import federated_manifest, fitting_owners
 
@@ -408,6 +464,8 @@ class Client:
         job = self._job(job_id)
         if job.spec.get("type") == "sweep":
             return self._sweep_status(job)
+        if job.spec.get("type") == "inference":
+            return self._inference_status(job)
         rounds = []
         for r in _round_numbers(job):
             progress = [s.body for s in self.records.read(progress_key(job_id, r), ProgressRecord)]
@@ -442,8 +500,11 @@ class Client:
     # ---------------------------------------------------------------- result
     def result(self, job_id: str, out_dir: str | os.PathLike) -> ResultFiles:
         """Download the final model and report, verified against the final round's signed records."""
-        if self._job(job_id).spec.get("type") == "sweep":
+        kind = self._job(job_id).spec.get("type")
+        if kind == "sweep":
             return self._sweep_result(job_id, out_dir)
+        if kind == "inference":
+            return self._inference_result(job_id, out_dir)
         model_id = self._agreed_model_id(job_id)
         audit = self.audit(job_id, check_models=False)
         if not audit.ok:
@@ -475,6 +536,83 @@ class Client:
         files = ResultFiles(out, out / "model.safetensors", out / "report.json", model_id, verified=True, extras=extras)
         track_result(self._job(job_id).spec, report, files)  # the job file's `tracking:`, if any
         return files
+
+    # ---------------------------------------------------------------- inference
+    def _inference_view(self, job: JobRecord):
+        """The job's manifest, its signed prediction and verdict records, and what they resolve to."""
+        from peer.inference_runner import as_predictions, as_verdicts
+        from swarm.inference import resolve
+        from swarm.shards import DatasetManifest
+
+        manifest = DatasetManifest.from_bytes(self._download(job.dataset_id), job.dataset_id)
+        predictions = [s.body for s in self.records.read(predictions_key(job.job_id), PredictionRecord)]
+        verdicts = [s.body for s in self.records.read(verdict_key(job.job_id, 1), VerdictRecord)]
+        rows = {s.id: s.rows for s in manifest.shards}
+        view = resolve(manifest.shard_ids("predict"), as_predictions(predictions), as_verdicts(verdicts), rows)
+        return manifest, predictions, verdicts, view
+
+    def _inference_status(self, job: JobRecord) -> dict:
+        manifest, predictions, verdicts, view = self._inference_view(job)
+        results = [s.body for s in self.records.read(result_key(job.job_id), ResultRecord) if s.body.predictions_id]
+        cancelled = self.cancelled(job.job_id, job)
+        working = {s.author: s.body.shards for s in self.records.read(leases_key(job.job_id, 1), LeaseRecord)}
+        done_rows = sum(p.rows for p in view.accepted.values())
+        state = "finished" if results else "cancelled" if cancelled else "running" if predictions or working \
+            else "queued"
+        peers: dict[str, dict] = {}
+        for p in view.accepted.values():
+            entry = peers.setdefault(p.author, {"rows": 0, "shards": 0})
+            entry["rows"] += p.rows
+            entry["shards"] += 1
+        return {
+            "job_id": job.job_id, "type": "inference", "name": job.spec.get("name"), "state": state,
+            "rows": manifest.predict_rows, "rows_done": done_rows, "shards": len(manifest.shards),
+            "shards_done": len(view.accepted), "working": sorted(working), "peers": peers,
+            "checks": len(verdicts), "rejected_checks": sum(not v.ok for v in verdicts), "caught": sorted(view.caught),
+            "disputed": len(view.disputed), "min_peers": job.spec.get("swarm", {}).get("min_peers", 1),
+            "from_job": job.spec["model"].get("from_job"), "rating": self.rating(job.job_id, job),
+        }
+
+    def _inference_result(self, job_id: str, out_dir: str | os.PathLike) -> ResultFiles:
+        """predictions.csv and the report, checked: every shard's predictions the report names are
+        signed by their predictor, none of them caught, and the file is those predictions, in order."""
+        from peer.inference_runner import paid_records
+        from swarm.inference import decode_outputs, predictions_csv
+
+        job = self._job(job_id)
+        spec = JobSpec.from_dict(job.spec, source=f"job {job_id}")
+        results = sorted((s.body for s in self.records.read(result_key(job_id), ResultRecord) if s.body.predictions_id),
+                         key=lambda r: r.peer_id)
+        if not results:
+            raise ResultNotReady(f"job {job_id} has no result yet: see `gpuflex job status {job_id}`")
+        manifest, predictions, _, view = self._inference_view(job)
+        problems = []
+        for result in results:
+            try:
+                report = json.loads(self._download(result.report_id))
+                if report.get("job_id") != job_id or report.get("predictions_id") != result.predictions_id:
+                    raise ResultUnverified("the report describes another result")
+                paid_records(report, predictions, job_id)  # every entry a signed prediction of its peer
+                listed = [e["shard"] for e in report["shards"]]
+                if listed != manifest.shard_ids("predict"):
+                    raise ResultUnverified("the report's shards are not the job's, in order")
+                caught = {e["predictor"] for e in report["shards"]} & view.caught
+                if caught:
+                    raise ResultUnverified(f"it uses predictions of {sorted(caught)[0][:12]}, whom re-runs caught")
+                outputs = [decode_outputs(self._download(e["predictions_id"]), e["predictions_id"], e["rows"],
+                                          manifest.num_outputs) for e in report["shards"]]
+                csv_bytes = predictions_csv(outputs, manifest.task, manifest.classes, spec.inference.probabilities)
+                if hashlib.sha256(csv_bytes).hexdigest() != result.predictions_id:
+                    raise ResultUnverified("predictions.csv is not the shards' predictions")
+            except (GPUFlexError, ValueError, KeyError) as e:
+                problems.append(f"result by {result.peer_id[:12]}: {e}")
+                continue
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "predictions.csv").write_bytes(csv_bytes)
+            (out / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+            return ResultFiles(out, out / "predictions.csv", out / "report.json", result.predictions_id, verified=True)
+        raise ResultUnverified(f"job {job_id}: no result checks out ({problems[0]})")
 
     # ---------------------------------------------------------------- sweeps
     def _sweep_status(self, job: JobRecord) -> dict:

@@ -25,7 +25,7 @@ from dht.errors import GPUFlexError
 if TYPE_CHECKING:  # spec.py imports this module; a runtime import back would be circular.
     from swarm.spec import DataSpec
 
-__all__ = ["Dataset", "DatasetError", "IMAGE_EXTENSIONS", "inspect_columns", "load_dataset"]
+__all__ = ["Dataset", "DatasetError", "IMAGE_EXTENSIONS", "inspect_columns", "load_dataset", "load_inputs"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 
@@ -80,13 +80,16 @@ def inspect_columns(data: DataSpec) -> list[str]:
     column/array is missing, and ``data.path`` when the file cannot be read.
     """
     path = Path(data.path)
+    labelled = data.label_column is not None  # an inference job's rows may have no label
     if data.format == "csv":
         header = _csv_header(path)
-        _label_index(header, data.label_column, path, what="column")
+        if labelled:
+            _label_index(header, data.label_column, path, what="column")
         return header
     if data.format == "npz":
         names = _npz_names(path)
-        _label_index(names, data.label_column, path, what="array")
+        if labelled:
+            _label_index(names, data.label_column, path, what="array")
         _npz_features_name(names, data.label_column, path)
         return names
     return [d.name for d in _class_dirs(path)]
@@ -123,6 +126,47 @@ def load_dataset(data: DataSpec, task: str) -> Dataset:
     return dataset
 
 
+def load_inputs(data: DataSpec) -> tuple[np.ndarray, list[str]]:
+    """An inference job's rows, in file order: float32 features ``(N, *shape)`` and one name per
+    flattened feature. A label column (array), if the job names one, is left out, so a labelled
+    file can be predicted as it is."""
+    path = Path(data.path)
+    if not path.is_file():
+        raise DatasetError("data.path", f"{path} not found")
+    if path.stat().st_size > data.max_bytes:
+        raise DatasetError("data.path", f"{path} is {path.stat().st_size:,} bytes, over the job's limit of "
+                                        f"{data.max_bytes:,} (data.max_bytes)")
+    if data.format == "csv":
+        header = _csv_header(path)
+        skip = _label_index(header, data.label_column, path, what="column") if data.label_column else None
+        rows = _csv_rows(path, header)
+        columns = [i for i in range(len(header)) if i != skip]
+        if not columns:
+            raise DatasetError("data.path", f"{path}: no feature columns")
+        cells = np.array(rows, dtype=str)
+        features = np.empty((len(rows), len(columns)), dtype=np.float32)
+        for j, col in enumerate(columns):
+            features[:, j] = _parse_numbers(cells[:, col], path, header[col], "data.path")
+        return features, [header[i] for i in columns]
+    if data.format == "npz":
+        names = _npz_names(path)
+        if data.label_column:
+            _label_index(names, data.label_column, path, what="array")
+        name = _npz_features_name(names, data.label_column, path)
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                x = npz[name]
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise DatasetError("data.path", f"cannot read {path}: {e}") from None
+        if x.ndim == 0 or x.dtype.kind not in "biuf" or len(x) == 0:
+            raise DatasetError("data.path", f"{path}: array '{name}' must be numeric of shape (N, ...), got "
+                                            f"{x.dtype} {x.shape}")
+        x = x[:, None] if x.ndim == 1 else x
+        _check_finite(x.reshape(len(x), -1).astype(np.float64), path, lambda i: f"array '{name}', row {i}", "data.path")
+        return x.astype(np.float32), [f"{name}_{i}" for i in range(int(np.prod(x.shape[1:])))]
+    raise DatasetError("data.format", f"inference reads csv or npz, not {data.format!r}")
+
+
 # --------------------------------------------------------------------------------------- csv
 
 
@@ -144,6 +188,26 @@ def _csv_header(path: Path) -> list[str]:
 def _load_csv(path: Path, label_column: str | None, task: str) -> Dataset:
     header = _csv_header(path)
     label_at = _label_index(header, label_column, path, what="column")
+    rows = _csv_rows(path, header)
+
+    # Rows are numbered as a person sees them in an editor/spreadsheet: the header is row 1.
+    feature_columns = [i for i in range(len(header)) if i != label_at]
+    if not feature_columns:
+        raise DatasetError("data.path", f"{path}: no feature columns besides the label column '{label_column}'")
+    cells = np.array(rows, dtype=str)
+    features = np.empty((len(rows), len(feature_columns)), dtype=np.float32)
+    for j, col in enumerate(feature_columns):
+        features[:, j] = _parse_numbers(cells[:, col], path, header[col], "data.path")
+    labels = cells[:, label_at]
+    if task == "classification":
+        targets, classes = _encode_classes((s.strip() for s in labels), path, f"column '{label_column}'")
+    else:
+        targets, classes = _parse_numbers(labels, path, label_column, "data.label_column"), None
+    return Dataset(features, targets, [header[i] for i in feature_columns], classes)
+
+
+def _csv_rows(path: Path, header: list[str]) -> list[list[str]]:
+    """The cells of every data row, checked to be as wide as the header (blank lines skipped)."""
     rows: list[list[str]] = []
     try:
         with path.open(newline="", encoding="utf-8") as f:
@@ -161,21 +225,7 @@ def _load_csv(path: Path, label_column: str | None, task: str) -> Dataset:
         raise DatasetError("data.path", f"cannot read {path}: {e}") from None
     if not rows:
         raise DatasetError("data.path", f"{path}: the dataset has no rows (only a header)")
-
-    # Rows are numbered as a person sees them in an editor/spreadsheet: the header is row 1.
-    feature_columns = [i for i in range(len(header)) if i != label_at]
-    if not feature_columns:
-        raise DatasetError("data.path", f"{path}: no feature columns besides the label column '{label_column}'")
-    cells = np.array(rows, dtype=str)
-    features = np.empty((len(rows), len(feature_columns)), dtype=np.float32)
-    for j, col in enumerate(feature_columns):
-        features[:, j] = _parse_numbers(cells[:, col], path, header[col], "data.path")
-    labels = cells[:, label_at]
-    if task == "classification":
-        targets, classes = _encode_classes((s.strip() for s in labels), path, f"column '{label_column}'")
-    else:
-        targets, classes = _parse_numbers(labels, path, label_column, "data.label_column"), None
-    return Dataset(features, targets, [header[i] for i in feature_columns], classes)
+    return rows
 
 
 def _parse_numbers(column: np.ndarray, path: Path, name: str | None, field: str) -> np.ndarray:

@@ -61,7 +61,16 @@ def activation_values_per_sample(model: nn.Module, feature_shape) -> int:
 
 
 def estimate_footprint(model: nn.Module, manifest, spec) -> Footprint:
-    """``spec``: the job's JobSpec (training and aggregation decide the copies kept)."""
+    """``spec``: the job's JobSpec (training and aggregation decide the copies kept). An
+    inference job keeps the weights and one batch's activations, and a row costs one forward
+    pass (``train_flops_per_sample`` is then that: the unit a row is priced in)."""
+    if spec.type == "inference":
+        params, batch = count_parameters(model), spec.inference.batch_size
+        forward = flops_per_sample(model, manifest)
+        return Footprint(parameters=params,
+                         memory_bytes=FLOAT_BYTES * (params + activation_values_per_sample(model, manifest.feature_shape)
+                                                     * batch),
+                         train_flops_per_sample=forward, flops_per_round=forward * batch)
     t, agg = spec.training, spec.aggregation
     params = count_parameters(model)
     copies = 1 + 1 + 1  # weights, gradients, the averager's shared copy

@@ -31,9 +31,11 @@ __all__ = [
     "DatasetManifest",
     "ShardInfo",
     "ShardIntegrityError",
+    "decode_inputs",
     "decode_shard",
     "sha256_hex",
     "shard_dataset",
+    "shard_inputs",
 ]
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -60,7 +62,7 @@ class ShardInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(pattern=_SHA256_HEX.pattern)
-    split: Literal["train", "val"]
+    split: Literal["train", "val", "predict"]  # predict: an inference job's rows, in input order
     rows: int = Field(gt=0)
 
 
@@ -82,8 +84,8 @@ class DatasetManifest(BaseModel):
     target_mean: float | None = None  # regression only
     target_std: float | None = None  # regression only
     shards: list[ShardInfo]
-    train_rows: int = Field(gt=0)
-    val_rows: int = Field(gt=0)
+    train_rows: int = Field(ge=0)  # > 0 but for an inference job's rows (all "predict" shards)
+    val_rows: int = Field(ge=0)
     # a federated job's private dataset (peer.private_data): no shards, the rows stay with their
     # owners; the row counts are the owners' advertised totals, the features are not normalised
     # (no owner shares statistics of its rows: give them on a common scale)
@@ -117,10 +119,25 @@ class DatasetManifest(BaseModel):
             if self.shards:
                 raise ValueError("a federated dataset has no shards: its rows stay with their owners")
             return self
+        if self.inference:
+            if not all(s.split == "predict" for s in self.shards) or self.train_rows or self.val_rows:
+                raise ValueError("an inference dataset has only predict shards and no train or val rows")
+            return self
+        if not self.train_rows or not self.val_rows:
+            raise ValueError("a training dataset needs train and val rows")
         for split, rows in (("train", self.train_rows), ("val", self.val_rows)):
             if sum(s.rows for s in self.shards if s.split == split) != rows:
                 raise ValueError(f"{split}_rows does not match the {split} shards")
         return self
+
+    @property
+    def inference(self) -> bool:
+        """Rows to predict (``shard_inputs``), not to train on."""
+        return bool(self.shards) and self.shards[0].split == "predict"
+
+    @property
+    def predict_rows(self) -> int:
+        return sum(s.rows for s in self.shards if s.split == "predict")
 
     def to_bytes(self) -> bytes:
         """Canonical JSON (sorted keys, no spaces): the same manifest is always the same bytes."""
@@ -153,7 +170,7 @@ class DatasetManifest(BaseModel):
             where = ".".join(str(p) for p in first["loc"]) or "<top level>"
             raise ShardIntegrityError(f"manifest {name}: malformed: {where}: {first['msg']}") from None
 
-    def shard_ids(self, split: Literal["train", "val"]) -> list[str]:
+    def shard_ids(self, split: Literal["train", "val", "predict"]) -> list[str]:
         return [s.id for s in self.shards if s.split == split]
 
 
@@ -222,6 +239,80 @@ def shard_dataset(dataset: Dataset, spec: JobSpec) -> tuple[DatasetManifest, dic
     return manifest, blobs
 
 
+class InputsMismatch(GPUFlexError):
+    """An inference job's rows do not have the features its model was trained on."""
+
+
+def shard_inputs(features: np.ndarray, feature_names: list[str], model: DatasetManifest, shard_rows: int,
+                 named: bool = True) -> tuple[DatasetManifest, dict[str, bytes]]:
+    """Cut an inference job's rows into shards, in input order (shard i holds rows i*shard_rows
+    on), for a model trained on ``model``'s data: its features, classes and statistics are
+    copied, so a peer builds the same network. Two equal shards (duplicate rows) are two entries
+    of one blob: the manifest's order is the input's order. ``named``: the input's feature names
+    are its own (a csv header), so they must be the model's, in its order."""
+    if list(features.shape[1:]) != model.feature_shape:
+        raise InputsMismatch(f"data.path: rows of shape {list(features.shape[1:])}, the model takes "
+                             f"{model.feature_shape}")
+    if named and feature_names != model.feature_names:
+        diff = next((i for i, (a, b) in enumerate(zip(feature_names, model.feature_names)) if a != b),
+                    min(len(feature_names), len(model.feature_names)))
+        got = feature_names[diff] if diff < len(feature_names) else "(none)"
+        raise InputsMismatch(f"data.path: column {diff + 1} is {got!r}, the model was trained with "
+                             f"{model.feature_names[diff]!r} there (columns must be the training data's, in order)")
+    blobs: dict[str, bytes] = {}
+    shards: list[ShardInfo] = []
+    for start in range(0, len(features), shard_rows):
+        blob = _safetensors_save({"features": np.ascontiguousarray(features[start : start + shard_rows])})
+        shard_id = sha256_hex(blob)
+        blobs[shard_id] = blob
+        shards.append(ShardInfo(id=shard_id, split="predict", rows=len(features[start : start + shard_rows])))
+    fields = model.model_dump(exclude={"shards", "train_rows", "val_rows", "federated", "owner_rows"})
+    return DatasetManifest(**fields, shards=shards, train_rows=0, val_rows=0), blobs
+
+
+def weights_manifest(task: str, feature_shape: list[int], feature_names: list[str],
+                     classes: list[str] | None) -> DatasetManifest:
+    """What a model built around a weights file needs to know of its data (no shards): its
+    statistics are placeholders, since the file's own normalisation buffers replace them."""
+    n = math.prod(feature_shape)
+    regression = task == "regression"
+    return DatasetManifest.model_construct(
+        version=1, task=task, feature_shape=feature_shape, feature_names=feature_names,
+        num_outputs=1 if regression else len(classes), classes=None if regression else classes,
+        feature_mean=[0.0] * n, feature_std=[1.0] * n, target_mean=0.0 if regression else None,
+        target_std=1.0 if regression else None, shards=[], train_rows=0, val_rows=0, federated=None,
+        owner_rows=None)
+
+
+def decode_inputs(blob: bytes, expected_id: str, manifest: DatasetManifest | None = None) -> np.ndarray:
+    """Verify and parse an inference shard (``shard_inputs``); returns its features."""
+    arrays = _verified_arrays(blob, expected_id)
+    name = _short(expected_id)
+    if set(arrays) != {"features"}:
+        raise ShardIntegrityError(f"shard {name}: malformed: expected one tensor features, got {sorted(arrays)}")
+    x = arrays["features"]
+    if x.dtype != np.float32 or x.ndim < 2 or len(x) == 0:
+        raise ShardIntegrityError(f"shard {name}: malformed: features must be float32 (n, ...), got {x.dtype} {x.shape}")
+    if manifest is not None and list(x.shape[1:]) != manifest.feature_shape:
+        raise ShardIntegrityError(f"shard {name}: features {list(x.shape[1:])} do not match the manifest's "
+                                  f"{manifest.feature_shape}")
+    return x
+
+
+def _verified_arrays(blob: bytes, expected_id: str) -> dict[str, np.ndarray]:
+    """The arrays of a blob that hashes to ``expected_id`` (checked before any parsing)."""
+    got = sha256_hex(blob)
+    if got != expected_id:
+        raise ShardIntegrityError(
+            f"shard {_short(expected_id)}: content hash mismatch (got {_short(got)}) — tampered or corrupt"
+        )
+    try:
+        return _safetensors_load(bytes(blob))
+    except Exception as e:  # safetensors raises its own error types (and ValueError) on bad input
+        raise ShardIntegrityError(f"shard {_short(expected_id)}: malformed: not a safetensors blob "
+                                  f"({type(e).__name__}: {e})") from None
+
+
 def _split(
     labels: np.ndarray | None, n: int, fraction: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -249,16 +340,8 @@ def decode_shard(
     parser unless they are exactly the bytes the job named. With ``manifest``, the arrays are also
     checked against the dataset's feature shape, target kind and class count.
     """
-    got = sha256_hex(blob)
-    if got != expected_id:
-        raise ShardIntegrityError(
-            f"shard {_short(expected_id)}: content hash mismatch (got {_short(got)}) — tampered or corrupt"
-        )
+    arrays = _verified_arrays(blob, expected_id)
     name = _short(expected_id)
-    try:
-        arrays = _safetensors_load(bytes(blob))
-    except Exception as e:  # safetensors raises its own error types (and ValueError) on bad input
-        raise ShardIntegrityError(f"shard {name}: malformed: not a safetensors blob ({type(e).__name__}: {e})") from None
     if set(arrays) != {"features", "targets"}:
         raise ShardIntegrityError(f"shard {name}: malformed: expected tensors features and targets, got {sorted(arrays)}")
     x, y = arrays["features"], arrays["targets"]

@@ -31,6 +31,7 @@ from swarm.sweep import SearchSpec, SpaceError, decode_params, param_path, trial
 
 __all__ = [
     "DataSpec",
+    "InferenceSpec",
     "JobSpec",
     "JobSpecError",
     "ModelSpec",
@@ -43,6 +44,7 @@ __all__ = [
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 CUSTOM_MODEL_PATTERN = rf"^{_IDENT}(\.{_IDENT})*:{_IDENT}$"
 PRIVATE_DATASET_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # as registered with `gpuflex peer --private-data NAME=FILE`
+JOB_ID = r"^[0-9a-f]{24}$"  # dht.records.JOB_ID_PATTERN (not imported: the spec does not depend on the DHT)
 
 
 class JobSpecError(GPUFlexError):
@@ -85,9 +87,18 @@ class ModelSpec(BaseModel):
     # Warm start: a safetensors file of this architecture (a previous result, pretrained weights).
     # The consumer names a local path; the submitted job names the blob: "sha256:<hex>".
     init_from: str | None = Field(default=None, min_length=1)
+    # an inference job's model: the verified result of this finished training job (its
+    # architecture, data features and weights). The client fills in the rest at submit.
+    from_job: str | None = Field(default=None, pattern=JOB_ID)
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
+        if self.from_job is not None and self.catalog is None and self.custom is None:
+            others = self.model_fields_set - {"from_job"}
+            if others:
+                raise _FieldError(sorted(others)[0], "not used with 'from_job' (the training job's model is taken "
+                                                     "as it was trained)")
+            return self
         if self.catalog is None and self.custom is None:
             raise ValueError("set one of 'catalog' (mlp | cnn | transformer) or 'custom' ('module.path:function')")
         if self.catalog is not None and self.custom is not None:
@@ -144,10 +155,6 @@ class DataSpec(BaseModel):
             raise _FieldError("path", "required (or 'federated': the name of owners' private dataset)")
         if self.format is None:
             raise _FieldError("format", "required with 'path' (csv, npz or image_folder)")
-        if self.classes is not None:
-            raise _FieldError("classes", "only for a federated dataset (a shared one's labels are read from it)")
-        if self.format in ("csv", "npz") and not self.label_column:
-            raise _FieldError("label_column", f"required for format '{self.format}'")
         if self.format == "image_folder" and self.label_column is not None:
             raise _FieldError("label_column", "not used with format 'image_folder' (labels are the sub-folder names)")
         return self
@@ -395,6 +402,19 @@ class TrackingSpec(BaseModel):
     mlflow: MlflowSpec | None = None
 
 
+class InferenceSpec(BaseModel):
+    """How an inference job predicts (``type: inference``, ``swarm.inference``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: PositiveInt = 256  # rows per forward pass
+    # classification: also write each class's probability (columns p_<class>) beside the label
+    probabilities: bool = True
+    # a shard some peer has held this long without publishing its predictions is dealt again
+    # (its peer is alive but stuck); a dead peer's lease lapses sooner
+    shard_timeout_s: float = Field(default=600.0, gt=0.0)
+
+
 class JobSpec(BaseModel):
     """A whole job. Build it with :func:`load_job_file` or :meth:`JobSpec.from_dict`."""
 
@@ -402,12 +422,15 @@ class JobSpec(BaseModel):
 
     name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
     # training: the swarm trains it; sweep: a hyperparameter search (``search:``) whose trials are
-    # training jobs built from this one (swarm.sweep)
-    type: Literal["training", "sweep"] = "training"
-    task: Literal["classification", "regression"]
+    # training jobs built from this one (swarm.sweep); inference: the swarm predicts ``data`` with
+    # a trained model (``model.from_job`` or a weights file in ``model.init_from``)
+    type: Literal["training", "sweep", "inference"] = "training"
+    # required but for an inference job on ``model.from_job`` (the training job's task is taken)
+    task: Literal["classification", "regression"] | None = None
     model: ModelSpec
     data: DataSpec
-    training: TrainingSpec
+    training: TrainingSpec | None = None  # required but for an inference job
+    inference: InferenceSpec | None = None  # type: inference only (its defaults when left out)
     swarm: SwarmSpec = Field(default_factory=SwarmSpec)
     aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
     verification: VerificationSpec = Field(default_factory=VerificationSpec)
@@ -417,6 +440,21 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> JobSpec:
+        if self.type == "inference":
+            self._check_inference()
+            return self
+        for name in ("task", "training"):
+            if getattr(self, name) is None:
+                raise _FieldError(name, "required field is missing")
+        if self.inference is not None:
+            raise _FieldError("inference", "only for an inference job (type: inference)")
+        if self.model.from_job is not None:
+            raise _FieldError("model.from_job", "only for an inference job; a training job starts from a previous "
+                                                "result with `gpuflex job submit --from-job`")
+        if self.data.federated is None and self.data.classes is not None:
+            raise _FieldError("data.classes", "only for a federated dataset (a shared one's labels are read from it)")
+        if self.data.format in ("csv", "npz") and not self.data.label_column:
+            raise _FieldError("data.label_column", f"required for format '{self.data.format}'")
         if self.data.format == "image_folder" and self.task != "classification":
             raise _FieldError("data.format", "'image_folder' supports task 'classification' only")
         if self.type == "sweep":
@@ -461,6 +499,40 @@ class JobSpec(BaseModel):
             raise _FieldError("swarm.min_peers", "must be >= 2 under secure aggregation (a sum of one is that "
                                                  "member's update)")
         return self
+
+    def _check_inference(self) -> None:
+        """An inference job: a trained model (``from_job``, or an architecture with its weights
+        file), and rows to predict from a shared dataset. Nothing here trains or merges."""
+        self.inference = self.inference or InferenceSpec()
+        unused = [name for name in ("training", "search", "privacy", "tracking") if getattr(self, name) is not None]
+        unused += [name for name in ("aggregation",) if getattr(self, name) != AggregationSpec()]
+        if unused:
+            raise _FieldError(unused[0], "not used by an inference job (nothing is trained)")
+        if self.data.federated is not None:
+            raise _FieldError("data.federated", "an inference job predicts a shared dataset (data.path): a private "
+                                                "one's rows would have to leave their owners")
+        if self.data.format == "image_folder":
+            raise _FieldError("data.format", "inference reads csv or npz for now (an image folder's row order "
+                                             "would be its file names: convert it with scripts/make_digits_csv.py-"
+                                             "style code to npz)")
+        for name in ("validation_fraction", "sharding"):  # set to anything but the default: a mistake
+            if getattr(self.data, name) != DataSpec.model_fields[name].default:
+                raise _FieldError(f"data.{name}", "not used by an inference job (every row is predicted, in order)")
+        if self.model.from_job is None:
+            if self.model.init_from is None:
+                raise _FieldError("model.init_from", "an inference job needs trained weights: a safetensors file "
+                                                     "here, or the training job in model.from_job")
+            if self.task is None:
+                raise _FieldError("task", "required with a weights file (classification or regression)")
+            if self.task == "classification" and self.data.classes is None:
+                raise _FieldError("data.classes", "required with a weights file: the label values in class-index "
+                                                  "order (or their count N for the labels 0 .. N-1)")
+        if self.data.classes is not None and (self.model.from_job is not None or self.task == "regression"):
+            raise _FieldError("data.classes", "only with a classifier's weights file (from_job takes the training "
+                                              "job's classes)")
+        if isinstance(self.data.classes, list) and (len(self.data.classes) < 2 or
+                                                    len(set(self.data.classes)) != len(self.data.classes)):
+            raise _FieldError("data.classes", "must name at least 2 distinct labels")
 
     def _check_sweep(self) -> None:
         """Every trial a sweep can ask for must be a valid job: each parameter names a field, and
@@ -520,12 +592,22 @@ class JobSpec(BaseModel):
         if self.type == "training":
             out.pop("type")
             out.pop("search")
+            out.pop("inference")
+            if out["model"]["from_job"] is None:
+                out["model"].pop("from_job")
+        elif self.type == "inference":  # nothing is trained: the training sections are left out
+            for name in ("training", "search", "privacy", "tracking", "aggregation"):
+                out.pop(name)
+        elif self.type == "sweep":
+            out.pop("inference")
+            if out["model"]["from_job"] is None:
+                out["model"].pop("from_job")
         return out
 
 
 def sweep_fields() -> dict[str, set[str]]:
     """The fields a sweep may search, by section."""
-    return {"training": set(TrainingSpec.model_fields), "model": set(ModelSpec.model_fields) - {"init_from"},
+    return {"training": set(TrainingSpec.model_fields), "model": set(ModelSpec.model_fields) - {"init_from", "from_job"},
             "aggregation": set(AggregationSpec.model_fields)}
 
 

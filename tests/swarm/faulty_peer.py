@@ -28,6 +28,8 @@ class Fault(enum.Enum):
     LOSE_AVERAGED_PART = "once: its all-reduce fails on the way back, after the others got everything it sent"
     SIGTERM_AFTER_MERGE = "SIGTERM itself the moment its merged record is out, before the round is settled"
     KILL_SWEEP_LEADER = "lead a sweep, and die the moment it has started trial number N (N: the round argument)"
+    FORGE_PREDICTIONS = "inference: publish made-up outputs for every shard it takes (re-runs others' honestly)"
+    KILL_PREDICTING = "inference: die in the middle of predicting its Nth shard, holding its lease"
 
 
 def crash() -> None:
@@ -82,6 +84,36 @@ def install(fault: Fault, at_round: int) -> None:
 
         job_runner.train_local = train_a_quarter if fault is Fault.CLAIM_UNDONE_WORK else train_then_poison
         job_runner.JobRunner = LazyRunner
+        return
+    if fault in (Fault.FORGE_PREDICTIONS, Fault.KILL_PREDICTING):
+        import numpy as np
+
+        import peer.inference_runner as inference_runner
+
+        taken = []
+
+        class CheatingRunner(inference_runner.InferenceRunner):
+            def _predict_shard(self, model, shard):
+                taken.append(shard)
+                return super()._predict_shard(model, shard)
+
+            def _outputs(self, model, shard):
+                outputs = super()._outputs(model, shard)
+                rerun = len(taken) == 0 or taken[-1] != shard or getattr(self, "_rerunning", False)
+                if fault is Fault.KILL_PREDICTING and not rerun and len(taken) >= at_round:
+                    crash()  # its lease on the shard is out: the others must take the shard once it lapses
+                if fault is Fault.FORGE_PREDICTIONS and not rerun:
+                    return np.roll(outputs, 1, axis=-1)  # plausible probabilities, wrong classes
+                return outputs
+
+            def _rerun(self, model, prediction):
+                self._rerunning = True
+                try:
+                    return super()._rerun(model, prediction)
+                finally:
+                    self._rerunning = False
+
+        inference_runner.InferenceRunner = CheatingRunner
         return
     if fault is Fault.KILL_SWEEP_LEADER:
         from peer.sweep_leader import SweepLeader

@@ -1,0 +1,239 @@
+"""Batch inference: the rules of a ``type: inference`` job, as pure functions (no network, no torch).
+
+The job's rows are cut into shards in input order (``swarm.shards.shard_inputs``). Each peer
+takes the next shard nobody holds (:func:`next_shard`), predicts it and publishes the outputs as
+a content-addressed blob (:func:`encode_outputs`) named in a signed ``PredictionRecord``. A
+faster peer simply takes more shards; a dead peer's lease lapses and its shard is taken again.
+
+Checking. Once every shard has predictions, every peer re-predicts a random sample of the
+others' shards (:func:`checks_to_make`, drawn with its own randomness, after the work was
+committed, so nobody can know in advance which of its shards will be re-run) and publishes a
+verdict. A rejected shard is re-run by a third peer; a peer that two or more re-runs reject
+(and more reject than accept) is caught, and so is a checker that two or more re-runs
+contradict. A caught peer's predictions are all dropped and their shards dealt again
+(:func:`resolve`). With no third peer to settle a dispute, the shard stays the predictor's and
+the report says it was disputed.
+
+The result: predictions.csv, the accepted outputs of every shard in input order
+(:func:`predictions_csv`); anyone holding the signed records and the blobs can rebuild it and
+check its hash.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+from safetensors.numpy import load as _load
+from safetensors.numpy import save as _save
+
+from dht.errors import GPUFlexError
+
+__all__ = ["Resolution", "checks_to_make", "next_shard", "predictions_csv", "resolve"]
+
+# Two honest peers predicting the same rows on different hardware (or thread counts) sum in
+# different orders: their outputs are close, not always equal. Probabilities and regression
+# values within these bounds agree; a class label must be the same.
+OUTPUT_ATOL = 1e-4
+OUTPUT_RTOL = 1e-4
+CAUGHT_AT = 2  # re-runs that must reject a peer's shard (and outnumber those that accept it)
+
+
+class OutputsMalformed(GPUFlexError):
+    """A predictions blob that does not hash to its id or is not a shard's outputs."""
+
+
+def encode_outputs(outputs: np.ndarray) -> bytes:
+    """A shard's outputs, ``(rows, k)`` float32: class probabilities, or the regression value."""
+    return _save({"outputs": np.ascontiguousarray(outputs, dtype=np.float32)})
+
+
+def decode_outputs(blob: bytes, expected_id: str, rows: int, width: int) -> np.ndarray:
+    """Outputs fetched from a peer: checked against their id and the shard's shape first."""
+    if hashlib.sha256(blob).hexdigest() != expected_id:
+        raise OutputsMalformed(f"predictions {expected_id[:12]}: content hash mismatch (tampered or corrupt)")
+    try:
+        arrays = _load(bytes(blob))
+    except Exception as e:  # safetensors raises its own error types on bad input
+        raise OutputsMalformed(f"predictions {expected_id[:12]}: not a safetensors blob ({e})") from None
+    out = arrays.get("outputs")
+    if set(arrays) != {"outputs"} or out.dtype != np.float32 or out.shape != (rows, width) \
+            or not np.isfinite(out).all():
+        raise OutputsMalformed(f"predictions {expected_id[:12]}: expected finite float32 outputs of shape "
+                               f"({rows}, {width}), got {sorted(arrays)}")
+    return out
+
+
+def outputs_agree(a: np.ndarray, b: np.ndarray, task: str) -> tuple[bool, str]:
+    """Whether two peers' outputs for one shard are the same prediction (and, if not, where not)."""
+    if a.shape != b.shape:
+        return False, f"shape {a.shape} vs {b.shape}"
+    if task == "classification":
+        labels = np.flatnonzero(a.argmax(-1) != b.argmax(-1))
+        if len(labels):
+            return False, f"{len(labels)} of {len(a)} rows get another class (first: row {int(labels[0])})"
+    far = ~np.isclose(a, b, rtol=OUTPUT_RTOL, atol=OUTPUT_ATOL)
+    if far.any():
+        row = int(np.flatnonzero(far.any(-1))[0])
+        return False, f"{int(far.any(-1).sum())} rows differ beyond tolerance (first: row {row}, " \
+                      f"max difference {float(np.abs(a - b).max()):.3g})"
+    return True, ""
+
+
+# --------------------------------------------------------------------------- who does what
+
+
+def next_shard(me: str, shard_ids: list[str], covered: set[str], claims: dict[str, str]) -> str | None:
+    """The shard this peer should predict next: one nobody has predicted or holds a lease on.
+
+    Peers start at different places of the list (an offset from their id), so that peers
+    arriving together rarely reach for the same shard; ``claims``: other peer -> its shard.
+    """
+    held = set(claims.values())
+    free = [s for s in shard_ids if s not in covered and s not in held]
+    if not free:
+        return None
+    offset = int(hashlib.sha256(me.encode()).hexdigest(), 16) % len(free)
+    return free[offset]
+
+
+def checks_to_make(me: str, accepted: dict[str, tuple[str, str]], fraction: float, draw,
+                   done: set[tuple[str, str]] = frozenset()) -> list[tuple[str, str]]:
+    """(predictor, shard) pairs this peer re-runs: each other predictor's shards with
+    ``draw(predictor, shard, predictions_id) < fraction``, and at least its lowest draw. ``draw``
+    is the checker's own uniform randomness, drawn after the work was committed (and the same on
+    every call for the same predictions), so no predictor can know which of its shards will be
+    re-run. ``accepted``: shard -> (predictor, predictions id); ``done``: pairs already re-run."""
+    if fraction <= 0:
+        return []
+    by_peer: dict[str, list[tuple[float, str]]] = {}
+    for shard, (peer, predictions_id) in sorted(accepted.items()):
+        if peer != me:
+            by_peer.setdefault(peer, []).append((draw(peer, shard, predictions_id), shard))
+    picks = []
+    for peer, draws in sorted(by_peer.items()):
+        chosen = [shard for value, shard in draws if value < fraction] or [min(draws)[1]]
+        picks += [(peer, shard) for shard in chosen]
+    return [p for p in picks if p not in done]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What ``resolve`` reads of one signed PredictionRecord."""
+
+    author: str
+    shard: str
+    predictions_id: str
+    rows: int
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A checker's finding on (predictor, shard, predictions id): its re-run agreed or not."""
+
+    checker: str
+    target: str
+    shard: str
+    predictions_id: str
+    ok: bool
+
+
+@dataclass
+class Resolution:
+    accepted: dict[str, Prediction] = field(default_factory=dict)  # shard -> the predictions that count
+    caught: set[str] = field(default_factory=set)  # peers whose predictions (or verdicts) re-runs contradict
+    # (predictor, shard) a checker rejected and no majority has settled yet: a third peer re-runs it
+    disputed: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # -> peers already involved
+    missing: list[str] = field(default_factory=list)  # shards with no accepted predictions (input order)
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+
+def resolve(shard_ids: list[str], predictions: Iterable[Prediction], verdicts: Iterable[Verdict],
+            rows: dict[str, int]) -> Resolution:
+    """Which predictions count for each shard, who is caught, and what is still disputed.
+
+    The same answer on every peer that read the same records. A shard's accepted predictions
+    are those of its lowest-id predictor that is not caught; records with the wrong row count
+    never count.
+    """
+    predictions = [p for p in predictions if p.rows == rows.get(p.shard)]
+    verdicts = list(verdicts)
+    caught: set[str] = set()
+    for _ in range(3):  # a caught checker's verdicts stop counting: settle again (converges fast)
+        tally: dict[tuple[str, str, str], tuple[set[str], set[str]]] = {}
+        for v in verdicts:
+            if v.checker in caught or v.checker == v.target:
+                continue
+            ok, bad = tally.setdefault((v.target, v.shard, v.predictions_id), (set(), set()))
+            (ok if v.ok else bad).add(v.checker)
+        now = set()
+        for (target, _, _), (ok, bad) in tally.items():
+            if len(bad) >= CAUGHT_AT and len(bad) > len(ok):
+                now.add(target)
+            elif len(ok) >= CAUGHT_AT and len(ok) > len(bad):
+                now |= bad  # checkers that the majority of re-runs contradict
+        if now <= caught:
+            break
+        caught |= now
+    out = Resolution(caught=caught)
+    by_shard: dict[str, list[Prediction]] = {}
+    for p in predictions:
+        if p.author not in caught:
+            by_shard.setdefault(p.shard, []).append(p)
+    for shard in shard_ids:
+        candidates = sorted(by_shard.get(shard, []), key=lambda p: p.author)
+        if candidates:
+            out.accepted[shard] = candidates[0]
+        else:
+            out.missing.append(shard)
+    for (target, shard, pid), (ok, bad) in tally.items():
+        chosen = out.accepted.get(shard)
+        if bad and chosen is not None and (chosen.author, chosen.predictions_id) == (target, pid) \
+                and target not in caught and not (len(ok) >= CAUGHT_AT and len(ok) > len(bad)):
+            out.disputed[(target, shard)] = {target} | ok | bad
+    return out
+
+
+def units_paid(resolution: Resolution, wallets: dict[str, str | None]) -> dict[str, int]:
+    """wallet -> rows its peer's accepted predictions cover (a row is paid once, to one peer)."""
+    units: dict[str, int] = {}
+    for p in resolution.accepted.values():
+        wallet = wallets.get(p.author)
+        if wallet:
+            units[wallet] = units.get(wallet, 0) + p.rows
+    return units
+
+
+# --------------------------------------------------------------------------- the result file
+
+
+def predictions_csv(outputs: list[np.ndarray], task: str, classes: list[str] | None, probabilities: bool) -> bytes:
+    """predictions.csv: one line per input row, in input order (``outputs``: each shard's, in
+    manifest order). Classification: the label, and each class's probability if asked for;
+    regression: the predicted value. Numbers are written with repr-exact float formatting, so
+    the same outputs are always the same bytes."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    if task == "classification":
+        assert classes is not None
+        writer.writerow(["row", "prediction"] + ([f"p_{c}" for c in classes] if probabilities else []))
+    else:
+        writer.writerow(["row", "prediction"])
+    row = 0
+    for shard in outputs:
+        for values in shard:
+            if task == "classification":
+                line = [row, classes[int(values.argmax())]]
+                line += [f"{float(v):.6g}" for v in values] if probabilities else []
+            else:
+                line = [row, f"{float(values[0]):.9g}"]
+            writer.writerow(line)
+            row += 1
+    return buffer.getvalue().encode()
