@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from dht.errors import GPUFlexError
 from dht.records import (
     LeaseRecord,
     PredictionRecord,
@@ -82,6 +83,9 @@ class InferenceRunner:
         self.checked: set[tuple[str, str]] = set()  # (predictor, shard) we re-ran
         self.predicted = 0  # rows this peer predicted
         self.complete_since: float | None = None
+        # predictions whose blob nobody could hand us (their peer died before anyone copied them):
+        # to us they are not predictions, so their shards are dealt again
+        self.unavailable: set[tuple[str, str]] = set()
         self.marked = -1  # the rows our "checked" record said (published again only when they change)
         self._forged_cancels: set[str] = set()
 
@@ -170,7 +174,8 @@ class InferenceRunner:
     def _check(self, model, view: Resolution) -> bool:
         """Re-run our sample of the others' accepted shards; True if we published any verdict."""
         accepted = {s: (p.author, p.predictions_id) for s, p in view.accepted.items()}
-        picks = checks_to_make(self.me, accepted, self.spec.verification.fraction, self._draw, self.checked)
+        checkers = self.peer.peers_on(self.job.job_id) & self.peer.alive_peers()
+        picks = checks_to_make(self.me, accepted, self.spec.verification.fraction, self._draw, checkers, self.checked)
         for target, shard in picks:
             self._rerun(model, view.accepted[shard])
         return bool(picks)
@@ -189,7 +194,7 @@ class InferenceRunner:
         self.checked.add((prediction.author, prediction.shard))
         ours = self._outputs(model, prediction.shard)
         try:
-            theirs = decode_outputs(self.peer.blobs_service.fetch(prediction.predictions_id), prediction.predictions_id,
+            theirs = decode_outputs(self.peer.fetch(prediction.predictions_id), prediction.predictions_id,
                                     prediction.rows, self.manifest.num_outputs)
             ok, why = outputs_agree(ours, theirs, self.manifest.task)
         except Exception as e:  # not fetchable or malformed: predictions nobody can read are not predictions
@@ -225,9 +230,18 @@ class InferenceRunner:
 
     def _publish_result(self, view: Resolution) -> None:
         t = self.spec.inference
-        outputs = [decode_outputs(self.peer.fetch(p.predictions_id), p.predictions_id, p.rows,
-                                  self.manifest.num_outputs)
-                   for p in (view.accepted[s] for s in self.shard_ids)]
+        outputs = []
+        for p in (view.accepted[s] for s in self.shard_ids):
+            try:
+                outputs.append(decode_outputs(self.peer.fetch(p.predictions_id), p.predictions_id, p.rows,
+                                              self.manifest.num_outputs))
+            except GPUFlexError as e:  # gone with its peer, or not what it claims: predict the shard again
+                logger.warning(f"job {self.job.job_id}: {p.author[:12]}'s predictions of shard {p.shard[:12]} can "
+                               f"not be used ({e}); the shard is dealt again")
+                self.unavailable.add((p.author, p.predictions_id))
+        if len(outputs) < len(self.shard_ids):
+            self.complete_since = None
+            return
         csv_bytes = predictions_csv(outputs, self.manifest.task, self.manifest.classes, t.probabilities)
         predictions_id = self.peer.blobs.put(csv_bytes)
         report = inference_report(self.job, self.manifest, view, self._records(), predictions_id, self.weights_id)
@@ -263,7 +277,7 @@ class InferenceRunner:
     # ---------------------------------------------------------------- reading the swarm
     def _records(self) -> tuple[list[PredictionRecord], list[VerdictRecord]]:
         predictions = [s.body for s in self.records.read(predictions_key(self.job.job_id), PredictionRecord)
-                       if s.body.shard in self.rows]
+                       if s.body.shard in self.rows and (s.body.peer_id, s.body.predictions_id) not in self.unavailable]
         verdicts = [s.body for s in self.records.read(verdict_key(self.job.job_id, 1), VerdictRecord)
                     if s.body.shard and s.body.predictions_id]
         return predictions, verdicts

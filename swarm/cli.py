@@ -114,7 +114,8 @@ def peer(
 def job_submit(
     job_file: Path = typer.Argument(..., help="The job's YAML file."),
     peer: str = PeerOption,
-    from_job: Optional[str] = typer.Option(None, "--from", help="Start from this finished job's model."),
+    from_job: Optional[str] = typer.Option(
+        None, "--from", help="Start from this finished job's model (an inference job: predict with it)."),
     budget: Optional[float] = typer.Option(None, "--budget", min=0.0, help="GPUX to escrow for the job."),
     wallet: Optional[Path] = typer.Option(None, "--wallet", help="The consumer's key file (pays the budget)."),
     deployment: Path = typer.Option(Path("~/.gpuflex/deployment.json"), "--deployment"),
@@ -236,7 +237,7 @@ def _inference_lines(status: dict) -> str:
     lines.append(f"  checks {status['checks']} ({status['rejected_checks']} rejected), caught "
                  f"{len(status['caught'])}, disputed {status['disputed']}")
     for peer_id, entry in sorted(status["peers"].items()):
-        working = "  predicting" if peer_id in status["working"] else ""
+        working = "  predicting" if peer_id in status["working"] and status["state"] == "running" else ""
         lines.append(f"  peer {peer_id[:12]}  {entry['rows']:>7,} rows  {entry['shards']:>4} shards{working}")
     return "\n".join(lines)
 

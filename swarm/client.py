@@ -273,6 +273,11 @@ class Client:
 
         spec = job if isinstance(job, JobSpec) else load_job_file(job)
         if spec.type == "inference":
+            if from_job is not None:  # `job submit --from JOB`: predict with that job's model
+                fields = spec.to_dict()
+                fields["model"] = {"from_job": from_job}
+                fields.pop("task", None) if spec.model.from_job else None
+                spec = JobSpec.from_dict(fields, source="--from")
             manifest, blobs, public = self._inference_submission(spec)
             return self._send(spec, manifest, blobs, public, budget, ledger, deadline_hours)
         if spec.data.federated is not None:  # the owners hold the data: check the job against what they say

@@ -101,22 +101,33 @@ def next_shard(me: str, shard_ids: list[str], covered: set[str], claims: dict[st
     return free[offset]
 
 
-def checks_to_make(me: str, accepted: dict[str, tuple[str, str]], fraction: float, draw,
+def checks_to_make(me: str, accepted: dict[str, tuple[str, str]], fraction: float, draw, checkers: Iterable[str],
                    done: set[tuple[str, str]] = frozenset()) -> list[tuple[str, str]]:
-    """(predictor, shard) pairs this peer re-runs: each other predictor's shards with
-    ``draw(predictor, shard, predictions_id) < fraction``, and at least its lowest draw. ``draw``
-    is the checker's own uniform randomness, drawn after the work was committed (and the same on
-    every call for the same predictions), so no predictor can know which of its shards will be
-    re-run. ``accepted``: shard -> (predictor, predictions id); ``done``: pairs already re-run."""
+    """(predictor, shard) pairs this peer re-runs, so that about ``fraction`` of every predictor's
+    shards are re-run once in all, however many peers check.
+
+    ``checkers``: the live peers on the job. A predictor's shards are split among the others:
+    this peer takes those with ``draw(predictor, shard, predictions_id) < fraction / (checkers
+    but the predictor)``, and the one checker the ring after the predictor names also takes its
+    lowest draw, so every predictor is checked at least once. ``draw`` is the checker's own
+    uniform randomness, drawn after the work was committed (the same on every call for the same
+    predictions), so no predictor can know which of its shards will be re-run. ``accepted``:
+    shard -> (predictor, predictions id); ``done``: pairs already re-run."""
     if fraction <= 0:
         return []
+    ring = sorted(set(checkers) | {me})
     by_peer: dict[str, list[tuple[float, str]]] = {}
     for shard, (peer, predictions_id) in sorted(accepted.items()):
         if peer != me:
             by_peer.setdefault(peer, []).append((draw(peer, shard, predictions_id), shard))
     picks = []
     for peer, draws in sorted(by_peer.items()):
-        chosen = [shard for value, shard in draws if value < fraction] or [min(draws)[1]]
+        others = [c for c in ring if c != peer]
+        share = fraction / len(others)
+        chosen = [shard for value, shard in draws if value < share]
+        designated = next((c for c in others if c > peer), others[0])  # the ring's next after the predictor
+        if me == designated and not chosen:
+            chosen = [min(draws)[1]]
         picks += [(peer, shard) for shard in chosen]
     return [p for p in picks if p not in done]
 

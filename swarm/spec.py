@@ -94,7 +94,8 @@ class ModelSpec(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
         if self.from_job is not None and self.catalog is None and self.custom is None:
-            others = self.model_fields_set - {"from_job"}
+            others = {name for name, info in ModelSpec.model_fields.items() if name != "from_job"
+                      and getattr(self, name) != info.get_default(call_default_factory=True)}
             if others:
                 raise _FieldError(sorted(others)[0], "not used with 'from_job' (the training job's model is taken "
                                                      "as it was trained)")

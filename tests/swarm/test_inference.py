@@ -104,19 +104,9 @@ def test_a_paid_inference_job_predicts_every_row_in_order_and_pays_each_peer_for
 
 def test_a_peer_that_forges_predictions_is_caught_and_its_shards_are_predicted_again(
         local_swarm, digits_csv, tmp_path):
-    from safetensors.torch import save_file
-
-    from swarm.catalog import build_model
-    from swarm.shards import weights_manifest
-    from swarm.spec import ModelSpec
-
     # a weights file of the consumer's own (random weights predict deterministically all the same)
     spec_model = {"catalog": "mlp", "hidden": [32]}
-    names = [f"pixel_{i}" for i in range(64)]
-    model = build_model(ModelSpec(**spec_model), weights_manifest("classification", [64], names,
-                                                                  [str(i) for i in range(10)]), seed=3)
-    weights = tmp_path / "weights.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    weights = weights_file(tmp_path, spec_model)
 
     local_swarm.start_peer()
     local_swarm.start_peer(command=[*FAULTY_PEER, "FORGE_PREDICTIONS", "1"])
@@ -141,3 +131,41 @@ def test_a_peer_that_forges_predictions_is_caught_and_its_shards_are_predicted_a
     assert caught not in report["peers"] and all(s["predictor"] != caught for s in report["shards"])
     assert any(not c["ok"] and c["target"] == caught for c in report["checks"])
     assert "contradict this peer's predictions" in (local_swarm.root / "peer1.log").read_text()
+
+
+def weights_file(tmp_path: Path, spec_model: dict) -> Path:
+    from safetensors.torch import save_file
+
+    from swarm.catalog import build_model
+    from swarm.shards import weights_manifest
+    from swarm.spec import ModelSpec
+
+    names = [f"pixel_{i}" for i in range(64)]
+    model = build_model(ModelSpec(**spec_model), weights_manifest("classification", [64], names,
+                                                                  [str(i) for i in range(10)]), seed=3)
+    path = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return path
+
+
+def test_a_peer_that_dies_holding_a_shard_loses_no_rows(local_swarm, digits_csv, tmp_path):
+    spec_model = {"catalog": "mlp", "hidden": [32]}
+    weights = weights_file(tmp_path, spec_model)
+    local_swarm.start_peer()
+    local_swarm.start_peer(command=[*FAULTY_PEER, "KILL_PREDICTING", "2"])  # dies in its second shard
+    local_swarm.start_peer()
+    job_file = inference_file(tmp_path, digits_csv, {**spec_model, "init_from": str(weights)},
+                              task="classification", swarm={"min_peers": 3, "max_peers": 8})
+    job = yaml.safe_load(Path(job_file).read_text())
+    job["data"]["classes"] = 10
+    Path(job_file).write_text(yaml.safe_dump(job))
+    job_id = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0]).stdout.strip()
+    local_swarm.wait_for(lambda: local_swarm.procs[1].poll() is not None, timeout=120, what="peer 1 to die")
+    local_swarm.wait_for(lambda: local_swarm.status(job_id)["state"] == "finished", timeout=240,
+                         what="the inference job, without peer 1")
+    local_swarm.cli("job", "result", job_id, "--peer", local_swarm.maddrs[2], "-o", str(tmp_path / "out"))
+    rows = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
+    labels, _ = expected_labels(weights, spec_model, digits_csv)
+    assert [r["prediction"] for r in rows] == labels  # every row, in order: the shard it held was taken again
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert sum(p["rows"] for p in report["peers"].values()) == 1797
