@@ -126,11 +126,13 @@ def job_submit(
         None, "--consumer-key", help="Your signing key, made on first use (default ~/.gpuflex/consumer.key)."),
 ) -> None:
     """Validate the job file, shard the dataset, escrow the budget, hand it to a peer; prints the job id."""
-    from swarm.spec import JobSpec, load_job_file
+    from swarm.spec import JobSpec, JobSpecError, load_job_file
 
     try:
         spec = load_job_file(job_file)  # fail on bad input before touching the network
         if stop_when is not None:
+            if spec.type == "inference":
+                raise JobSpecError(f"{job_file}: --stop-when: an inference job trains no rounds to stop")
             fields = spec.to_dict()
             fields["training"]["stop_when"] = stop_when
             spec = JobSpec.from_dict(fields, source="--stop-when")

@@ -412,6 +412,18 @@ class Client:
         job = self._job(job_id)
         key = _escrow_key(job)
         trees = {}
+        if job.spec.get("type") == "inference":  # one "round": the rows each predictor's result pays
+            from peer.inference_runner import paid_records
+
+            results = sorted((s.body for s in self.records.read(result_key(job_id), ResultRecord)
+                              if s.body.predictions_id), key=lambda r: r.peer_id)
+            predictions = [s.body for s in self.records.read(predictions_key(job_id), PredictionRecord)]
+            for result in results:
+                paid = paid_records(json.loads(self._download(result.report_id)), predictions, job_id)
+                tree = ContributionTree(contribution_units(payable(paid, {p.peer_id for p in paid})))
+                if ledger.round(key, 1).posted and tree.root == ledger.round(key, 1).root:
+                    return {1: tree}
+            return {}
         for r in _round_numbers(job):
             merged = [s.body for s in self.records.read(progress_key(job_id, r), ProgressRecord)
                       if s.body.phase == "merged" and s.body.wallet and s.body.samples > 0]
@@ -795,6 +807,9 @@ class Client:
         from peer.provenance import audit_rounds
 
         job = self._job(job_id)
+        if job.spec.get("type") == "inference":
+            raise InferenceRefused(f"job {job_id} is an inference job: it has no rounds to audit; `gpuflex job result` "
+                                   "checks its predictions against the signed records")
         rejected_before = self.records.rejected
         rounds = []
         for r in _round_numbers(job):
@@ -838,6 +853,8 @@ class Client:
     def _agreed_model_id(self, job_id: str) -> str:
         """The final model of a finished job: the hash a majority of its last round signed."""
         job = self._job(job_id)
+        if job.spec.get("type") == "inference":
+            raise InferenceRefused(f"job {job_id} is an inference job: its result is predictions, not a model")
         results = self.records.read(result_key(job_id), ResultRecord)
         if not results:
             raise ResultNotReady(f"job {job_id} has no result yet (see `gpuflex job status {job_id}`)")

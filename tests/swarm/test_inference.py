@@ -100,6 +100,12 @@ def test_a_paid_inference_job_predicts_every_row_in_order_and_pays_each_peer_for
                              str(chain["consumer"]), "--deployment", str(chain["deployment"]))
     assert refund.stdout.startswith("refunded ")
     assert before - ledger.balance(consumer) == price * 1797  # the consumer paid exactly the rows
+    # a contributor's own claim rebuilds the same tree from the records, and it is the root on chain
+    from swarm.client import Client
+
+    with Client(local_swarm.maddrs[0]) as client:
+        trees = client.posted_trees(job_id, ledger)
+    assert list(trees) == [1] and dict(trees[1].contributions) == rows_of
 
 
 def test_a_peer_that_forges_predictions_is_caught_and_its_shards_are_predicted_again(
@@ -159,11 +165,14 @@ def test_a_peer_that_dies_holding_a_shard_loses_no_rows(local_swarm, digits_csv,
     job = yaml.safe_load(Path(job_file).read_text())
     job["data"]["classes"] = 10
     Path(job_file).write_text(yaml.safe_dump(job))
-    job_id = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0]).stdout.strip()
-    local_swarm.wait_for(lambda: local_swarm.procs[1].poll() is not None, timeout=120, what="peer 1 to die")
-    local_swarm.wait_for(lambda: local_swarm.status(job_id)["state"] == "finished", timeout=240,
-                         what="the inference job, without peer 1")
-    local_swarm.cli("job", "result", job_id, "--peer", local_swarm.maddrs[2], "-o", str(tmp_path / "out"))
+    from swarm.client import Client
+
+    with Client(local_swarm.maddrs[0]) as client:  # the SDK's path: submit, wait, download
+        job = client.submit(job_file)
+        local_swarm.wait_for(lambda: local_swarm.procs[1].poll() is not None, timeout=120, what="peer 1 to die")
+        assert job.wait(timeout=240)["state"] == "finished"
+        files = job.download(tmp_path / "out")
+    assert files.verified and files.model.name == "predictions.csv"
     rows = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
     labels, _ = expected_labels(weights, spec_model, digits_csv)
     assert [r["prediction"] for r in rows] == labels  # every row, in order: the shard it held was taken again
