@@ -139,15 +139,11 @@ def load_inputs(data: DataSpec) -> tuple[np.ndarray, list[str]]:
     if data.format == "csv":
         header = _csv_header(path)
         skip = _label_index(header, data.label_column, path, what="column") if data.label_column else None
-        rows = _csv_rows(path, header)
         columns = [i for i in range(len(header)) if i != skip]
         if not columns:
             raise DatasetError("data.path", f"{path}: no feature columns")
-        cells = np.array(rows, dtype=str)
-        features = np.empty((len(rows), len(columns)), dtype=np.float32)
-        for j, col in enumerate(columns):
-            features[:, j] = _parse_numbers(cells[:, col], path, header[col], "data.path")
-        return features, [header[i] for i in columns]
+        cells = np.array(_csv_rows(path, header), dtype=str)
+        return _csv_features(cells, columns, header, path), [header[i] for i in columns]
     if data.format == "npz":
         names = _npz_names(path)
         if data.label_column:
@@ -195,15 +191,21 @@ def _load_csv(path: Path, label_column: str | None, task: str) -> Dataset:
     if not feature_columns:
         raise DatasetError("data.path", f"{path}: no feature columns besides the label column '{label_column}'")
     cells = np.array(rows, dtype=str)
-    features = np.empty((len(rows), len(feature_columns)), dtype=np.float32)
-    for j, col in enumerate(feature_columns):
-        features[:, j] = _parse_numbers(cells[:, col], path, header[col], "data.path")
+    features = _csv_features(cells, feature_columns, header, path)
     labels = cells[:, label_at]
     if task == "classification":
         targets, classes = _encode_classes((s.strip() for s in labels), path, f"column '{label_column}'")
     else:
         targets, classes = _parse_numbers(labels, path, label_column, "data.label_column"), None
     return Dataset(features, targets, [header[i] for i in feature_columns], classes)
+
+
+def _csv_features(cells: np.ndarray, columns: list[int], header: list[str], path: Path) -> np.ndarray:
+    """The feature columns of a csv's cells as float32, naming the first cell that is no number."""
+    features = np.empty((len(cells), len(columns)), dtype=np.float32)
+    for j, col in enumerate(columns):
+        features[:, j] = _parse_numbers(cells[:, col], path, header[col], "data.path")
+    return features
 
 
 def _csv_rows(path: Path, header: list[str]) -> list[list[str]]:

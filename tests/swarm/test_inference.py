@@ -41,9 +41,11 @@ def expected_labels(model_file: Path, spec_model: dict, digits_csv: Path) -> tup
     return [str(v) for v in labels], truth
 
 
-def inference_file(tmp_path: Path, digits_csv: Path, model: dict, **extra) -> str:
+def inference_file(tmp_path: Path, digits_csv: Path, model: dict, classes: int | None = None, **extra) -> str:
+    """A digits inference job: ``model`` names a training job or a weights file (then ``classes``)."""
     job = {"name": "digits-predict", "type": "inference", "model": model,
-           "data": {"path": str(digits_csv), "format": "csv", "label_column": "label", "shard_rows": 128},
+           "data": {"path": str(digits_csv), "format": "csv", "label_column": "label", "shard_rows": 128,
+                    **({"classes": classes} if classes else {})},
            "swarm": {"min_peers": 1, "max_peers": 8}, **extra}
     path = tmp_path / "predict.yaml"
     path.write_text(yaml.safe_dump(job))
@@ -119,10 +121,7 @@ def test_a_peer_that_forges_predictions_is_caught_and_its_shards_are_predicted_a
     local_swarm.start_peer()
     local_swarm.start_peer()
     job_file = inference_file(tmp_path, digits_csv, {**spec_model, "init_from": str(weights)},
-                              task="classification", swarm={"min_peers": 4, "max_peers": 8})
-    job = yaml.safe_load(Path(job_file).read_text())
-    job["data"]["classes"] = 10
-    Path(job_file).write_text(yaml.safe_dump(job))
+                              classes=10, task="classification", swarm={"min_peers": 4, "max_peers": 8})
     job_id = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0]).stdout.strip()
     local_swarm.wait_for(lambda: local_swarm.status(job_id)["state"] == "finished", timeout=240,
                          what="the inference job")
@@ -161,10 +160,7 @@ def test_a_peer_that_dies_holding_a_shard_loses_no_rows(local_swarm, digits_csv,
     local_swarm.start_peer(command=[*FAULTY_PEER, "KILL_PREDICTING", "2"])  # dies in its second shard
     local_swarm.start_peer()
     job_file = inference_file(tmp_path, digits_csv, {**spec_model, "init_from": str(weights)},
-                              task="classification", swarm={"min_peers": 3, "max_peers": 8})
-    job = yaml.safe_load(Path(job_file).read_text())
-    job["data"]["classes"] = 10
-    Path(job_file).write_text(yaml.safe_dump(job))
+                              classes=10, task="classification", swarm={"min_peers": 3, "max_peers": 8})
     from swarm.client import Client
 
     with Client(local_swarm.maddrs[0]) as client:  # the SDK's path: submit, wait, download
