@@ -428,12 +428,23 @@ class JobRunner:
         optimizer_state_id = self._keep(optimizer_state_bytes(optimizer), r) if verifying else None
         started = time.time()
         sample_dp = self.dp_plan if self.dp_plan is not None and self.dp_plan.level == "sample" else None
-        train_loss, samples = train_local(
-            model, optimizer, data, steps=steps, batch_size=t.batch_size,
-            generator=round_generator(t.seed, r, [self.me] if self.federated else mine), loss=self.loss,
-            should_stop=self.peer.stopping.is_set, proximal_mu=self.spec.aggregation.proximal_mu,
-            dp=(sample_dp.noise_multiplier, sample_dp.max_grad_norm, private_generator()) if sample_dp else None,
-        )
+        self._outrun_checked = time.monotonic()
+        try:
+            train_loss, samples = train_local(
+                model, optimizer, data, steps=steps, batch_size=t.batch_size,
+                generator=round_generator(t.seed, r, [self.me] if self.federated else mine), loss=self.loss,
+                should_stop=lambda: self.peer.stopping.is_set() or (not self.federated and self._outrun(r)),
+                proximal_mu=self.spec.aggregation.proximal_mu,
+                dp=(sample_dp.noise_multiplier, sample_dp.max_grad_norm, private_generator()) if sample_dp else None,
+            )
+        except TrainingStopped:
+            if self.peer.stopping.is_set():
+                raise
+            # the round merged without us (past its straggler deadline): our half-done work is
+            # dropped, our shards are the next round's; catch up with the swarm's model
+            self.peer.release_lease(leases_key(self.job.job_id, r))
+            logger.info(f"job {self.job.job_id}: round {r} merged while this peer was still training; catching up")
+            raise RoundMissed(r) from None
         if self.federated and samples:
             self.rounds_trained += 1
         epsilon = self.dp_plan.epsilon_after(self.rounds_trained) if self.dp_plan is not None else None
@@ -447,6 +458,7 @@ class JobRunner:
             metrics.samples_per_second.set(samples / max(seconds_training, 1e-9))
             metrics.train_loss.labels(job).set(train_loss)
         self.trained_fields = dict(  # republished as is if the merge must be tried again
+            seconds_training=seconds_training,  # the others' straggler deadline follows it
             samples=samples, train_loss=train_loss, base_model_id=base_model_id, shards=mine,
             carried=carried, started=round_started, roster=sorted(roster), speeds=speeds, update_id=update_id,
             prev_round=prev_round, optimizer_state_id=optimizer_state_id, lr=lr, epsilon_spent=epsilon,
@@ -1041,13 +1053,40 @@ class JobRunner:
         return self._wait_for(settled, timeout=None)  # a job short of min_peers waits until peers come
 
     def _wait_for_trained(self, r: int, roster: frozenset[str], deadline: float) -> set[str]:
+        """The roster peers to merge with: all that are alive once they trained, or, once a
+        majority trained, those that did by the straggler deadline (``schedule.straggler_wait``;
+        not for federated owners, whose rows nobody else can train)."""
+        majority_since: list[float] = []
+
         def done():
-            state = self._state(r)
-            ready = schedule.barrier_ready(roster, state.trained, self.peer.alive_peers(), state.left)
-            return state if ready else None
+            progress = self.records.read(progress_key(self.job.job_id, r), ProgressRecord)
+            state = self._state_of(progress)
+            if schedule.barrier_ready(roster, state.trained, self.peer.alive_peers(), state.left):
+                return state
+            wait = None if self.federated else schedule.straggler_wait(roster, {
+                p.author: p.body.seconds_training for p in progress if p.body.phase in ("trained", "merged")})
+            if wait is None:
+                return None
+            majority_since[:1] = majority_since[:1] or [time.time()]
+            if time.time() - majority_since[0] < wait:
+                return None
+            late = sorted(roster - state.trained - state.left)
+            logger.info(f"job {self.job.job_id}: round {r} merges without {len(late)} peer(s) still training after "
+                        f"{wait:.0f}s ({', '.join(p[:12] for p in late)}); their shards go to the next round")
+            return state
 
         state = self._wait_for(done, timeout=max(0.0, deadline - time.time())) or self._state(r)
         return set(state.trained & roster) | {self.me}
+
+    def _outrun(self, r: int, every: float = 2.0) -> bool:
+        """While training: has round ``r`` merged without us (we are its straggler)? Asked at most
+        every ``every`` seconds (one DHT read)."""
+        now = time.monotonic()
+        if now - self._outrun_checked < every:
+            return False
+        self._outrun_checked = now
+        merged = self._state(r).merged
+        return self.me not in merged and schedule.majority_model(merged) is not None
 
     def _wait_for_merged_records(self, r: int, group: list[str]) -> list[ProgressRecord]:
         """The group's merged records of round ``r`` (those that arrive within a while)."""

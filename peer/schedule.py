@@ -336,6 +336,24 @@ def roster_known(joined: frozenset[str], previous_group: Iterable[str], me: str)
     return len(group) > 1 and joined == group
 
 
+STRAGGLER_FACTOR = 3.0  # once a majority trained, the rest get this many times their median training time
+MIN_STRAGGLER_WAIT_S = 10.0  # ... and never less than this (a busy box's noise is not a straggler)
+
+
+def straggler_wait(roster: Iterable[str], seconds_training: Mapping[str, float]) -> float | None:
+    """How long a round waits for its last peers once a strict majority of its roster (two at
+    least) has trained: ``STRAGGLER_FACTOR`` times the median training time of those that did, at
+    least ``MIN_STRAGGLER_WAIT_S``. None: no majority yet, so no deadline runs. After it the
+    majority merges without the rest, whose shards the next round owes (``owed_after``): a peer
+    three times slower than the median no longer holds every round."""
+    roster = set(roster)
+    done = sorted(v for p, v in seconds_training.items() if p in roster)
+    if len(done) < 2 or len(done) * 2 <= len(roster):
+        return None
+    median = done[len(done) // 2] if len(done) % 2 else (done[len(done) // 2 - 1] + done[len(done) // 2]) / 2
+    return max(MIN_STRAGGLER_WAIT_S, STRAGGLER_FACTOR * median)
+
+
 def barrier_ready(
     roster: Iterable[str], trained: frozenset[str], alive: Iterable[str], left: frozenset[str] = frozenset()
 ) -> bool:

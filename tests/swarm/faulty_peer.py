@@ -28,6 +28,7 @@ class Fault(enum.Enum):
     LOSE_AVERAGED_PART = "once: its all-reduce fails on the way back, after the others got everything it sent"
     SIGTERM_AFTER_MERGE = "SIGTERM itself the moment its merged record is out, before the round is settled"
     KILL_SWEEP_LEADER = "lead a sweep, and die the moment it has started trial number N (N: the round argument)"
+    SLOW_TRAINING = "in round N only, train at a tenth of its speed or less (a second a step): a straggler"
     FORGE_PREDICTIONS = "inference: publish made-up outputs for every shard it takes (re-runs others' honestly)"
     KILL_PREDICTING = "inference: die in the middle of predicting its Nth shard, holding its lease"
 
@@ -114,6 +115,27 @@ def install(fault: Fault, at_round: int) -> None:
                     self._rerunning = False
 
         inference_runner.InferenceRunner = CheatingRunner
+        return
+    if fault is Fault.SLOW_TRAINING:
+        import time
+
+        train_local, now = job_runner.train_local, {"round": None}
+
+        class SlowRunner(job_runner.JobRunner):
+            def _round(self, r, *args):
+                now["round"] = r
+                return super()._round(r, *args)
+
+        def train_slowly(model, optimizer, data, *, should_stop, **kwargs):
+            def a_second_a_step():
+                time.sleep(1.0)  # the fault itself: this box is slow, not a wait on anything
+                return should_stop()
+
+            slow = now["round"] == at_round
+            return train_local(model, optimizer, data, should_stop=a_second_a_step if slow else should_stop, **kwargs)
+
+        job_runner.train_local = train_slowly
+        job_runner.JobRunner = SlowRunner
         return
     if fault is Fault.KILL_SWEEP_LEADER:
         from peer.sweep_leader import SweepLeader

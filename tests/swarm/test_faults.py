@@ -94,6 +94,31 @@ def test_a_crash_in_the_last_round_is_made_up_in_a_make_up_round(local_swarm, di
     assert "5 rounds, chain intact, finished" in audit
 
 
+def test_a_straggler_does_not_hold_the_round_and_its_shards_go_to_the_next(local_swarm, digits_job, tmp_path):
+    """One peer of three trains round 2 at a second a step (20 s where the others take about one):
+    the two merge without it once the straggler deadline passes (schedule.straggler_wait), it
+    drops its half-done work and catches up, and round 3 takes up its shards."""
+    for _ in range(2):
+        local_swarm.start_peer()
+    local_swarm.start_peer(command=[*FAULTY_PEER, "SLOW_TRAINING", "2"])
+    job_file = digits_job(training={"rounds": 4}, swarm={"min_peers": 2})
+    job_id = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0]).stdout.strip()
+    report = finish_and_fetch(local_swarm, job_id, tmp_path / "out")  # `job result` verifies the history
+
+    rounds = report["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    assert len(rounds[0]["peers_done"]) == 3 and len(rounds[1]["shards"]) == 2  # round 2 merged without it
+    straggler = (set(rounds[0]["peers_done"]) - set(rounds[1]["shards"])).pop()
+    assert straggler in rounds[3]["shards"]  # back by the last round (round 3 may be dealt before it is)
+    train_shards = count_train_shards(job_file)
+    per_round = [sum(r["shards"].values()) for r in rounds]
+    assert per_round[1] < train_shards and sum(per_round) == 4 * train_shards  # round 3 made up its shards
+    assert rounds[1]["seconds_waiting"] < 20  # the others waited the deadline, not the straggler's 20 s
+    assert "still training" in (local_swarm.root / "peer0.log").read_text()
+    assert "merged while this peer was still training" in (local_swarm.root / "peer2.log").read_text()
+    assert report["final"]["val_accuracy"] >= 0.85
+
+
 def test_a_member_that_missed_its_group_start_is_brought_into_the_retry(local_swarm, digits_job, tmp_path):
     """hivemind's leader can count in a follower that gave up on it (it answered too late): the
     group's all-reduce fails for every member. They all try again, the one still looking too."""

@@ -235,3 +235,14 @@ def test_leave_for_sends_only_the_surplus_and_only_what_the_starving_job_lacks()
     offer = schedule.PeerOffer(memory_bytes=1 << 30)
     assert all(schedule.leave_for(here, [too_big], group, p, 3, offer) is None for p in group)
     assert schedule.leave_for(here, [starving], group, "stranger", 3) is None
+
+
+def test_a_round_waits_for_its_stragglers_only_once_a_majority_trained():
+    from peer.schedule import MIN_STRAGGLER_WAIT_S, straggler_wait
+
+    roster = ["a", "b", "c", "d"]
+    assert straggler_wait(roster, {"a": 5.0, "b": 5.0}) is None  # half is no majority
+    assert straggler_wait(roster, {"a": 5.0, "b": 6.0, "c": 7.0}) == 18.0  # 3x the median
+    assert straggler_wait(roster, {"a": 1.0, "b": 1.0, "c": 1.0}) == MIN_STRAGGLER_WAIT_S
+    assert straggler_wait(["a", "b"], {"a": 1.0}) is None  # a pair waits for both
+    assert straggler_wait(["a", "b", "c"], {"a": 2.0, "x": 1.0}) is None  # only the roster counts
