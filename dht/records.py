@@ -160,6 +160,9 @@ class ProgressRecord(_Body):
     # the val_* sums are the whole group's, pooled by a secure sum (the same in every member's
     # record), not this peer's own: a federated owner's held-out results never leave it alone
     val_pooled: bool = False
+    # an inference job's "done checking" (phase merged): the digest of the accepted predictions
+    # this peer checked (swarm.inference.accepted_digest)
+    checked: str | None = Field(default=None, pattern=SHA256_HEX)
     credit_update_id: str | None = Field(default=None, pattern=SHA256_HEX)  # leave-one-out: its weighted update
     lr: float | None = None  # the learning rate this round trained with (training.schedule)
     samples: int = Field(default=0, ge=0)

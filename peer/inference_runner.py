@@ -46,9 +46,11 @@ from peer.job_runner import (
 from peer.payout import JobClosed, RoundPayouts, escrow_closed
 from swarm.catalog import build_model
 from swarm.inference import (
+    OUTPUT_ATOL,
     Prediction,
     Resolution,
     Verdict,
+    accepted_digest,
     checks_to_make,
     decode_outputs,
     encode_outputs,
@@ -56,6 +58,7 @@ from swarm.inference import (
     outputs_agree,
     predictions_csv,
     resolve,
+    result_problem,
 )
 from swarm.shards import DatasetManifest, decode_inputs
 from swarm.spec import BLOB_REF, JobSpec
@@ -80,13 +83,17 @@ class InferenceRunner:
         self.weights_id = self.spec.model.init_from.removeprefix(BLOB_REF)
         self.payouts = RoundPayouts(job, peer.ledger, self.records, self._wait_for) if job.escrow else None
         self.draws: dict[tuple[str, str, str], float] = {}  # our own randomness for the checks
-        self.checked: set[tuple[str, str]] = set()  # (predictor, shard) we re-ran
+        self.checked: set[tuple[str, str, str]] = set()  # (predictor, shard, predictions id) we re-ran
         self.predicted = 0  # rows this peer predicted
         self.complete_since: float | None = None
+        self.checked_by: set[str] = set()  # peers whose "done checking" names the accepted predictions
+        self.report: dict | None = None  # the accepted result's report
         # predictions whose blob nobody could hand us (their peer died before anyone copied them):
         # to us they are not predictions, so their shards are dealt again
         self.unavailable: set[tuple[str, str]] = set()
-        self.marked = -1  # the rows our "checked" record said (published again only when they change)
+        self.marked: tuple | None = None  # what our "checked" record said (published again when it changes)
+        self.claims_seen: dict[tuple[str, str], float] = {}  # (peer, shard) -> when we first saw it hold it
+        self.results_refused: dict[str, str] = {}  # result record (author:report) -> why we ignore it
         self._forged_cancels: set[str] = set()
 
     # ---------------------------------------------------------------- the job, top to bottom
@@ -110,11 +117,12 @@ class InferenceRunner:
                 self.complete_since = None
                 self._pause()
                 continue
-            if self._check(model, view) or self._arbitrate(model, view):
+            if self._check(model, view) or self._arbitrate(model, view) or self._vouch(model, view):
                 continue  # re-runs published: read again
-            if self.marked != self.predicted:  # "checked": done with our re-runs, and how many rows we did
-                self._publish_progress("merged", samples=self.predicted)
-                self.marked = self.predicted
+            digest = accepted_digest(view)
+            if self.marked != (self.predicted, digest):  # "checked": done with our re-runs of these predictions
+                self._publish_progress("merged", samples=self.predicted, checked=digest)
+                self.marked = (self.predicted, digest)
             if self._ready_to_assemble(view) and self.me == self._assembler():
                 self._publish_result(view)
                 continue
@@ -175,7 +183,8 @@ class InferenceRunner:
         """Re-run our sample of the others' accepted shards; True if we published any verdict."""
         accepted = {s: (p.author, p.predictions_id) for s, p in view.accepted.items()}
         checkers = self.peer.peers_on(self.job.job_id) & self.peer.alive_peers()
-        picks = checks_to_make(self.me, accepted, self.spec.verification.fraction, self._draw, checkers, self.checked)
+        done = {(author, shard) for author, shard, pid in self.checked if accepted.get(shard) == (author, pid)}
+        picks = checks_to_make(self.me, accepted, self.spec.verification.fraction, self._draw, checkers, done)
         for target, shard in picks:
             self._rerun(model, view.accepted[shard])
         return bool(picks)
@@ -183,22 +192,47 @@ class InferenceRunner:
     def _arbitrate(self, model, view: Resolution) -> bool:
         """Disputes we are not part of: re-run them, so that a majority decides."""
         mine = [(target, shard) for (target, shard), involved in sorted(view.disputed.items())
-                if self.me not in involved and (target, shard) not in self.checked]
+                if self.me not in involved and (target, shard, view.accepted[shard].predictions_id) not in self.checked]
         for target, shard in mine:
             logger.info(f"job {self.job.job_id}: settling the dispute over {target[:12]}'s shard {shard[:12]}")
             self._rerun(model, view.accepted[shard])
         return bool(mine)
 
+    def _vouch(self, model, view: Resolution) -> bool:
+        """A result needs every predictor confirmed by another peer's re-run (``result_problem``):
+        re-run one shard of each other predictor nobody has confirmed yet (its checker died)."""
+        _, verdicts = self._records()
+        confirmed = {v.target for v in as_verdicts(verdicts) if v.ok and v.checker != v.target
+                     and view.accepted.get(v.shard) is not None
+                     and (view.accepted[v.shard].author, view.accepted[v.shard].predictions_id) == (v.target,
+                                                                                                    v.predictions_id)}
+        todo = []
+        for shard, p in sorted(view.accepted.items()):
+            if p.author != self.me and p.author not in confirmed and (p.author, shard, p.predictions_id) \
+                    not in self.checked and p.author not in {t.author for t in todo}:
+                todo.append(p)
+        for prediction in todo:
+            self._rerun(model, prediction)
+        return bool(todo)
+
     def _rerun(self, model, prediction: Prediction) -> None:
         """Predict another peer's shard ourselves and publish whether its outputs agree."""
-        self.checked.add((prediction.author, prediction.shard))
-        ours = self._outputs(model, prediction.shard)
+        self.checked.add((prediction.author, prediction.shard, prediction.predictions_id))
         try:
-            theirs = decode_outputs(self.peer.fetch(prediction.predictions_id), prediction.predictions_id,
-                                    prediction.rows, self.manifest.num_outputs)
-            ok, why = outputs_agree(ours, theirs, self.manifest.task)
-        except Exception as e:  # not fetchable or malformed: predictions nobody can read are not predictions
-            ok, why = False, f"its predictions can not be read: {e}"
+            blob = self.peer.fetch(prediction.predictions_id)
+        except GPUFlexError as e:  # not fetchable (yet, or its peer is gone): no verdict, no accusation
+            logger.info(f"job {self.job.job_id}: could not fetch {prediction.author[:12]}'s predictions of shard "
+                        f"{prediction.shard[:12]} to check them: {e}")
+            return
+        ours = self._outputs(model, prediction.shard)
+        record = self._prediction_record(prediction)
+        same_kind = record is None or record.device in (None, self.peer.device.type)
+        atol = OUTPUT_ATOL if same_kind else self.spec.verification.cross_device_tolerance
+        try:
+            theirs = decode_outputs(blob, prediction.predictions_id, prediction.rows, self.manifest.num_outputs)
+            ok, why = outputs_agree(ours, theirs, self.manifest.task, atol=atol)
+        except GPUFlexError as e:  # hashes to its id, yet is not a shard's outputs: not predictions
+            ok, why = False, f"its predictions are malformed: {e}"
         verdict = VerdictRecord(peer_id=self.me, job_id=self.job.job_id, round=1, target=prediction.author, ok=ok,
                                 reason=f"shard {prediction.shard[:12]}: {why}" if why else "", shard=prediction.shard,
                                 predictions_id=prediction.predictions_id)
@@ -210,23 +244,30 @@ class InferenceRunner:
 
     # ---------------------------------------------------------------- the end of the job
     def _ready_to_assemble(self, view: Resolution) -> bool:
-        """Every shard accepted for a while, every live peer on the job done with its checks (or
-        given up on after CHECK_WAIT_S), and no dispute a live peer could still settle."""
+        """Every shard accepted for a while, at least ``min_peers`` peers on the job, every live
+        peer on it done checking these very predictions (or given up on after CHECK_WAIT_S), and
+        no dispute a live peer could still settle."""
         now = time.time()
         self.complete_since = self.complete_since or now
         if now - self.complete_since < SETTLE_S:
             return False
-        live = (self.peer.peers_on(self.job.job_id) & self.peer.alive_peers()) | {self.me}
-        checked = {s.author for s in self.records.read(progress_key(self.job.job_id, 1), ProgressRecord)
-                   if s.body.phase == "merged"}
+        progress = self.records.read(progress_key(self.job.job_id, 1), ProgressRecord)
+        if len({s.author for s in progress}) < self.spec.swarm.min_peers:
+            return False  # a job that asked for checks by others does not end with one peer's word
+        digest = accepted_digest(view)
+        self.checked_by = {s.author for s in progress if s.body.phase == "merged" and s.body.checked == digest}
+        live = self._live()
         arbiters_left = any(live - involved for involved in view.disputed.values())
         waited_out = now - self.complete_since > CHECK_WAIT_S
-        return (live <= checked and not arbiters_left) or waited_out
+        return (live <= self.checked_by and not arbiters_left) or waited_out
+
+    def _live(self) -> set[str]:
+        return set(self.peer.peers_on(self.job.job_id) & self.peer.alive_peers()) | {self.me}
 
     def _assembler(self) -> str:
-        """The lowest-id live peer on the job assembles the result (if it dies, the next one does)."""
-        live = (self.peer.peers_on(self.job.job_id) & self.peer.alive_peers()) | {self.me}
-        return min(live)
+        """The lowest-id live peer that checked the accepted predictions assembles the result
+        (if it dies, the next one does; one that never checks can not hold the job up)."""
+        return min((self._live() & self.checked_by) | {self.me})
 
     def _publish_result(self, view: Resolution) -> None:
         t = self.spec.inference
@@ -258,8 +299,7 @@ class InferenceRunner:
         """Sign the rows each predictor is paid for (from the result's report, checked against the
         signed records), let the lowest-id one post them, and claim ours."""
         try:
-            report = json.loads(self.peer.fetch(result.report_id))
-            paid = paid_records(report, self._records()[0], self.job.job_id)
+            paid = paid_records(self.report, self._records()[0], self.job.job_id)
         except Exception as e:
             logger.warning(f"job {self.job.job_id}: not signing the pay: the result's report does not check out ({e})")
             return
@@ -285,14 +325,46 @@ class InferenceRunner:
     def _read(self) -> tuple[Resolution, dict[str, str]]:
         predictions, verdicts = self._records()
         view = resolve(self.shard_ids, as_predictions(predictions), as_verdicts(verdicts), self.rows)
-        alive = self.peer.alive_peers()
-        claims = {s.author: s.body.shards[0] for s in self.records.read(leases_key(self.job.job_id, 1), LeaseRecord)
-                  if s.author != self.me and s.author in alive and s.author not in view.caught and s.body.shards}
+        alive, now = self.peer.alive_peers(), time.time()
+        claims = {}
+        for s in self.records.read(leases_key(self.job.job_id, 1), LeaseRecord):
+            if s.author == self.me or s.author not in alive or s.author in view.caught or not s.body.shards:
+                continue
+            seen = self.claims_seen.setdefault((s.author, s.body.shards[0]), now)
+            if now - seen < self.spec.inference.shard_timeout_s:  # held longer: stuck, the shard is free again
+                claims[s.author] = s.body.shards[0]
         return view, claims
 
+    def _prediction_record(self, prediction: Prediction) -> PredictionRecord | None:
+        return next((p for p in self._records()[0] if (p.peer_id, p.shard, p.predictions_id) ==
+                     (prediction.author, prediction.shard, prediction.predictions_id)), None)
+
     def _result(self) -> ResultRecord | None:
-        found = [s.body for s in self.records.read(result_key(self.job.job_id), ResultRecord) if s.body.predictions_id]
-        return min(found, key=lambda r: r.peer_id) if found else None
+        """The job's result: the lowest-id result record whose report checks out against the
+        signed records (``result_problem``); one that does not is ignored (and said once)."""
+        found = sorted((s.body for s in self.records.read(result_key(self.job.job_id), ResultRecord)
+                        if s.body.predictions_id), key=lambda r: r.peer_id)
+        for result in found:
+            name, view = f"{result.peer_id}:{result.report_id}", None
+            if name in self.results_refused:
+                continue
+            try:
+                report = json.loads(self.peer.fetch(result.report_id))
+                predictions, verdicts = self._records()
+                view = resolve(self.shard_ids, as_predictions(predictions), as_verdicts(verdicts), self.rows)
+                entries = [(e["shard"], e["predictor"], e["predictions_id"]) for e in report["shards"]]
+                why = "it names other predictions" if report.get("predictions_id") != result.predictions_id else \
+                    result_problem(entries, self.shard_ids, view, as_verdicts(verdicts),
+                                   solo_ok=self.spec.swarm.min_peers == 1)
+            except (GPUFlexError, ValueError, KeyError, TypeError) as e:
+                why = f"its report can not be read ({e})"
+            if why is None:
+                self.report = report
+                return result
+            if view is not None and view.complete and not view.disputed:  # settled: the result is wrong, not early
+                self.results_refused[name] = why
+                logger.warning(f"job {self.job.job_id}: ignoring the result of {result.peer_id[:12]}: {why}")
+        return None
 
     def _stop_if_closed(self) -> None:
         if consumer_cancelled(self.records, self.job, self._forged_cancels):

@@ -347,6 +347,9 @@ def job_result(
         typer.echo(f"predictions  {files.model}  (sha256 {files.model_id[:16]}…, verified: {report['rows']:,} rows "
                    f"from {len(report['peers'])} peers, {len(report['checks'])} checks)")
         typer.echo(f"report       {files.report}")
+        if report["disputed"]:  # a rejection no third peer was there to settle: the predictor's stands
+            typer.echo(f"warning: {len(report['disputed'])} shard(s) stayed disputed (one re-run disagreed, no third "
+                       "peer settled it): see report.json", err=True)
         return
     typer.echo(f"model   {files.model}  (sha256 {files.model_id[:16]}…, verified)")
     typer.echo(f"report  {files.report}")

@@ -419,7 +419,10 @@ class Client:
                               if s.body.predictions_id), key=lambda r: r.peer_id)
             predictions = [s.body for s in self.records.read(predictions_key(job_id), PredictionRecord)]
             for result in results:
-                paid = paid_records(json.loads(self._download(result.report_id)), predictions, job_id)
+                try:
+                    paid = paid_records(json.loads(self._download(result.report_id)), predictions, job_id)
+                except (GPUFlexError, ValueError, KeyError, TypeError):
+                    continue  # a report that does not check out pays nobody: try the next result
                 tree = ContributionTree(contribution_units(payable(paid, {p.peer_id for p in paid})))
                 if ledger.round(key, 1).posted and tree.root == ledger.round(key, 1).root:
                     return {1: tree}
@@ -593,8 +596,8 @@ class Client:
     def _inference_result(self, job_id: str, out_dir: str | os.PathLike) -> ResultFiles:
         """predictions.csv and the report, checked: every shard's predictions the report names are
         signed by their predictor, none of them caught, and the file is those predictions, in order."""
-        from peer.inference_runner import paid_records
-        from swarm.inference import decode_outputs, predictions_csv
+        from peer.inference_runner import as_verdicts, paid_records
+        from swarm.inference import decode_outputs, predictions_csv, result_problem
 
         job = self._job(job_id)
         spec = JobSpec.from_dict(job.spec, source=f"job {job_id}")
@@ -602,7 +605,7 @@ class Client:
                          key=lambda r: r.peer_id)
         if not results:
             raise ResultNotReady(f"job {job_id} has no result yet: see `gpuflex job status {job_id}`")
-        manifest, predictions, _, view = self._inference_view(job)
+        manifest, predictions, verdicts, view = self._inference_view(job)
         problems = []
         for result in results:
             try:
@@ -610,12 +613,13 @@ class Client:
                 if report.get("job_id") != job_id or report.get("predictions_id") != result.predictions_id:
                     raise ResultUnverified("the report describes another result")
                 paid_records(report, predictions, job_id)  # every entry a signed prediction of its peer
-                listed = [e["shard"] for e in report["shards"]]
-                if listed != manifest.shard_ids("predict"):
-                    raise ResultUnverified("the report's shards are not the job's, in order")
-                caught = {e["predictor"] for e in report["shards"]} & view.caught
-                if caught:
-                    raise ResultUnverified(f"it uses predictions of {sorted(caught)[0][:12]}, whom re-runs caught")
+                # every shard the predictions the signed records settle on, each predictor confirmed
+                # by another peer's re-run (unless the job was one peer's, as it allowed)
+                entries = [(e["shard"], e["predictor"], e["predictions_id"]) for e in report["shards"]]
+                why = result_problem(entries, manifest.shard_ids("predict"), view, as_verdicts(verdicts),
+                                     solo_ok=spec.swarm.min_peers == 1)
+                if why:
+                    raise ResultUnverified(why)
                 outputs = [decode_outputs(self._download(e["predictions_id"]), e["predictions_id"], e["rows"],
                                           manifest.num_outputs) for e in report["shards"]]
                 csv_bytes = predictions_csv(outputs, manifest.task, manifest.classes, spec.inference.probabilities)

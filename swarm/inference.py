@@ -33,7 +33,7 @@ from safetensors.numpy import save as _save
 
 from dht.errors import GPUFlexError
 
-__all__ = ["Resolution", "checks_to_make", "next_shard", "predictions_csv", "resolve"]
+__all__ = ["Resolution", "checks_to_make", "next_shard", "predictions_csv", "resolve", "result_problem"]
 
 # Two honest peers predicting the same rows on different hardware (or thread counts) sum in
 # different orders: their outputs are close, not always equal. Probabilities and regression
@@ -68,15 +68,17 @@ def decode_outputs(blob: bytes, expected_id: str, rows: int, width: int) -> np.n
     return out
 
 
-def outputs_agree(a: np.ndarray, b: np.ndarray, task: str) -> tuple[bool, str]:
-    """Whether two peers' outputs for one shard are the same prediction (and, if not, where not)."""
+def outputs_agree(a: np.ndarray, b: np.ndarray, task: str, atol: float = OUTPUT_ATOL) -> tuple[bool, str]:
+    """Whether two peers' outputs for one shard are the same prediction (and, if not, where not).
+    Within tolerance they agree, even where a near-tie tips a row's class the other way; ``atol``
+    is looser when the two ran on different device kinds."""
     if a.shape != b.shape:
         return False, f"shape {a.shape} vs {b.shape}"
-    if task == "classification":
+    far = ~np.isclose(a, b, rtol=OUTPUT_RTOL, atol=atol)
+    if far.any() and task == "classification":
         labels = np.flatnonzero(a.argmax(-1) != b.argmax(-1))
         if len(labels):
             return False, f"{len(labels)} of {len(a)} rows get another class (first: row {int(labels[0])})"
-    far = ~np.isclose(a, b, rtol=OUTPUT_RTOL, atol=OUTPUT_ATOL)
     if far.any():
         row = int(np.flatnonzero(far.any(-1))[0])
         return False, f"{int(far.any(-1).sum())} rows differ beyond tolerance (first: row {row}, " \
@@ -171,35 +173,41 @@ def resolve(shard_ids: list[str], predictions: Iterable[Prediction], verdicts: I
     """Which predictions count for each shard, who is caught, and what is still disputed.
 
     The same answer on every peer that read the same records. A shard's accepted predictions
-    are those of its lowest-id predictor that is not caught; records with the wrong row count
-    never count.
+    are those of its lowest-id predictor that is not caught (ties: the lower predictions id);
+    records with the wrong row count never count, nor verdicts on predictions nobody published.
+    A peer that names two different predictions for one shard is caught (it would show two
+    readers two results), and so is a predictor two re-runs reject (more than accept it) or a
+    checker two re-runs contradict; a caught checker's verdicts do not count against anyone.
     """
     predictions = [p for p in predictions if p.rows == rows.get(p.shard)]
-    verdicts = list(verdicts)
-    caught: set[str] = set()
-    for _ in range(3):  # a caught checker's verdicts stop counting: settle again (converges fast)
+    published = {(p.author, p.shard, p.predictions_id) for p in predictions}
+    verdicts = [v for v in verdicts if v.checker != v.target and (v.target, v.shard, v.predictions_id) in published]
+    named: dict[tuple[str, str], set[str]] = {}
+    for p in predictions:
+        named.setdefault((p.author, p.shard), set()).add(p.predictions_id)
+    equivocated = {author for (author, _), ids in named.items() if len(ids) > 1}
+    def tally_of(excluded: set[str]) -> dict[tuple[str, str, str], tuple[set[str], set[str]]]:
         tally: dict[tuple[str, str, str], tuple[set[str], set[str]]] = {}
         for v in verdicts:
-            if v.checker in caught or v.checker == v.target:
-                continue
-            ok, bad = tally.setdefault((v.target, v.shard, v.predictions_id), (set(), set()))
-            (ok if v.ok else bad).add(v.checker)
-        now = set()
-        for (target, _, _), (ok, bad) in tally.items():
-            if len(bad) >= CAUGHT_AT and len(bad) > len(ok):
-                now.add(target)
-            elif len(ok) >= CAUGHT_AT and len(ok) > len(bad):
-                now |= bad  # checkers that the majority of re-runs contradict
-        if now <= caught:
-            break
-        caught |= now
+            if v.checker not in excluded:
+                ok, bad = tally.setdefault((v.target, v.shard, v.predictions_id), (set(), set()))
+                (ok if v.ok else bad).add(v.checker)
+        return tally
+
+    # a checker is a liar where two or more re-runs (and more than side with it) contradict it;
+    # then the predictors are judged on the others' verdicts alone
+    liars = set().union(*(bad for ok, bad in tally_of(equivocated).values() if len(ok) >= CAUGHT_AT
+                          and len(ok) > len(bad))) if verdicts else set()
+    tally = tally_of(liars | equivocated)
+    rejected = {target for (target, _, _), (ok, bad) in tally.items() if len(bad) >= CAUGHT_AT and len(bad) > len(ok)}
+    caught = rejected | liars | equivocated
     out = Resolution(caught=caught)
     by_shard: dict[str, list[Prediction]] = {}
     for p in predictions:
         if p.author not in caught:
             by_shard.setdefault(p.shard, []).append(p)
     for shard in shard_ids:
-        candidates = sorted(by_shard.get(shard, []), key=lambda p: p.author)
+        candidates = sorted(by_shard.get(shard, []), key=lambda p: (p.author, p.predictions_id))
         if candidates:
             out.accepted[shard] = candidates[0]
         else:
@@ -207,9 +215,39 @@ def resolve(shard_ids: list[str], predictions: Iterable[Prediction], verdicts: I
     for (target, shard, pid), (ok, bad) in tally.items():
         chosen = out.accepted.get(shard)
         if bad and chosen is not None and (chosen.author, chosen.predictions_id) == (target, pid) \
-                and target not in caught and not (len(ok) >= CAUGHT_AT and len(ok) > len(bad)):
+                and not (len(ok) >= CAUGHT_AT and len(ok) > len(bad)):
             out.disputed[(target, shard)] = {target} | ok | bad
     return out
+
+
+def accepted_digest(resolution: Resolution) -> str:
+    """One hash of every shard's accepted predictions: a peer's "done checking" names the set it
+    checked, so the result waits for checks of predictions that changed since."""
+    text = ",".join(f"{s}:{p.author}:{p.predictions_id}" for s, p in sorted(resolution.accepted.items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def result_problem(entries: list[tuple[str, str, str]], shard_ids: list[str], view: Resolution,
+                   verdicts: Iterable[Verdict], solo_ok: bool) -> str | None:
+    """Why a result's shard list (shard, predictor, predictions id) must not be taken, or None.
+
+    It must name every shard of the job, in order, each with predictions the view accepts, and
+    every predictor in it must have been re-run at least once by another peer and found right
+    (``solo_ok``: a job of one peer, ``min_peers: 1``, that nobody else could check). So a result
+    made up by a peer that did the work of nobody, or that skipped the checks, is refused."""
+    if [shard for shard, _, _ in entries] != shard_ids:
+        return "its shards are not the job's, in order"
+    for shard, predictor, predictions_id in entries:
+        chosen = view.accepted.get(shard)
+        if chosen is None or (chosen.author, chosen.predictions_id) != (predictor, predictions_id):
+            return f"shard {shard[:12]}: its predictions are not the ones the signed records settle on"
+    predictors = {predictor for _, predictor, _ in entries}
+    vouched = {v.target for v in verdicts if v.ok and v.checker != v.target and v.checker not in view.caught
+               and (v.shard, v.target, v.predictions_id) in {(s, a, i) for s, a, i in entries}}
+    unchecked = sorted(predictors - vouched)
+    if unchecked and not (solo_ok and len(predictors) == 1):
+        return f"no other peer re-ran and confirmed any of {unchecked[0][:12]}'s predictions"
+    return None
 
 
 def units_paid(resolution: Resolution, wallets: dict[str, str | None]) -> dict[str, int]:

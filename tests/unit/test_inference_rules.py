@@ -20,6 +20,7 @@ from swarm.inference import (
     outputs_agree,
     predictions_csv,
     resolve,
+    result_problem,
     units_paid,
 )
 from swarm.shards import InputsMismatch, ShardIntegrityError, decode_inputs, shard_inputs, weights_manifest
@@ -224,3 +225,50 @@ def test_a_training_job_still_needs_its_training_block_and_may_not_name_from_job
         JobSpec.from_dict({**job, "training": training, "model": {"catalog": "mlp", "from_job": "0" * 24}})
     with pytest.raises(JobSpecError, match="data.label_column: required for format 'csv'"):
         JobSpec.from_dict({**job, "training": training, "data": {"path": "d.csv", "format": "csv"}})
+
+
+def test_a_peer_naming_two_predictions_for_one_shard_is_caught():
+    two = records(("a", 0)) + [Prediction("a", SHARDS[0], pid("other"), 10)] + records(("b", 1))
+    view = resolve(SHARDS[:2], two, [], ROWS)
+    assert view.caught == {"a"} and view.missing == [SHARDS[0]]
+
+
+def test_a_liars_rejections_do_not_count_against_the_peers_it_rejected():
+    # x is contradicted on a's shard by two re-runs; its rejection of p (with y's) then counts as one
+    preds = records(("a", 0), ("p", 1))
+    verdicts = [Verdict("x", "a", SHARDS[0], pid("a0"), ok=False), Verdict("b", "a", SHARDS[0], pid("a0"), ok=True),
+                Verdict("c", "a", SHARDS[0], pid("a0"), ok=True),
+                Verdict("x", "p", SHARDS[1], pid("p1"), ok=False), Verdict("y", "p", SHARDS[1], pid("p1"), ok=False),
+                Verdict("z", "p", SHARDS[1], pid("p1"), ok=True)]
+    view = resolve(SHARDS[:2], preds, verdicts, ROWS)
+    assert view.caught == {"x"} and view.accepted[SHARDS[1]].author == "p"
+    assert ("p", SHARDS[1]) in view.disputed  # y's rejection alone against z's confirmation: a third re-run settles it
+
+
+def test_verdicts_on_predictions_nobody_published_never_count():
+    verdicts = [Verdict(c, "a", SHARDS[0], pid("made up"), ok=False) for c in ("x", "y", "z")]
+    assert not resolve(SHARDS[:1], records(("a", 0)), verdicts, ROWS).caught
+
+
+def test_a_result_must_be_the_settled_predictions_each_confirmed_by_another_peer():
+    preds = records(("a", 0), ("b", 1))
+    view = resolve(SHARDS[:2], preds, [], ROWS)
+    entries = [(SHARDS[0], "a", pid("a0")), (SHARDS[1], "b", pid("b1"))]
+    confirm = [Verdict("b", "a", SHARDS[0], pid("a0"), ok=True), Verdict("a", "b", SHARDS[1], pid("b1"), ok=True)]
+    assert result_problem(entries, SHARDS[:2], view, confirm, solo_ok=False) is None
+    assert "no other peer re-ran and confirmed any of b" in result_problem(entries, SHARDS[:2], view, confirm[:1],
+                                                                           solo_ok=False)
+    forged = [(SHARDS[0], "m", pid("m0")), (SHARDS[1], "m", pid("m1"))]  # a peer's own made-up result
+    assert "not the ones the signed records settle on" in result_problem(forged, SHARDS[:2], view, confirm, False)
+    assert "not the job's, in order" in result_problem(entries[::-1], SHARDS[:2], view, confirm, False)
+    alone = resolve(SHARDS[:1], records(("a", 0)), [], ROWS)
+    assert result_problem(entries[:1], SHARDS[:1], alone, [], solo_ok=True) is None  # min_peers 1, one peer
+    assert result_problem(entries[:1], SHARDS[:1], alone, [], solo_ok=False) is not None
+
+
+def test_a_near_tie_within_tolerance_is_the_same_prediction():
+    a = np.array([[0.50001, 0.49999]], dtype=np.float32)
+    assert outputs_agree(a, a[:, ::-1].copy(), "classification") == (True, "")
+    far = np.array([[0.6, 0.4]], dtype=np.float32)
+    assert outputs_agree(far, far + 0.005, "classification", atol=1e-2)[0]  # cross-device tolerance
+    assert not outputs_agree(far, far + 0.005, "classification")[0]
