@@ -283,6 +283,13 @@ class InferenceRunner:
         if len(outputs) < len(self.shard_ids):
             self.complete_since = None
             return
+        _, verdicts = self._records()
+        entries = [(s, view.accepted[s].author, view.accepted[s].predictions_id) for s in self.shard_ids]
+        why = result_problem(entries, self.shard_ids, view, as_verdicts(verdicts), solo_ok=self.spec.swarm.min_peers == 1)
+        if why:  # the others would refuse it: wait for the re-runs that settle it
+            logger.info(f"job {self.job.job_id}: not assembling yet: {why}")
+            self.complete_since = None
+            return
         csv_bytes = predictions_csv(outputs, self.manifest.task, self.manifest.classes, t.probabilities)
         predictions_id = self.peer.blobs.put(csv_bytes)
         report = inference_report(self.job, self.manifest, view, self._records(), predictions_id, self.weights_id)
