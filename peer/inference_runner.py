@@ -70,6 +70,7 @@ logger = logging.getLogger(__name__)
 
 CHECK_WAIT_S = 120.0  # how long the assembler waits for the job's other peers to finish their checks
 SETTLE_S = 1.0  # a complete view must hold this long before the result is assembled
+VOUCH_AFTER_S = 10.0  # then a predictor no re-run confirmed yet is re-run by whoever sees it
 
 
 class InferenceRunner:
@@ -200,7 +201,10 @@ class InferenceRunner:
 
     def _vouch(self, model, view: Resolution) -> bool:
         """A result needs every predictor confirmed by another peer's re-run (``result_problem``):
-        re-run one shard of each other predictor nobody has confirmed yet (its checker died)."""
+        re-run one shard of each other predictor nobody has confirmed yet (its checker died), once
+        the checks have had VOUCH_AFTER_S to come in."""
+        if self.complete_since is None or time.time() - self.complete_since < VOUCH_AFTER_S:
+            return False
         _, verdicts = self._records()
         confirmed = {v.target for v in as_verdicts(verdicts) if v.ok and v.checker != v.target
                      and view.accepted.get(v.shard) is not None
