@@ -8,6 +8,7 @@ Nothing unverified is ever stored or served.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
 import time
@@ -28,18 +29,32 @@ CHUNK_BYTES = 1 << 20
 PROVIDER_TTL = 600.0
 FETCH_PASSES = 3  # times every provider of a blob is asked before giving up
 FETCH_BACKOFF = 0.5  # seconds before the second pass (twice that before the third)
+STREAM_STALL_S = 30.0  # a blob stream silent this long is stuck (a chunk is 1 MiB: loopback sends it in ms)
 
 
 class BlobUnavailable(GPUFlexError):
     """No provider of a blob could hand over bytes that match its hash."""
 
 
-async def download_blob(p2p: P2P, peer_id: str, blob_id: str) -> bytes:
-    """Stream one blob from one peer and verify its hash (raises ``BlobUnavailable`` on a mismatch)."""
+async def download_blob(p2p: P2P, peer_id: str, blob_id: str, stall: float | None = None) -> bytes:
+    """Stream one blob from one peer and verify its hash (raises ``BlobUnavailable`` on a mismatch).
+
+    A stream that sends nothing for ``stall`` seconds (``STREAM_STALL_S``) is given up on, so a
+    stuck stream costs the fetch that long, not its whole timeout: the caller asks the next provider.
+    """
+    stall = STREAM_STALL_S if stall is None else stall
     request = BytesValue(value=MSGPackSerializer.dumps({"blob_id": blob_id}))
     chunks = []
-    stream = await p2p.iterate_protobuf_handler(PeerID.from_base58(peer_id), BLOB_GET, request, BytesValue)
-    async for message in stream:
+    stream = await asyncio.wait_for(
+        p2p.iterate_protobuf_handler(PeerID.from_base58(peer_id), BLOB_GET, request, BytesValue), stall)
+    while True:
+        try:
+            message = await asyncio.wait_for(stream.__anext__(), stall)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise BlobUnavailable(f"peer {peer_id[:12]} sent nothing of blob {blob_id[:12]} for {stall:.0f}s "
+                                  f"(after {len(chunks)} chunks): the stream is stuck") from None
         chunks.append(message.value)
     if not chunks:  # a served blob is at least one message, even an empty one: the stream dropped
         raise BlobUnavailable(f"peer {peer_id[:12]} ended the stream for blob {blob_id[:12]} without sending it")

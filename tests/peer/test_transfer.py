@@ -1,5 +1,6 @@
 """Blobs move between real peers over hivemind's P2P streams and are verified on arrival."""
 
+import asyncio
 import hashlib
 
 import pytest
@@ -100,3 +101,24 @@ def test_a_stream_that_drops_is_a_clear_error_and_the_provider_is_asked_again(no
         b.loop.run(download_blob(b.p2p, a.records.peer_id, blob_id))
     # one provider, its next stream dropped too: the fetch asks it again and gets the blob
     assert b.service.fetch(blob_id) == data and len(dropped) == 2
+
+
+def test_a_stuck_stream_is_given_up_on_after_its_stall_time_not_the_fetch_timeout(nodes):
+    a, b, _ = nodes
+    data = b"served slowly"
+    blob_id = a.blobs.put(data)
+    a.service.announce([blob_id], a.records.visible_maddrs())
+    release = asyncio.Event()
+
+    async def hang_once(request, context):  # what a provider whose stream got stuck looks like
+        if not release.is_set():
+            release.set()
+            await asyncio.sleep(3600)
+        async for message in a.service._serve(request, context):
+            yield message
+
+    a.loop.run(a.p2p.remove_protobuf_handler(BLOB_GET, stream_output=True))
+    a.loop.run(a.p2p.add_protobuf_handler(BLOB_GET, hang_once, BytesValue, stream_output=True))
+    with pytest.raises(BlobUnavailable, match="sent nothing of blob .* for 1s .*the stream is stuck"):
+        b.loop.run(download_blob(b.p2p, a.records.peer_id, blob_id, stall=1.0), timeout=30)
+    assert b.loop.run(download_blob(b.p2p, a.records.peer_id, blob_id, stall=5.0), timeout=30) == data
