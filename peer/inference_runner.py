@@ -52,6 +52,7 @@ from swarm.inference import (
     Verdict,
     accepted_digest,
     checks_to_make,
+    confirmed_predictors,
     decode_outputs,
     encode_outputs,
     next_shard,
@@ -107,7 +108,7 @@ class InferenceRunner:
             result = self._result()
             if result is not None:
                 break
-            view, claims = self._read()
+            view, claims, verdicts = self._read()
             if self.me in view.caught:
                 raise Banned(f"job {job}: other peers' re-runs contradict this peer's predictions; it is out")
             shard = next_shard(self.me, self.shard_ids, set(view.accepted), claims)
@@ -118,7 +119,7 @@ class InferenceRunner:
                 self.complete_since = None
                 self._pause()
                 continue
-            if self._check(model, view) or self._arbitrate(model, view) or self._vouch(model, view):
+            if self._check(model, view) or self._arbitrate(model, view) or self._vouch(model, view, verdicts):
                 continue  # re-runs published: read again
             digest = accepted_digest(view)
             if self.marked != (self.predicted, digest):  # "checked": done with our re-runs of these predictions
@@ -199,17 +200,13 @@ class InferenceRunner:
             self._rerun(model, view.accepted[shard])
         return bool(mine)
 
-    def _vouch(self, model, view: Resolution) -> bool:
+    def _vouch(self, model, view: Resolution, verdicts: list[Verdict]) -> bool:
         """A result needs every predictor confirmed by another peer's re-run (``result_problem``):
         re-run one shard of each other predictor nobody has confirmed yet (its checker died), once
         the checks have had VOUCH_AFTER_S to come in."""
         if self.complete_since is None or time.time() - self.complete_since < VOUCH_AFTER_S:
             return False
-        _, verdicts = self._records()
-        confirmed = {v.target for v in as_verdicts(verdicts) if v.ok and v.checker != v.target
-                     and view.accepted.get(v.shard) is not None
-                     and (view.accepted[v.shard].author, view.accepted[v.shard].predictions_id) == (v.target,
-                                                                                                    v.predictions_id)}
+        confirmed = confirmed_predictors(view, verdicts)
         todo = []
         for shard, p in sorted(view.accepted.items()):
             if p.author != self.me and p.author not in confirmed and (p.author, shard, p.predictions_id) \
@@ -229,8 +226,7 @@ class InferenceRunner:
                         f"{prediction.shard[:12]} to check them: {e}")
             return
         ours = self._outputs(model, prediction.shard)
-        record = self._prediction_record(prediction)
-        same_kind = record is None or record.device in (None, self.peer.device.type)
+        same_kind = prediction.device in (None, self.peer.device.type)
         atol = OUTPUT_ATOL if same_kind else self.spec.verification.cross_device_tolerance
         try:
             theirs = decode_outputs(blob, prediction.predictions_id, prediction.rows, self.manifest.num_outputs)
@@ -333,9 +329,9 @@ class InferenceRunner:
                     if s.body.shard and s.body.predictions_id]
         return predictions, verdicts
 
-    def _read(self) -> tuple[Resolution, dict[str, str]]:
-        predictions, verdicts = self._records()
-        view = resolve(self.shard_ids, as_predictions(predictions), as_verdicts(verdicts), self.rows)
+    def _read(self) -> tuple[Resolution, dict[str, str], list[Verdict]]:
+        """The view, the live leases of other peers (peer -> shard), and the verdicts (one read each)."""
+        view, verdicts = self._resolve()
         alive, now = self.peer.alive_peers(), time.time()
         claims = {}
         for s in self.records.read(leases_key(self.job.job_id, 1), LeaseRecord):
@@ -344,35 +340,35 @@ class InferenceRunner:
             seen = self.claims_seen.setdefault((s.author, s.body.shards[0]), now)
             if now - seen < self.spec.inference.shard_timeout_s:  # held longer: stuck, the shard is free again
                 claims[s.author] = s.body.shards[0]
-        return view, claims
+        return view, claims, verdicts
 
-    def _prediction_record(self, prediction: Prediction) -> PredictionRecord | None:
-        return next((p for p in self._records()[0] if (p.peer_id, p.shard, p.predictions_id) ==
-                     (prediction.author, prediction.shard, prediction.predictions_id)), None)
+    def _resolve(self) -> tuple[Resolution, list[Verdict]]:
+        predictions, verdicts = self._records()
+        verdicts = as_verdicts(verdicts)
+        return resolve(self.shard_ids, as_predictions(predictions), verdicts, self.rows), verdicts
 
     def _result(self) -> ResultRecord | None:
         """The job's result: the lowest-id result record whose report checks out against the
         signed records (``result_problem``); one that does not is ignored (and said once)."""
         found = sorted((s.body for s in self.records.read(result_key(self.job.job_id), ResultRecord)
-                        if s.body.predictions_id), key=lambda r: r.peer_id)
+                        if s.body.predictions_id and f"{s.body.peer_id}:{s.body.report_id}" not in self.results_refused),
+                       key=lambda r: r.peer_id)
+        if not found:
+            return None
+        view, verdicts = self._resolve()  # one read of the records for every candidate
         for result in found:
-            name, view = f"{result.peer_id}:{result.report_id}", None
-            if name in self.results_refused:
-                continue
+            name = f"{result.peer_id}:{result.report_id}"
             try:
                 report = json.loads(self.peer.fetch(result.report_id))
-                predictions, verdicts = self._records()
-                view = resolve(self.shard_ids, as_predictions(predictions), as_verdicts(verdicts), self.rows)
                 entries = [(e["shard"], e["predictor"], e["predictions_id"]) for e in report["shards"]]
                 why = "it names other predictions" if report.get("predictions_id") != result.predictions_id else \
-                    result_problem(entries, self.shard_ids, view, as_verdicts(verdicts),
-                                   solo_ok=self.spec.swarm.min_peers == 1)
+                    result_problem(entries, self.shard_ids, view, verdicts, solo_ok=self.spec.swarm.min_peers == 1)
             except (GPUFlexError, ValueError, KeyError, TypeError) as e:
                 why = f"its report can not be read ({e})"
             if why is None:
                 self.report = report
                 return result
-            if view is not None and view.complete and not view.disputed:  # settled: the result is wrong, not early
+            if view.complete and not view.disputed:  # settled: the result is wrong, not early
                 self.results_refused[name] = why
                 logger.warning(f"job {self.job.job_id}: ignoring the result of {result.peer_id[:12]}: {why}")
         return None
@@ -405,7 +401,7 @@ class InferenceRunner:
 
 
 def as_predictions(records: list[PredictionRecord]) -> list[Prediction]:
-    return [Prediction(r.peer_id, r.shard, r.predictions_id, r.rows) for r in records]
+    return [Prediction(r.peer_id, r.shard, r.predictions_id, r.rows, r.device) for r in records]
 
 
 def as_verdicts(records: list[VerdictRecord]) -> list[Verdict]:

@@ -276,7 +276,6 @@ class Client:
             if from_job is not None:  # `job submit --from JOB`: predict with that job's model
                 fields = spec.to_dict()
                 fields["model"] = {"from_job": from_job}
-                fields.pop("task", None) if spec.model.from_job else None
                 spec = JobSpec.from_dict(fields, source="--from")
             manifest, blobs, public = self._inference_submission(spec)
             return self._send(spec, manifest, blobs, public, budget, ledger, deadline_hours)
@@ -596,7 +595,7 @@ class Client:
     def _inference_result(self, job_id: str, out_dir: str | os.PathLike) -> ResultFiles:
         """predictions.csv and the report, checked: every shard's predictions the report names are
         signed by their predictor, none of them caught, and the file is those predictions, in order."""
-        from peer.inference_runner import as_verdicts, paid_records
+        from peer.inference_runner import as_verdicts
         from swarm.inference import decode_outputs, predictions_csv, result_problem
 
         job = self._job(job_id)
@@ -605,16 +604,16 @@ class Client:
                          key=lambda r: r.peer_id)
         if not results:
             raise ResultNotReady(f"job {job_id} has no result yet: see `gpuflex job status {job_id}`")
-        manifest, predictions, verdicts, view = self._inference_view(job)
+        manifest, _, verdicts, view = self._inference_view(job)
         problems = []
         for result in results:
             try:
                 report = json.loads(self._download(result.report_id))
                 if report.get("job_id") != job_id or report.get("predictions_id") != result.predictions_id:
                     raise ResultUnverified("the report describes another result")
-                paid_records(report, predictions, job_id)  # every entry a signed prediction of its peer
-                # every shard the predictions the signed records settle on, each predictor confirmed
-                # by another peer's re-run (unless the job was one peer's, as it allowed)
+                # every shard the predictions the signed records settle on (so each a signed prediction
+                # of its predictor), each predictor confirmed by another peer's re-run (unless the job
+                # was one peer's, as it allowed)
                 entries = [(e["shard"], e["predictor"], e["predictions_id"]) for e in report["shards"]]
                 why = result_problem(entries, manifest.shard_ids("predict"), view, as_verdicts(verdicts),
                                      solo_ok=spec.swarm.min_peers == 1)

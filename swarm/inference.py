@@ -142,6 +142,7 @@ class Prediction:
     shard: str
     predictions_id: str
     rows: int
+    device: str | None = None  # the device kind it was predicted on: a re-run elsewhere allows more noise
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,14 @@ def accepted_digest(resolution: Resolution) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def confirmed_predictors(view: Resolution, verdicts: Iterable[Verdict]) -> set[str]:
+    """The predictors another peer's re-run (not a caught peer's) found right on predictions the
+    view accepts: what a result needs of every peer whose rows it carries."""
+    return {v.target for v in verdicts if v.ok and v.checker != v.target and v.checker not in view.caught
+            and (chosen := view.accepted.get(v.shard)) is not None
+            and (chosen.author, chosen.predictions_id) == (v.target, v.predictions_id)}
+
+
 def result_problem(entries: list[tuple[str, str, str]], shard_ids: list[str], view: Resolution,
                    verdicts: Iterable[Verdict], solo_ok: bool) -> str | None:
     """Why a result's shard list (shard, predictor, predictions id) must not be taken, or None.
@@ -242,22 +251,10 @@ def result_problem(entries: list[tuple[str, str, str]], shard_ids: list[str], vi
         if chosen is None or (chosen.author, chosen.predictions_id) != (predictor, predictions_id):
             return f"shard {shard[:12]}: its predictions are not the ones the signed records settle on"
     predictors = {predictor for _, predictor, _ in entries}
-    vouched = {v.target for v in verdicts if v.ok and v.checker != v.target and v.checker not in view.caught
-               and (v.shard, v.target, v.predictions_id) in {(s, a, i) for s, a, i in entries}}
-    unchecked = sorted(predictors - vouched)
+    unchecked = sorted(predictors - confirmed_predictors(view, verdicts))
     if unchecked and not (solo_ok and len(predictors) == 1):
         return f"no other peer re-ran and confirmed any of {unchecked[0][:12]}'s predictions"
     return None
-
-
-def units_paid(resolution: Resolution, wallets: dict[str, str | None]) -> dict[str, int]:
-    """wallet -> rows its peer's accepted predictions cover (a row is paid once, to one peer)."""
-    units: dict[str, int] = {}
-    for p in resolution.accepted.values():
-        wallet = wallets.get(p.author)
-        if wallet:
-            units[wallet] = units.get(wallet, 0) + p.rows
-    return units
 
 
 # --------------------------------------------------------------------------- the result file

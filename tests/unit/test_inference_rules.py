@@ -21,7 +21,6 @@ from swarm.inference import (
     predictions_csv,
     resolve,
     result_problem,
-    units_paid,
 )
 from swarm.shards import InputsMismatch, ShardIntegrityError, decode_inputs, shard_inputs, weights_manifest
 from swarm.spec import JobSpec, JobSpecError
@@ -125,9 +124,23 @@ def test_a_peer_can_not_reject_or_vouch_for_its_own_predictions():
 
 
 def test_each_row_is_paid_once_to_its_accepted_predictor():
-    view = resolve(SHARDS, records(("a", 0), ("b", 0), ("a", 1), ("b", 2), ("b", 3)), [], ROWS)
-    assert units_paid(view, {"a": "0xA", "b": "0xB"}) == {"0xA": 20, "0xB": 20}
-    assert units_paid(view, {"a": "0xA", "b": None}) == {"0xA": 20}  # no wallet, no pay
+    from dht.records import PredictionRecord
+    from peer.inference_runner import paid_records
+    from peer.payout import contribution_units, payable
+
+    entries = [("a", 0), ("b", 0), ("a", 1), ("b", 2), ("b", 3)]
+    view = resolve(SHARDS, records(*entries), [], ROWS)
+
+    def units(wallets: dict) -> dict:
+        signed = [PredictionRecord(peer_id=author, job_id="0" * 24, shard=SHARDS[i], predictions_id=pid(f"{author}{i}"),
+                                   rows=10, wallet=wallets[author]) for author, i in entries]
+        report = {"shards": [{"shard": s, "predictor": p.author, "predictions_id": p.predictions_id, "rows": p.rows}
+                             for s, p in view.accepted.items()]}
+        paid = paid_records(report, signed, "0" * 24)
+        return contribution_units(payable(paid, {p.peer_id for p in paid}))
+
+    assert units({"a": "0xA", "b": "0xB"}) == {"0xA": 20, "0xB": 20}
+    assert units({"a": "0xA", "b": None}) == {"0xA": 20}  # no wallet, no pay
 
 
 # ------------------------------------------------------------------------------- outputs and the file
