@@ -64,7 +64,7 @@ def estimate_footprint(model: nn.Module, manifest, spec) -> Footprint:
     """``spec``: the job's JobSpec (training and aggregation decide the copies kept). An
     inference job keeps the weights and one batch's activations, and a row costs one forward
     pass (``train_flops_per_sample`` is then that: the unit a row is priced in)."""
-    if getattr(spec, "type", "training") == "inference":
+    if spec.type == "inference":
         params, batch = count_parameters(model), spec.inference.batch_size
         forward = flops_per_sample(model, manifest)
         return Footprint(parameters=params,

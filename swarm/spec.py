@@ -506,7 +506,8 @@ class JobSpec(BaseModel):
         file), and rows to predict from a shared dataset. Nothing here trains or merges."""
         self.inference = self.inference or InferenceSpec()
         unused = [name for name in ("training", "search", "privacy", "tracking") if getattr(self, name) is not None]
-        unused += [name for name in ("aggregation",) if getattr(self, name) != AggregationSpec()]
+        if self.aggregation != AggregationSpec():
+            unused.append("aggregation")
         if unused:
             raise _FieldError(unused[0], "not used by an inference job (nothing is trained)")
         if self.data.federated is not None:
@@ -590,19 +591,16 @@ class JobSpec(BaseModel):
         """A JSON-able dict that :meth:`from_dict` turns back into an equal spec. A training job's
         ``type`` and ``search`` are left out at their defaults, so its dict is what it always was."""
         out = self.model_dump(mode="json")
+        if self.type == "inference":  # nothing is trained: the training sections are left out
+            for name in ("training", "search", "privacy", "tracking", "aggregation"):
+                out.pop(name)
+            return out
+        out.pop("inference")
+        if out["model"]["from_job"] is None:
+            out["model"].pop("from_job")
         if self.type == "training":
             out.pop("type")
             out.pop("search")
-            out.pop("inference")
-            if out["model"]["from_job"] is None:
-                out["model"].pop("from_job")
-        elif self.type == "inference":  # nothing is trained: the training sections are left out
-            for name in ("training", "search", "privacy", "tracking", "aggregation"):
-                out.pop(name)
-        elif self.type == "sweep":
-            out.pop("inference")
-            if out["model"]["from_job"] is None:
-                out["model"].pop("from_job")
         return out
 
 

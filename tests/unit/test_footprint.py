@@ -15,6 +15,7 @@ pytestmark = pytest.mark.timeout(30)
 
 def job(optimizer="adam", momentum=0.0, outer="average"):
     return SimpleNamespace(
+        type="training",
         training=SimpleNamespace(optimizer=optimizer, momentum=momentum, batch_size=16, local_steps=10),
         aggregation=SimpleNamespace(outer=outer),
     )
