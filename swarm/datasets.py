@@ -102,10 +102,7 @@ def load_dataset(data: DataSpec, task: str) -> Dataset:
     path = Path(data.path)
     if not path.exists():
         raise DatasetError("data.path", f"{path} not found")
-    size = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    if size > data.max_bytes:
-        raise DatasetError("data.path", f"{path} is {size:,} bytes, over the job's limit of {data.max_bytes:,} "
-                                        f"(data.max_bytes)")
+    _check_size(path, data.max_bytes)
     if data.format == "csv":
         dataset = _load_csv(path, data.label_column, task)
     elif data.format == "npz":
@@ -133,9 +130,7 @@ def load_inputs(data: DataSpec) -> tuple[np.ndarray, list[str]]:
     path = Path(data.path)
     if not path.is_file():
         raise DatasetError("data.path", f"{path} not found")
-    if path.stat().st_size > data.max_bytes:
-        raise DatasetError("data.path", f"{path} is {path.stat().st_size:,} bytes, over the job's limit of "
-                                        f"{data.max_bytes:,} (data.max_bytes)")
+    _check_size(path, data.max_bytes)
     if data.format == "csv":
         header = _csv_header(path)
         skip = _label_index(header, data.label_column, path, what="column") if data.label_column else None
@@ -154,12 +149,10 @@ def load_inputs(data: DataSpec) -> tuple[np.ndarray, list[str]]:
                 x = npz[name]
         except (OSError, ValueError, zipfile.BadZipFile) as e:
             raise DatasetError("data.path", f"cannot read {path}: {e}") from None
-        if x.ndim == 0 or x.dtype.kind not in "biuf" or len(x) == 0:
+        if x.ndim > 0 and len(x) == 0:
             raise DatasetError("data.path", f"{path}: array '{name}' must be numeric of shape (N, ...), got "
                                             f"{x.dtype} {x.shape}")
-        x = x[:, None] if x.ndim == 1 else x
-        _check_finite(x.reshape(len(x), -1).astype(np.float64), path, lambda i: f"array '{name}', row {i}", "data.path")
-        return x.astype(np.float32), [f"{name}_{i}" for i in range(int(np.prod(x.shape[1:])))]
+        return _npz_features(x, name, path)
     raise DatasetError("data.format", f"inference reads csv or npz, not {data.format!r}")
 
 
@@ -285,20 +278,13 @@ def _load_npz(path: Path, label: str | None, task: str) -> Dataset:
         # allow_pickle=False turns object arrays into a ValueError: we never unpickle user data.
         raise DatasetError("data.path", f"cannot read {path}: {e}") from None
 
-    if x.ndim == 0 or x.dtype.kind not in "biuf":
-        raise DatasetError("data.path", f"{path}: array '{feature_name}' must be numeric of shape (N, ...), got {x.dtype} {x.shape}")
-    if x.ndim == 1:
-        x = x[:, None]
+    features, feature_names = _npz_features(x, feature_name, path)
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1 or len(y) != len(x):
         raise DatasetError(
             "data.label_column", f"{path}: array '{label}' must have shape ({len(x)},) to match '{feature_name}', got {y.shape}"
         )
-    features = x.astype(np.float64)
-    _check_finite(features.reshape(len(x), -1), path, lambda i: f"array '{feature_name}', row {i}", "data.path")
-    feature_names = [f"{feature_name}_{i}" for i in range(int(np.prod(x.shape[1:])))]
-
     if task == "classification":
         if y.dtype.kind not in "biufUS":
             raise DatasetError("data.label_column", f"{path}: array '{label}' has unsupported dtype {y.dtype}")
@@ -312,7 +298,17 @@ def _load_npz(path: Path, label: str | None, task: str) -> Dataset:
         values = y.astype(np.float64)
         _check_finite(values, path, lambda i: f"array '{label}', row {i}", "data.label_column")
         targets, classes = values.astype(np.float32), None
-    return Dataset(features.astype(np.float32), targets, feature_names, classes)
+    return Dataset(features, targets, feature_names, classes)
+
+
+def _npz_features(x: np.ndarray, name: str, path: Path) -> tuple[np.ndarray, list[str]]:
+    """An npz features array as float32 ``(N, ...)`` (a 1-D one is one feature) and a name per
+    flattened feature, checked numeric and finite."""
+    if x.ndim == 0 or x.dtype.kind not in "biuf":
+        raise DatasetError("data.path", f"{path}: array '{name}' must be numeric of shape (N, ...), got {x.dtype} {x.shape}")
+    x = x[:, None] if x.ndim == 1 else x
+    _check_finite(x.reshape(len(x), -1).astype(np.float64), path, lambda i: f"array '{name}', row {i}", "data.path")
+    return x.astype(np.float32), [f"{name}_{i}" for i in range(int(np.prod(x.shape[1:])))]
 
 
 # ------------------------------------------------------------------------------ image folder
@@ -361,6 +357,14 @@ def _load_image_folder(path: Path, image_size: tuple[int, int], grayscale: bool)
 
 
 # ----------------------------------------------------------------------------------- shared
+
+
+def _check_size(path: Path, max_bytes: int) -> None:
+    """Refuse a dataset (a file, or a folder's files) over the job's ``data.max_bytes``."""
+    size = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    if size > max_bytes:
+        raise DatasetError("data.path", f"{path} is {size:,} bytes, over the job's limit of {max_bytes:,} "
+                                        f"(data.max_bytes)")
 
 
 def _label_index(names: list[str], label: str | None, path: Path, what: str) -> int:
