@@ -1056,9 +1056,10 @@ class JobRunner:
         """The roster peers to merge with: all that are alive once they trained, or, once a
         majority trained, those that did by the straggler deadline (``schedule.straggler_wait``;
         not for federated owners, whose rows nobody else can train)."""
-        majority_since: list[float] = []
+        majority_since = None  # when we first saw a majority of the roster trained
 
         def done():
+            nonlocal majority_since
             progress = self.records.read(progress_key(self.job.job_id, r), ProgressRecord)
             state = self._state_of(progress)
             if schedule.barrier_ready(roster, state.trained, self.peer.alive_peers(), state.left):
@@ -1067,8 +1068,8 @@ class JobRunner:
                 p.author: p.body.seconds_training for p in progress if p.body.phase in ("trained", "merged")})
             if wait is None:
                 return None
-            majority_since[:1] = majority_since[:1] or [time.time()]
-            if time.time() - majority_since[0] < wait:
+            majority_since = majority_since or time.time()
+            if time.time() - majority_since < wait:
                 return None
             late = sorted(roster - state.trained - state.left)
             logger.info(f"job {self.job.job_id}: round {r} merges without {len(late)} peer(s) still training after "

@@ -41,6 +41,17 @@ def install(fault: Fault, at_round: int) -> None:
     import peer.job_runner as job_runner
     from aggregation.averaging import RoundAverager
 
+    def round_tracking_runner():
+        """A JobRunner that notes the round it is in (``now["round"]``): for faults that strike in one."""
+        now = {"round": None}
+
+        class RoundTrackingRunner(job_runner.JobRunner):
+            def _round(self, r, *args):
+                now["round"] = r
+                return super()._round(r, *args)
+
+        return RoundTrackingRunner, now
+
     if fault is Fault.CLAIM_OTHERS_UNITS:
         from peer.schedule import assign_shards
 
@@ -100,7 +111,7 @@ def install(fault: Fault, at_round: int) -> None:
 
             def _outputs(self, model, shard):
                 outputs = super()._outputs(model, shard)
-                rerun = len(taken) == 0 or taken[-1] != shard or getattr(self, "_rerunning", False)
+                rerun = getattr(self, "_rerunning", False)  # checking another peer's shard: honest
                 if fault is Fault.KILL_PREDICTING and not rerun and len(taken) >= at_round:
                     crash()  # its lease on the shard is out: the others must take the shard once it lapses
                 if fault is Fault.FORGE_PREDICTIONS and not rerun:
@@ -119,12 +130,8 @@ def install(fault: Fault, at_round: int) -> None:
     if fault is Fault.SLOW_TRAINING:
         import time
 
-        train_local, now = job_runner.train_local, {"round": None}
-
-        class SlowRunner(job_runner.JobRunner):
-            def _round(self, r, *args):
-                now["round"] = r
-                return super()._round(r, *args)
+        train_local = job_runner.train_local
+        SlowRunner, now = round_tracking_runner()
 
         def train_slowly(model, optimizer, data, *, should_stop, **kwargs):
             def a_second_a_step():
@@ -172,12 +179,8 @@ def install(fault: Fault, at_round: int) -> None:
         SecureMerge._publish = publish_then_die
         return
     if fault is Fault.KILL_IN_TRAINING:
-        train_local, now = job_runner.train_local, {"round": None}
-
-        class FaultyRunner(job_runner.JobRunner):
-            def _round(self, r, *args):
-                now["round"] = r
-                return super()._round(r, *args)
+        train_local = job_runner.train_local
+        FaultyRunner, now = round_tracking_runner()
 
         def train_then_die(model, optimizer, data, *, steps, generator, **kwargs):
             if now["round"] >= at_round:
