@@ -86,6 +86,9 @@ RECORD_TTL = 7 * 24 * 3600.0  # progress and leases outlive the job: reports and
 POLL = 0.2  # seconds between DHT reads while waiting on a condition
 LEAVING_WAIT = 3.0  # seconds a peer shutting down after a merge waits for its group's records
 ROSTER_SETTLE = 1.5  # a roster must be unchanged this long before the round starts
+MERGED_RECORDS_WAIT = 30.0  # a round's merged records: how long any member's are waited for...
+MERGED_RECORDS_CAP = 300.0  # ... and how long a live member's are (a dead one's never come)
+VERDICTS_WAIT = 120.0  # how long a round's drawn verifiers are waited for
 
 
 class JobStopped(GPUFlexError):
@@ -595,8 +598,12 @@ class JobRunner:
             found = [(s.author, s.body) for s in self.records.read(key, VerdictRecord)]
             return found if drawn <= {(author, verdict.target) for author, verdict in found} else None
 
-        verdicts = (self._wait_for(all_verdicts, timeout=120.0) if plan else None) or [
-            (s.author, s.body) for s in self.records.read(key, VerdictRecord)]
+        verdicts = self._wait_for(all_verdicts, timeout=VERDICTS_WAIT) if plan else []
+        if verdicts is None:  # a verifier died, or it read the round otherwise than we did
+            verdicts = [(s.author, s.body) for s in self.records.read(key, VerdictRecord)]
+            late = sorted(drawn - {(author, verdict.target) for author, verdict in verdicts})
+            logger.warning(f"job {self.job.job_id}: round {r}: {len(late)} verdict(s) never came within "
+                           f"{VERDICTS_WAIT:.0f} s (" + ", ".join(f"{v[:12]} on {t[:12]}" for v, t in late) + ")")
         self.rejections[r] = rejected_targets(plan, verdicts) | set(false_claims)
         return self.rejections[r]
 
@@ -969,7 +976,7 @@ class JobRunner:
                               model_id=model_id, report_id=report_id, cancelled=cancelled)
         self.records.publish(result_key(self.job.job_id), result, ttl=RECORD_TTL)
         self.peer.journal.remember(result_key(self.job.job_id), result, ttl=RECORD_TTL)
-        ended = f"cancelled after round {last_round}" if cancelled else "finished"
+        ended = f"cancelled after round {last_round}" if cancelled else f"finished after round {last_round}"
         logger.info(f"job {self.job.job_id}: {ended}, model {model_id[:12]}, report {report_id[:12]}")
 
     # ---------------------------------------------------------------- reading the swarm
@@ -1090,30 +1097,59 @@ class JobRunner:
         return self.me not in merged and schedule.majority_model(merged) is not None
 
     def _wait_for_merged_records(self, r: int, group: list[str]) -> list[ProgressRecord]:
-        """The group's merged records of round ``r`` (those that arrive within a while)."""
+        """The group's merged records of round ``r``: all of them, or those of the members alive."""
         def read():
-            return [s.body for s in self.records.read(progress_key(self.job.job_id, r), ProgressRecord)
-                    if s.body.phase == "merged" and s.author in group]
+            merged = [s.body for s in self.records.read(progress_key(self.job.job_id, r), ProgressRecord)
+                      if s.body.phase == "merged" and s.author in group]
+            return merged, group, {p.peer_id for p in merged}
 
-        def complete():
-            merged = read()
-            return merged if len(merged) == len(group) else None
-
-        return self._wait_for(complete, timeout=30.0) or read()
+        return self._group_records(r, read)
 
     def _agreed_records(self, r: int) -> list[ProgressRecord]:
-        """Round ``r``'s merged records that agree on its model, once the whole group's are readable."""
-        def agreed_now():
+        """Round ``r``'s merged records that agree on its model, once every group member's merged
+        record is read, or given up on (its heartbeat lapsed); [] if no model has a majority by
+        the end of the first wait."""
+        def read():
             merged = [s.body for s in self.records.read(progress_key(self.job.job_id, r), ProgressRecord)
                       if s.body.phase == "merged" and s.body.model_id]
             agreed = schedule.majority_model({p.peer_id: p.model_id for p in merged})
-            return [p for p in merged if p.model_id == agreed] if agreed else []
+            records = [p for p in merged if p.model_id == agreed] if agreed else []
+            # a member that merged to another model is not late: its record is read, and final
+            return records, (records[0].group if records else None), {p.peer_id for p in merged}
 
-        def complete():
-            records = agreed_now()
-            return records if records and {p.peer_id for p in records} >= set(records[0].group) else None
+        return self._group_records(r, read)
 
-        return self._wait_for(complete, timeout=30.0) or agreed_now()
+    def _group_records(self, r: int, read: Callable[[], tuple[list[ProgressRecord], object, set[str]]]
+                       ) -> list[ProgressRecord]:
+        """Wait until ``read()`` (records, the group they are of, the members whose merged record
+        it read) has read every member. After ``MERGED_RECORDS_WAIT``, a member not read is given
+        up on only once its heartbeat has lapsed (schedule.records_settled): on a loaded DHT a
+        live member's record can be slow to read, and the round read without it would differ
+        from the other peers' reading (its shards dealt again, another round digest). Bounded
+        by ``MERGED_RECORDS_CAP``. No group (nothing agreed yet): what is read at the first wait's end."""
+        from peer.runtime import HEARTBEAT_S  # (runtime imports this module)
+
+        first_wait_ends, missing_since = time.time() + MERGED_RECORDS_WAIT, {}
+
+        def settled():
+            nonlocal missing_since
+            records, group, present = read()
+            if group is None or present >= set(group):
+                return (records,) if group is not None or time.time() > first_wait_ends else None
+            if time.time() < first_wait_ends:
+                return None
+            missing_since, done = schedule.records_settled(group, present, self.peer.alive_peers(), missing_since,
+                                                           time.time(), hold=HEARTBEAT_S)
+            return (records,) if done else None
+
+        found = self._wait_for(settled, timeout=MERGED_RECORDS_CAP)
+        if found is not None:
+            return found[0]
+        records, group, present = read()
+        logger.warning(f"job {self.job.job_id}: round {r}: after {MERGED_RECORDS_CAP:.0f} s, the merged records "
+                       f"of {len(set(group or ()) - present)} live group members are still unreadable; "
+                       f"going on without them")
+        return records
 
     def _carried_into(self, r: int) -> tuple[list[str], str | None]:
         """What round ``r`` takes from round ``r - 1``: the shards it owes and its digest.

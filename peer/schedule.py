@@ -178,6 +178,21 @@ def members_gone(expected: Iterable[str], alive: Iterable[str], me: str, missing
     return since, trusted and any(now - t >= hold for t in since.values())
 
 
+def records_settled(group: Iterable[str], present: Iterable[str], alive: Iterable[str],
+                    missing_since: Mapping[str, float], now: float, hold: float) -> tuple[dict[str, float], bool]:
+    """While a round's merged records are read, after the first wait: ``(missing_since, settled)``.
+
+    They are settled once every group member's record is there, or once each member whose record
+    is missing has been dead (no heartbeat) for ``hold`` seconds. A live member's record is only
+    late (a loaded DHT): reading the round without it would deal its shards again and give this
+    peer another round digest than the peers that read it. ``missing_since`` maps each dead
+    absent member to when it was first seen dead (one missed heartbeat read is not a death)."""
+    absent = set(group) - set(present)
+    dead = absent - set(alive)
+    since = {peer: missing_since.get(peer, now) for peer in dead}
+    return since, absent == dead and all(now - t >= hold for t in since.values())
+
+
 @dataclass(frozen=True)
 class JobView:
     """What a peer knows about one job when deciding where to work."""

@@ -12,6 +12,7 @@ import enum
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from any directory
@@ -31,6 +32,7 @@ class Fault(enum.Enum):
     SLOW_TRAINING = "in round N only, train at a tenth of its speed or less (a second a step): a straggler"
     FORGE_PREDICTIONS = "inference: publish made-up outputs for every shard it takes (re-runs others' honestly)"
     KILL_PREDICTING = "inference: die in the middle of predicting its Nth shard, holding its lease"
+    MISS_A_MERGED_RECORD = "round N: its DHT reads miss another (live) member's merged record for 75 s (a loaded DHT)"
 
 
 def crash() -> None:
@@ -128,8 +130,6 @@ def install(fault: Fault, at_round: int) -> None:
         inference_runner.InferenceRunner = CheatingRunner
         return
     if fault is Fault.SLOW_TRAINING:
-        import time
-
         train_local = job_runner.train_local
         SlowRunner, now = round_tracking_runner()
 
@@ -156,6 +156,40 @@ def install(fault: Fault, at_round: int) -> None:
             return trial
 
         SweepLeader._start_trial = start_then_die
+        return
+    if fault is Fault.MISS_A_MERGED_RECORD:
+        from dht.records import progress_key
+
+        class ForgetfulReads:
+            """The peer's record store, but for 75 s from when it first reads another member's merged
+            record of round N, its reads of that round leave that record out: what a DHT node that
+            has not got the store yet answers, on a swarm too loaded to spread it."""
+
+            def __init__(self, records, job_id):
+                self._records, self._key, self._victim, self._since = records, progress_key(job_id, at_round), None, 0.0
+
+            def __getattr__(self, name):
+                return getattr(self._records, name)
+
+            def read(self, key, kind):
+                found = self._records.read(key, kind)
+                if key != self._key:
+                    return found
+                merged = sorted(s.author for s in found if s.body.phase == "merged" and s.author != self.peer_id)
+                if self._victim is None and merged:
+                    self._victim, self._since = merged[0], time.monotonic()
+                    print(f"fault: round {at_round}: reads miss {self._victim}'s merged record for 75 s",
+                          file=sys.stderr, flush=True)
+                if self._victim is not None and time.monotonic() - self._since < 75.0:
+                    return [s for s in found if not (s.author == self._victim and s.body.phase == "merged")]
+                return found
+
+        class ForgetfulRunner(job_runner.JobRunner):
+            def __init__(self, peer, job):
+                super().__init__(peer, job)
+                self.records = ForgetfulReads(self.records, job.job_id)
+
+        job_runner.JobRunner = ForgetfulRunner
         return
     if fault is Fault.SIGTERM_AFTER_MERGE:
         class LeavingRunner(job_runner.JobRunner):

@@ -185,6 +185,25 @@ def test_a_retry_gives_up_on_a_member_only_once_it_stays_missing():
     assert not schedule.members_gone(expected, {"me"}, "me", {"pa": 0.0, "pb": 0.0}, now=60.0, hold=3.0)[1]
 
 
+def test_a_round_read_without_a_live_members_merged_record_is_not_settled():
+    group = ["pa", "pb", "pc"]
+    assert schedule.records_settled(group, group, set(), {}, now=0.0, hold=3.0) == ({}, True)  # all read
+    # pc's record is not read yet but its heartbeat is live: only late (a loaded DHT), wait on
+    since, settled = schedule.records_settled(group, {"pa", "pb"}, {"pa", "pb", "pc"}, {}, now=40.0, hold=3.0)
+    assert since == {} and not settled
+    # its heartbeat lapsed: one read without it might be a failed lookup, a heartbeat's period is a death
+    since, settled = schedule.records_settled(group, {"pa", "pb"}, {"pa", "pb"}, since, now=41.0, hold=3.0)
+    assert since == {"pc": 41.0} and not settled
+    since, settled = schedule.records_settled(group, {"pa", "pb"}, {"pa", "pb"}, since, now=44.0, hold=3.0)
+    assert since == {"pc": 41.0} and settled
+    # back before the hold ended: forgotten, and waited for again
+    since, settled = schedule.records_settled(group, {"pa", "pb"}, {"pa", "pb", "pc"}, {"pc": 41.0}, now=43.0,
+                                              hold=3.0)
+    assert since == {} and not settled
+    # two missing, one of them alive: not settled however long the other has been dead
+    assert not schedule.records_settled(group, {"pa"}, {"pa", "pb"}, {"pc": 0.0}, now=99.0, hold=3.0)[1]
+
+
 def test_choose_job_never_takes_a_job_that_does_not_fit_or_pays_too_little():
     small = schedule.PeerOffer(memory_bytes=100 << 20, reference_flops_per_sec=1e9, price_per_gpu_hour=3.6)
     big = JobView("big", 0.0, 2, 4, 0, False, memory_bytes=200 << 20)
