@@ -44,14 +44,21 @@ def finish_and_fetch(local_swarm, job_id, out, via=0) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
-@pytest.mark.parametrize("fault", ["KILL_IN_TRAINING", "KILL_IN_ALLREDUCE"])
-def test_a_peer_crashing_mid_round_does_not_stop_the_job(local_swarm, digits_job, tmp_path, fault):
+def run_with_a_faulty_third(local_swarm, job_file, tmp_path, fault: str, at_round: int) -> tuple[str, dict]:
+    """Two honest peers and a faulty one (``fault`` from round ``at_round``) run ``job_file``
+    through peer 0: the job id and the fetched (verified) report."""
     for _ in range(2):
         local_swarm.start_peer()
-    local_swarm.start_peer(command=[*FAULTY_PEER, fault, "3"])  # SIGKILLs its whole process group in round 3+
-    job_file = digits_job(training={"rounds": 8}, swarm={"min_peers": 2})
+    local_swarm.start_peer(command=[*FAULTY_PEER, fault, str(at_round)])
     job_id = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0]).stdout.strip()
-    report = finish_and_fetch(local_swarm, job_id, tmp_path / "out")
+    return job_id, finish_and_fetch(local_swarm, job_id, tmp_path / "out")
+
+
+@pytest.mark.parametrize("fault", ["KILL_IN_TRAINING", "KILL_IN_ALLREDUCE"])
+def test_a_peer_crashing_mid_round_does_not_stop_the_job(local_swarm, digits_job, tmp_path, fault):
+    job_file = digits_job(training={"rounds": 8}, swarm={"min_peers": 2})
+    # SIGKILLs its whole process group in round 3+
+    job_id, report = run_with_a_faulty_third(local_swarm, job_file, tmp_path, fault, 3)
 
     assert local_swarm.procs[2].poll() == -signal.SIGKILL  # it really died
     rounds = report["rounds"]
@@ -74,12 +81,9 @@ def test_a_peer_crashing_mid_round_does_not_stop_the_job(local_swarm, digits_job
 def test_a_crash_in_the_last_round_is_made_up_in_a_make_up_round(local_swarm, digits_job, tmp_path):
     """No later round takes up what a peer dying in the last round was dealt: the survivors run
     one make-up round for exactly those shards, and the result verifies with it."""
-    for _ in range(2):
-        local_swarm.start_peer()
-    local_swarm.start_peer(command=[*FAULTY_PEER, "KILL_IN_TRAINING", "4"])
     job_file = digits_job(training={"rounds": 4}, swarm={"min_peers": 2})
-    job_id = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0]).stdout.strip()
-    report = finish_and_fetch(local_swarm, job_id, tmp_path / "out")  # `job result` checks the make-up was owed
+    # `job result` checks the make-up was owed
+    job_id, report = run_with_a_faulty_third(local_swarm, job_file, tmp_path, "KILL_IN_TRAINING", 4)
 
     assert local_swarm.procs[2].poll() == -signal.SIGKILL
     rounds = report["rounds"]
@@ -98,12 +102,9 @@ def test_a_straggler_does_not_hold_the_round_and_its_shards_go_to_the_next(local
     """One peer of three trains round 2 at a second a step (20 s where the others take about one):
     the two merge without it once the straggler deadline passes (schedule.straggler_wait), it
     drops its half-done work and catches up, and round 3 takes up its shards."""
-    for _ in range(2):
-        local_swarm.start_peer()
-    local_swarm.start_peer(command=[*FAULTY_PEER, "SLOW_TRAINING", "2"])
     job_file = digits_job(training={"rounds": 4}, swarm={"min_peers": 2})
-    job_id = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0]).stdout.strip()
-    report = finish_and_fetch(local_swarm, job_id, tmp_path / "out")  # `job result` verifies the history
+    # `job result` verifies the history
+    job_id, report = run_with_a_faulty_third(local_swarm, job_file, tmp_path, "SLOW_TRAINING", 2)
 
     rounds = report["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
@@ -121,15 +122,12 @@ def test_a_straggler_does_not_hold_the_round_and_its_shards_go_to_the_next(local
 
 def test_a_live_members_merged_record_read_late_is_waited_for_not_made_up(local_swarm, digits_job, tmp_path):
     """On a loaded DHT one peer's reads of the last round miss a live member's merged record for
-    75 s (two 30 s waits used to give up on it). Read without it, the round would miss that member's shards: this peer would run a
-    make-up round alone, under another round digest than the others' (the 16-peer bench saw
-    it). It waits while the member's heartbeat is live, and ends the job as the others do."""
-    for _ in range(2):
-        local_swarm.start_peer()
-    local_swarm.start_peer(command=[*FAULTY_PEER, "MISS_A_MERGED_RECORD", "3"])
+    75 s (two 30 s waits used to give up on it). Read without it, the round misses that member's
+    shards: this peer would run a make-up round alone, under another round digest than the
+    others' (the 16-peer bench saw it). It waits while the member's heartbeat is live, and ends
+    the job as the others do."""
     job_file = digits_job(training={"rounds": 3})
-    job_id = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0]).stdout.strip()
-    report = finish_and_fetch(local_swarm, job_id, tmp_path / "out")
+    job_id, report = run_with_a_faulty_third(local_swarm, job_file, tmp_path, "MISS_A_MERGED_RECORD", 3)
     local_swarm.wait_for(lambda: logged(local_swarm, 2, rf"job {job_id}: finished after round \d+"), timeout=120,
                          what="the forgetful peer to end the job")
 
@@ -146,12 +144,8 @@ def test_a_live_members_merged_record_read_late_is_waited_for_not_made_up(local_
 def test_a_member_that_missed_its_group_start_is_brought_into_the_retry(local_swarm, digits_job, tmp_path):
     """hivemind's leader can count in a follower that gave up on it (it answered too late): the
     group's all-reduce fails for every member. They all try again, the one still looking too."""
-    for _ in range(2):
-        local_swarm.start_peer()
-    local_swarm.start_peer(command=[*FAULTY_PEER, "MISS_GROUP_START", "3"])
     job_file = digits_job(training={"rounds": 5})
-    job_id = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0]).stdout.strip()
-    report = finish_and_fetch(local_swarm, job_id, tmp_path / "out")
+    job_id, report = run_with_a_faulty_third(local_swarm, job_file, tmp_path, "MISS_GROUP_START", 3)
 
     for i in range(3):  # the fault really struck, and every member (the one that missed it too) retried
         assert logged(local_swarm, i, r"round 3 all-reduce failed, trying again with 3 peers")
@@ -166,12 +160,8 @@ def test_a_member_whose_merge_failed_after_the_others_got_its_update_is_not_trai
     """The others' all-reduce succeeded with this member in it; its own failed on the way back. It
     adopts their model, which holds its update: its shards are done (not dealt again), its work
     counts in the round."""
-    for _ in range(2):
-        local_swarm.start_peer()
-    local_swarm.start_peer(command=[*FAULTY_PEER, "LOSE_AVERAGED_PART", "2"])
     job_file = digits_job(training={"rounds": 4})
-    job_id = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0]).stdout.strip()
-    report = finish_and_fetch(local_swarm, job_id, tmp_path / "out")
+    job_id, report = run_with_a_faulty_third(local_swarm, job_file, tmp_path, "LOSE_AVERAGED_PART", 2)
 
     assert logged(local_swarm, 2, r"round 2: the group merged with our update in it")
     rounds = report["rounds"]
