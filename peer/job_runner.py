@@ -1054,7 +1054,8 @@ class JobRunner:
             # a live peer that says it is on this job but has not joined yet (loading the model)
             # may be seen by some members and not others: then nobody takes the fast path
             incoming = self.peer.peers_on(self.job.job_id) - joined - state.out - banned
-            known = schedule.roster_known(joined, expected, self.me) and not incoming
+            known = not incoming and schedule.roster_known(joined, expected, self.me,
+                                                           max_peers=self.spec.swarm.max_peers)
             return joined if ready and (known or time.time() - seen["since"] >= ROSTER_SETTLE) else None
 
         return self._wait_for(settled, timeout=None)  # a job short of min_peers waits until peers come

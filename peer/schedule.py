@@ -339,16 +339,20 @@ def roster_ready(
     return len(joined) >= min_peers and not waiting_for
 
 
-def roster_known(joined: frozenset[str], previous_group: Iterable[str], me: str) -> bool:
-    """The round's joiners are exactly last round's group (with us): the roster is known.
+def roster_known(joined: frozenset[str], previous_group: Iterable[str], me: str, max_peers: int | None = None) -> bool:
+    """The round's joiners are exactly last round's group (with us), or, in a first round (no
+    last group), already ``max_peers``: the roster is known.
 
     Then the round starts at once instead of waiting ROSTER_SETTLE for the view to stop changing:
-    in a steady swarm that wait is pure overhead every round. A newcomer that every member but
-    one has not seen yet can still split the roster; it then finds itself dealt out (its
-    ``missed_round``), says it left the round, and the members deal it in next round.
+    in a steady swarm that wait is pure overhead every round, and a full first round has nobody
+    left to wait for. A newcomer that every member but one has not seen yet can still split the
+    roster; it then finds itself dealt out (its ``missed_round``), says it left the round, and the
+    members deal it in next round.
     """
     group = set(previous_group) | {me}
-    return len(group) > 1 and joined == group
+    if len(group) == 1:
+        return max_peers is not None and len(joined) >= max(max_peers, 2)
+    return joined == group
 
 
 STRAGGLER_FACTOR = 3.0  # once a majority trained, the rest get this many times their median training time

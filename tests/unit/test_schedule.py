@@ -125,6 +125,9 @@ def test_the_roster_is_known_when_last_rounds_group_is_back_whole_and_alone():
     assert not schedule.roster_known(frozenset("abcd"), previous_group="bc", me="a")  # a newcomer: settle
     assert not schedule.roster_known(frozenset("ab"), previous_group="bc", me="a")  # c not back (yet)
     assert not schedule.roster_known(frozenset("a"), previous_group="", me="a")  # first round: settle
+    assert not schedule.roster_known(frozenset("abc"), previous_group="", me="a", max_peers=4)  # room for one more
+    assert schedule.roster_known(frozenset("abcd"), previous_group="", me="a", max_peers=4)  # full: starts at once
+    assert not schedule.roster_known(frozenset("a"), previous_group="", me="a", max_peers=1)  # alone: settle
 
 
 def test_barrier_waits_for_live_roster_peers_only():
