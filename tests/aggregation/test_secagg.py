@@ -111,7 +111,10 @@ def test_what_one_member_records_is_independent_of_another_members_update():
     is uniform whether A's update is 0 or the largest value, so it says nothing about A's update.
     If C colludes with B (its pair key known), the same residual gives A's update away: the test
     can tell a leaking protocol from a hiding one."""
-    members, q, size = ["peerA", "peerB", "peerC"], Quantizer(1.0, 3), 64
+    # 60 rounds of 256 values: 7,680 draws a sample, so every bound below is about 6 standard
+    # deviations of a uniform sample wide (with 64 values a round, the decile bound was 2.9 and
+    # one run in thirty failed by chance); a leaking protocol misses them by far more
+    members, q, size = ["peerA", "peerB", "peerC"], Quantizer(1.0, 3), 256
     residual = {0.0: [], 1.0: []}
     colluding = []
     from aggregation.secagg import _pair_key, _prg, _seed_key
