@@ -35,11 +35,13 @@ from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
 from hivemind.utils.mpfuture import MPFuture
 
 from aggregation.compression import make_compression  # also installs the numpy-2.4-safe 8-bit decoder
+from aggregation.groups import StageGroup, seats_of
 from aggregation.reduce import ReducerConfigError, RobustPartReducer, get_reducer
 
 logger = logging.getLogger(__name__)
 
 ROUND_BITS = 24  # (round, attempt) pairs; the bits are just a namespace inside the job's prefix
+STAGE_BITS, GROUP_INDEX_BITS = 4, 16  # a staged merge's group: (stage, index) after the round's bits
 MAX_ATTEMPTS = 4  # all-reduce attempts per round (a retry follows a member that died mid-merge)
 GIVE_UP_EVERY = 0.5  # seconds between asking a merge's give_up while it is still matchmaking
 
@@ -53,16 +55,24 @@ class ExactAllReduceRunner(AllReduceRunner):
     Here the reducer sends ``average`` and members copy it: the whole group ends bit-identical,
     which is what lets a round's model be named by one hash (checkpoints, results, provenance).
     Only the two places that form the delta differ from upstream.
+
+    ``ranks`` (a staged merge's later stages, ``aggregation.groups``): member -> the node it
+    speaks for. Parts are then reduced one row per node in node order, and the reducer's own
+    part goes through the codec like everyone else's, so that every group of the stage ends on
+    the same bits.
     """
 
-    def __init__(self, *args, reducer: str = "mean", reducer_options: dict | None = None, **kwargs):
+    def __init__(self, *args, reducer: str = "mean", reducer_options: dict | None = None,
+                 ranks: Mapping[str, int] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.tensor_part_container.return_deltas = False  # a failed part falls back to the local part
-        if reducer != "mean":  # upstream's streaming weighted sum is the mean; robust ones need every row
+        self.ranked = ranks is not None
+        if reducer != "mean" or self.ranked:  # upstream's streaming sum is the mean; the others need every row
             upstream = self.tensor_part_reducer
             upstream.finished.set()  # never used: keep its destructor from reporting missing inputs
+            order = [ranks[str(p)] for p in self.sender_peer_ids] if self.ranked else None
             self.tensor_part_reducer = RobustPartReducer(
-                upstream.part_shapes, upstream.num_senders, reducer, **(reducer_options or {})
+                upstream.part_shapes, upstream.num_senders, reducer, ranks=order, **(reducer_options or {})
             )
 
     async def _communicate_with_peer(self, peer_id):
@@ -77,6 +87,8 @@ class ExactAllReduceRunner(AllReduceRunner):
         codec = self.tensor_part_container.compression.compression_type
         try:
             for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
+                if self.ranked:  # the other groups of the stage get this node's part through the codec
+                    tensor_part = deserialize_torch_tensor(serialize_torch_tensor(tensor_part, codec))
                 averaged_part = await self.tensor_part_reducer.accumulate_part(
                     sender_index, part_index, tensor_part, weight=self.weight
                 )
@@ -184,31 +196,40 @@ class RoundAverager(DecentralizedAverager):
             **kwargs,
         )
 
-    def prepare_round(self, round_no: int, expected_group_size: int, attempt: int = 0) -> None:
+    def prepare_round(self, round_no: int, expected_group_size: int, attempt: int = 0,
+                      stage: StageGroup | None = None) -> None:
         """Route matchmaking to this round's group key and expect this many peers in it.
 
         ``attempt`` > 0 gives a round whose first all-reduce failed (a member died in it) a fresh
         group key, so the survivors can try again without stragglers of the failed group.
+        ``stage``: one group of a staged merge (``merge_in_stages``); its key is its own, and it
+        forms only with every planned member in it.
         """
         if not 0 <= attempt < MAX_ATTEMPTS:
             raise ValueError(f"attempt must be in [0, {MAX_ATTEMPTS}), got {attempt}")
         future = MPFuture()
-        key = round_no * MAX_ATTEMPTS + attempt
+        bits = format(round_no * MAX_ATTEMPTS + attempt, f"0{ROUND_BITS}b")
+        if stage is not None:
+            bits += "1" + format(stage.stage, f"0{STAGE_BITS}b") + format(stage.index, f"0{GROUP_INDEX_BITS}b")
         window = self._windows[attempt > 0]
-        self._outer_pipe.send(("_prepare_round", [], dict(round_no=key, size=expected_group_size, window=window,
-                                                          future=future)))
+        ranks = dict(stage.ranks) if stage is not None and stage.stage > 0 else None
+        self._outer_pipe.send(("_prepare_round", [], dict(bits=bits, size=expected_group_size, window=window,
+                                                          exact=stage is not None, ranks=ranks, future=future)))
         future.result()
 
-    async def _prepare_round(self, round_no: int, size: int, window: float, future: MPFuture) -> None:
+    async def _prepare_round(self, bits: str, size: int, window: float, exact: bool, ranks: dict | None,
+                             future: MPFuture) -> None:
         try:
-            self._matchmaking.group_key_manager.group_bits = format(round_no, f"0{ROUND_BITS}b")
+            self._matchmaking.group_key_manager.group_bits = bits
+            self._stage_ranks = ranks
             self._matchmaking.min_matchmaking_time = window
             self._matchmaking.potential_leaders.min_matchmaking_time = window
             self._matchmaking.target_group_size = size
             # a group must hold a strict majority of the peers expected: two groups of one round
             # can then never both merge (on a loaded box, matchmaking under a deadline once split
-            # 16 peers into groups of 4, 4, 3, 2, 2 and 1: no model had a majority, the round was lost)
-            self._matchmaking.min_group_size = max(2, size // 2 + 1)
+            # 16 peers into groups of 4, 4, 3, 2, 2 and 1: no model had a majority, the round was lost).
+            # A stage's group must be whole: its mean is one node of the next stage.
+            self._matchmaking.min_group_size = size if exact else max(2, size // 2 + 1)
             self._matchmaking.potential_leaders.target_group_size = size
             self._matchmaking.group_key_manager.target_group_size = size
             future.set_result(None)
@@ -221,6 +242,7 @@ class RoundAverager(DecentralizedAverager):
         runner = ExactAllReduceRunner(
             reducer=self._reducer,
             reducer_options=self._reducer_options,
+            ranks=getattr(self, "_stage_ranks", None),
             p2p=self._p2p,
             servicer_type=type(self),
             prefix=self.prefix,
@@ -304,3 +326,44 @@ class RoundAverager(DecentralizedAverager):
             for dst, src in zip(tensors, shared):
                 dst.copy_(src.to(dst.device, dst.dtype))
         return {str(peer): data for peer, data in gathered.items()}
+
+    def merge_in_stages(
+        self, tensors: Sequence[torch.Tensor], *, stages: Sequence[Sequence[StageGroup]], me: str, round_no: int,
+        attempt: int, weight: float, gather: Mapping[str, Any], timeout: float,
+        stop: threading.Event | None = None, give_up: Callable[[], bool] | None = None,
+    ) -> dict[str, Any] | None:
+        """``merge`` over a plan of small groups (``aggregation.groups.plan_stages``), stage by stage.
+
+        Returns ``{member: {}}`` for every member of the plan once our last stage merged:
+        ``tensors`` then hold the weighted mean of all of them, bit-identical on every member.
+        A stage that fails (a member missing or dead, a group that formed otherwise than planned)
+        fails the whole merge: ``tensors`` are put back as they were and None is returned, so the
+        caller can try again (a fresh attempt, a fresh plan) or adopt what the others agreed on.
+        """
+        members = sorted({m for stage in stages for group in stage for m in group.members})
+        if me not in members:
+            raise ValueError(f"{me} is not in the plan of round {round_no}")
+        original = [t.detach().clone() for t in tensors]
+        node_weight, matchmaking, allreduce = float(weight), 0.0, 0.0
+        merged = True
+        for seat in seats_of(stages, me):
+            self.prepare_round(round_no, len(seat.members), attempt=attempt, stage=seat)
+            sent = node_weight if me in seat.carriers else 0.0  # a passenger's node is carried by another
+            gathered = self.merge(tensors, weight=sent, gather={**gather, "stage": seat.stage, "weight": sent},
+                                  timeout=timeout, stop=stop, give_up=give_up)
+            matchmaking += self.last_timings.matchmaking
+            allreduce += self.last_timings.allreduce
+            if gathered is None or set(gathered) != set(seat.members):
+                if gathered is not None:
+                    logger.warning(f"round {round_no}: stage {seat.stage} formed with {sorted(gathered)}, "
+                                   f"not the planned {list(seat.members)}")
+                merged = False
+                break
+            node_weight = sum(float(data.get("weight", 0.0)) for data in gathered.values())
+        self.last_timings = MergeTimings(matchmaking=matchmaking, allreduce=allreduce)
+        if not merged:
+            with torch.no_grad():
+                for t, o in zip(tensors, original):
+                    t.copy_(o)
+            return None
+        return {m: {} for m in members}

@@ -229,14 +229,22 @@ class RobustPartReducer(TensorPartReducer):
     row of the wrong shape fails only its sender's call (hivemind then bans that sender).
     With ``reducer="mean"`` the result equals upstream's weighted mean.
 
+    ``ranks`` (one per sender; a staged merge's later stages, ``aggregation.groups``): senders
+    that share a rank hold the same node's value, so one row per rank is reduced (the one with
+    the most weight: the node's carrier), in rank order. Every group of the stage then sums the
+    same rows in the same order and ends on the same bits, whoever its members are.
+
     If the reducer raises (e.g. no usable row at all), every waiting sender gets that exception:
     hivemind treats it as a failed reducer and each peer keeps its own values for that part.
     Reduction runs synchronously in the event loop, as upstream's accumulation does; a part is at
     most hivemind's part size (512 KiB by default), which the reducers handle in milliseconds.
     """
 
-    def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, reducer: str = "mean", **options):
-        self.reducer_name = reducer
+    def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, reducer: str = "mean",
+                 ranks: Sequence[int] | None = None, **options):
+        if ranks is not None and len(ranks) != num_senders:
+            raise ValueError(f"{num_senders} senders but {len(ranks)} ranks")
+        self.reducer_name, self.ranks = reducer, ranks
         self.reduce = get_reducer(reducer, **options)  # before super(): it calls reset_accumulators
         super().__init__(part_shapes, num_senders)
 
@@ -303,6 +311,13 @@ class RobustPartReducer(TensorPartReducer):
         if not self.accumulator:  # every sender failed before sending it: nobody is waiting for it
             return torch.zeros(self.part_shapes[self.current_part_index])
         senders = sorted(self.accumulator)
+        if self.ranks is not None:  # one row per node (its carrier's), in node order
+            by_rank: dict[int, int] = {}
+            for s in senders:
+                best = by_rank.get(self.ranks[s])
+                if best is None or self.accumulator[s][1] > self.accumulator[best][1]:
+                    by_rank[self.ranks[s]] = s
+            senders = [by_rank[rank] for rank in sorted(by_rank)]
         parts = torch.stack([self.accumulator[s][0] for s in senders])
         weights = torch.tensor([self.accumulator[s][1] for s in senders], dtype=torch.float64)
         return self.reduce(parts, weights)
@@ -347,10 +362,16 @@ def _usable_rows(parts: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tens
 
 
 def _weighted_sum(rows: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
-    """``sum_i coefficients[i] * rows[i]`` in float64, rows added in index order (deterministic)."""
+    """``sum_i coefficients[i] * rows[i]`` in float64, rows added in index order (deterministic).
+
+    The product and the sum are separate operations, each rounded once: a fused multiply-add
+    (which a vectorized kernel may use where its scalar tail does not) would make an element's
+    bits depend on where in the tensor it lies, and a staged merge's groups cut the model into
+    parts at different places (``aggregation.groups``).
+    """
     total = torch.zeros(rows.shape[1:], dtype=torch.float64, device=rows.device)
     for row, c in zip(rows, coefficients.tolist()):
-        total.add_(row.to(torch.float64), alpha=c)
+        total.add_(row.to(torch.float64) * c)
     return total
 
 

@@ -25,6 +25,7 @@ from safetensors.torch import save as save_safetensors
 
 from aggregation.averaging import MAX_ATTEMPTS, RoundAverager
 from aggregation.compression import ErrorFeedback, make_compression
+from aggregation.groups import plan_stages
 from aggregation.outer import OuterOptimizer
 from dht.errors import GPUFlexError
 from dht.ratings import consumer_cancel
@@ -785,6 +786,19 @@ class JobRunner:
             return [self.me], None  # nobody to average with this round: the local result is the round's
         gather = {"round": r, "base": base_model_id}
         expected, attempt, gathered = set(trained), 0, None
+        aggregation = self.spec.aggregation
+        staged = merge_once is None and aggregation.reducer == "mean" and len(trained) > aggregation.largest_group
+        if staged:  # a large round: small groups, stage by stage (aggregation.groups)
+            def merge_once(attempt: int, expected: frozenset[str]):
+                stages = plan_stages(expected, aggregation.largest_group, seed=f"{self.spec.training.seed}:{r}:{attempt}")
+                gathered = averager.merge_in_stages(
+                    tensors, stages=stages, me=self.me, round_no=r, attempt=attempt, weight=samples, gather=gather,
+                    timeout=30.0, stop=self.peer.stopping, give_up=lambda: self._merge_went_on(r, attempt, expected))
+                if gathered is not None:
+                    largest = max(len(g.members) for stage in stages for g in stage)
+                    logger.info(f"job {self.job.job_id}: round {r}: {len(expected)} peers averaged in {len(stages)} "
+                                f"stages of groups of at most {largest}")
+                return gathered
         while True:
             averager.prepare_round(r, len(expected), attempt=attempt)
             self.missing_since = {}  # members seen missing while this attempt waits (_merge_went_on)
@@ -801,7 +815,9 @@ class JobRunner:
             # group key, and says so, so a member still waiting on the failed group follows.
             # A dead member whose heartbeat has not lapsed yet costs the matchmaking window.
             attempt = max(attempt + 1, announced)
-            expected = (trained & self.peer.alive_peers()) - state.left | {self.me}
+            # (a staged merge's plan is drawn from its members: take a member that trained late
+            # too, as every member's fresh read will, so that all draw the same plan)
+            expected = ((trained | state.trained if staged else trained) & self.peer.alive_peers()) - state.left | {self.me}
             if attempt >= MAX_ATTEMPTS or len(expected) < 2:
                 break
             logger.warning(f"job {self.job.job_id}: round {r} all-reduce failed, trying again with "

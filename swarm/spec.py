@@ -314,6 +314,9 @@ class SwarmSpec(BaseModel):
         return self
 
 
+DEFAULT_GROUP_SIZE = 16  # aggregation.group_size left out
+
+
 class AggregationSpec(BaseModel):
     """How the peers' work merges each round (see ``aggregation/``).
 
@@ -321,6 +324,10 @@ class AggregationSpec(BaseModel):
     (round's base - local) and applies an outer Nesterov-SGD step (Douillard et al. 2023).
     ``reducer`` is what each part's reducer computes inside the all-reduce: the weighted mean, or a
     Byzantine-robust ``trimmed_mean`` / ``centered_clip``. ``compression`` is the codec on the wire.
+    ``group_size``: the most members one all-reduce holds; a round with more averages in stages of
+    small, changing groups (Moshpit SGD, ``aggregation.groups``) and still ends on the exact mean.
+    Only the mean averages in stages: a robust reducer must see every update at once, and secure
+    aggregation's masks cancel only in the whole round's sum, so those rounds are one group.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -341,6 +348,20 @@ class AggregationSpec(BaseModel):
     # weighed by how much its update improved the merged model on the owners' held-out rows
     # (leave-one-out; aggregation.credit): random or duplicated data earns less, not more
     credit: Literal["samples", "leave_one_out"] = "samples"
+    # None: DEFAULT_GROUP_SIZE. A stage costs a matchmaking (docs/benchmarks.md, "Scale"): 16 is one
+    # group up to 16 members, two stages of at most 16 up to 256, three up to 4,096
+    group_size: int | None = Field(default=None, ge=2)
+
+    @property
+    def largest_group(self) -> int:
+        return self.group_size or DEFAULT_GROUP_SIZE
+
+    @model_validator(mode="after")
+    def _check_group_size(self) -> AggregationSpec:
+        if self.group_size is not None and self.reducer != "mean":
+            raise _FieldError("group_size", f"'{self.reducer}' must see every update at once: a round with a robust "
+                                            "reducer is one group (leave group_size out)")
+        return self
 
     def reducer_options(self) -> dict[str, Any]:
         if self.reducer == "trimmed_mean":
@@ -487,6 +508,9 @@ class JobSpec(BaseModel):
         if secure and self.aggregation.reducer != "mean":
             raise _FieldError("aggregation.reducer", f"'{self.aggregation.reducer}' needs to see each update; under "
                                                      "secure aggregation nobody does (use mean)")
+        if secure and self.aggregation.group_size is not None:
+            raise _FieldError("aggregation.group_size", "secure aggregation's masks cancel only in the whole round's "
+                                                        "sum: a secure round is one group (leave group_size out)")
         if secure and self.aggregation.compression != "none":
             raise _FieldError("aggregation.compression", "must be none under secure aggregation (masked integers "
                                                          "are not compressible)")

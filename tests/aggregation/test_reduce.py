@@ -372,3 +372,22 @@ def test_robust_part_reducer_does_not_depend_on_arrival_order():
 def test_robust_part_reducer_rejects_unknown_reducer():
     with pytest.raises(ReducerConfigError):
         RobustPartReducer([(1,)], 2, "krum")
+
+
+def test_ranked_reducer_sums_one_row_per_node_in_node_order_whoever_sends_it():
+    """A staged merge's later stage: two groups hold the same three nodes, their members in other
+    sender orders, one with a passenger (a second copy of a node, weight 0). Both end on the same bits."""
+    nodes, shapes = _senders_parts(num_senders=3, shapes=((257,), (31,)))
+    node_weights = [0.37, 2.5, 11.0]  # not integers (a federated owner's weight): rounding must still agree
+    # group A: senders are nodes 2, 0, 1; group B: nodes 1, 2, 0 and a passenger of node 2
+    a_order, b_order = [2, 0, 1], [1, 2, 0, 2]
+    b_weights = [node_weights[1], node_weights[2], node_weights[0], 0.0]
+    _, a = _run(lambda: RobustPartReducer(shapes, 3, "mean", ranks=a_order),
+                [nodes[n] for n in a_order], [node_weights[n] for n in a_order])
+    _, b = _run(lambda: RobustPartReducer(shapes, 4, "mean", ranks=b_order), [nodes[n] for n in b_order], b_weights)
+    for index in range(2):
+        want = weighted_mean(torch.stack([nodes[n][index] for n in range(3)]), node_weights)
+        assert torch.equal(a[0][index], want) and torch.equal(b[0][index], want)
+        assert all(torch.equal(out[index], want) for out in a + b)
+    with pytest.raises(ValueError, match="3 senders but 2 ranks"):
+        RobustPartReducer(shapes, 3, "mean", ranks=[0, 1])

@@ -221,3 +221,78 @@ def test_masked_integers_cross_the_all_reduce_and_sum_exactly(dhts):
     finally:
         for averager in averagers:
             averager.shutdown()
+
+
+# ---------------------------------------------------------------------------- a staged merge
+
+
+@pytest.fixture
+def six_dhts():
+    first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    nodes = [first] + [
+        hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=first.get_visible_maddrs())
+        for _ in range(5)
+    ]
+    yield nodes
+    for node in nodes:
+        node.shutdown()
+
+
+def _merge_in_stages(averagers, ids, weights, stages, present, timeout=30.0):
+    results = {}
+
+    def run(i):
+        params = list(averagers[i].model.parameters())
+        results[i] = averagers[i].merge_in_stages(params, stages=stages, me=ids[i], round_no=2, attempt=0,
+                                                  weight=weights[i], gather={"round": 2}, timeout=timeout)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in present]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=150)
+    return results
+
+
+@pytest.mark.parametrize("compression", ["none", "fp16"])
+def test_six_peers_in_groups_of_two_end_bit_identical_at_the_weighted_mean(six_dhts, compression):
+    """Groups of 2 for 6 peers: three stages (rows of 2; 3 nodes, so a block of 2 and one sitting
+    out; then columns with a passenger). Nobody averages with more than 3 others, and all end equal."""
+    from aggregation.groups import plan_stages
+
+    models = [_model(seed) for seed in range(6)]
+    ids = [str(dht.peer_id) for dht in six_dhts]
+    weights = [1.0, 2.0, 5.0, 3.0, 1.0, 7.0]
+    expected = [sum(w * p for w, p in zip(weights, params)) / sum(weights)
+                for params in zip(*[_params(m) for m in models])]
+    stages = plan_stages(ids, 2, seed="0:2:0")
+    assert len(stages) == 3 and any(len(g.members) == 3 for g in stages[2])  # a passenger rides along
+    averagers = [_averager(m, dht, "s", compression=compression) for m, dht in zip(models, six_dhts)]
+    try:
+        results = _merge_in_stages(averagers, ids, weights, stages, present=range(6))
+        assert all(results[i] is not None and sorted(results[i]) == sorted(ids) for i in range(6)), results
+        assert_bit_identical(models)
+        tolerance = dict(rtol=1e-5, atol=1e-6) if compression == "none" else dict(rtol=0, atol=5e-3)
+        for got, want in zip(models[0].parameters(), expected):
+            torch.testing.assert_close(got, want, **tolerance)
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+
+
+def test_a_staged_merge_missing_a_member_fails_everywhere_and_leaves_the_tensors_alone(six_dhts):
+    from aggregation.groups import plan_stages
+
+    models = [_model(seed) for seed in range(6)]
+    before = [_params(m) for m in models]
+    ids = [str(dht.peer_id) for dht in six_dhts]
+    stages = plan_stages(ids, 2, seed="0:2:0")
+    averagers = [_averager(m, dht, "f") for m, dht in zip(models, six_dhts)]
+    try:
+        results = _merge_in_stages(averagers, ids, [1.0] * 6, stages, present=range(1, 6), timeout=8.0)
+        assert results == {i: None for i in range(1, 6)}  # peer 0 never came: no stage after its row merges
+        for model, old in zip(models, before):  # and a row that did merge was put back
+            assert all(torch.equal(p, q) for p, q in zip(model.parameters(), old))
+    finally:
+        for averager in averagers:
+            averager.shutdown()

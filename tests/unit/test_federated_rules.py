@@ -43,6 +43,7 @@ def test_a_federated_job_file_is_checked_at_the_edge():
         ({"verification": {"fraction": 0.5}}, "verification.fraction: must be 0 for a federated job"),
         ({"aggregation": {"reducer": "centered_clip"}}, "'centered_clip' needs to see each update"),
         ({"aggregation": {"compression": "int8"}}, "aggregation.compression: must be none under secure aggregation"),
+        ({"aggregation": {"group_size": 4}}, "aggregation.group_size: secure aggregation's masks cancel only in"),
         ({"swarm": {"min_peers": 1}}, "swarm.min_peers: must be >= 2 under secure aggregation"),
         ({"data": {"classes": None}}, "data.classes: required for federated classification"),
         ({"data": {"path": "a.csv"}}, "data.path: not used with 'federated'"),

@@ -205,3 +205,15 @@ def test_a_bad_stop_when_is_refused_naming_the_field(expr, message):
     with pytest.raises(JobSpecError, match=message) as raised:
         JobSpec.from_dict(spec, source="job.yaml")
     assert "training.stop_when" in str(raised.value)
+
+
+def test_group_size_is_for_the_mean_and_defaults_to_sixteen():
+    job = yaml.safe_load(EXAMPLE)
+    assert JobSpec.from_dict(job).aggregation.largest_group == 16
+    assert JobSpec.from_dict({**job, "aggregation": {"group_size": 4}}).aggregation.largest_group == 4
+    with pytest.raises(JobSpecError, match=r"aggregation\.group_size: .*greater than or equal to 2"):
+        JobSpec.from_dict({**job, "aggregation": {"group_size": 1}})
+    with pytest.raises(JobSpecError, match=r"aggregation\.group_size: 'trimmed_mean' must see every update at once"):
+        JobSpec.from_dict({**job, "aggregation": {"group_size": 4, "reducer": "trimmed_mean"}})
+    robust = JobSpec.from_dict({**job, "aggregation": {"reducer": "centered_clip"}})
+    assert JobSpec.from_dict(robust.to_dict()) == robust  # what travels in the job record reads back
