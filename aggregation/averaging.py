@@ -347,6 +347,8 @@ class RoundAverager(DecentralizedAverager):
         node_weight, matchmaking, allreduce = float(weight), 0.0, 0.0
         merged = True
         for seat in seats_of(stages, me):
+            if len(seat.members) == 1:
+                continue  # a row of one (groups of 2, an odd count): it holds its own mean already
             self.prepare_round(round_no, len(seat.members), attempt=attempt, stage=seat)
             sent = node_weight if me in seat.carriers else 0.0  # a passenger's node is carried by another
             gathered = self.merge(tensors, weight=sent, gather={**gather, "stage": seat.stage, "weight": sent},

@@ -174,6 +174,7 @@ class JobRunner:
         self.payouts = RoundPayouts(job, peer.ledger, self.records, self._wait_for) if job.escrow else None
         self.rejections: dict[int, set[str]] = {}  # round -> peers whose work re-execution rejected
         self.missing_since: dict[str, float] = {}  # a merge attempt's members seen missing, and since when
+        self.dead_since: dict[str, float] = {}  # a staged round's members seen missing, and since when
         # blobs only a round's re-execution needs (our update and optimizer state, what we fetched
         # to re-run others): dropped two rounds later. Round models stay: they are the history.
         self.for_reexecution: dict[int, set[str]] = {}
@@ -787,7 +788,7 @@ class JobRunner:
         gather = {"round": r, "base": base_model_id}
         expected, attempt, gathered = set(trained), 0, None
         aggregation = self.spec.aggregation
-        staged = merge_once is None and aggregation.reducer == "mean" and len(trained) > aggregation.largest_group
+        staged = merge_once is None and self._merges_in_stages(len(trained))
         if staged:  # a large round: small groups, stage by stage (aggregation.groups)
             def merge_once(attempt: int, expected: frozenset[str]):
                 stages = plan_stages(expected, aggregation.largest_group, seed=f"{self.spec.training.seed}:{r}:{attempt}")
@@ -815,9 +816,11 @@ class JobRunner:
             # group key, and says so, so a member still waiting on the failed group follows.
             # A dead member whose heartbeat has not lapsed yet costs the matchmaking window.
             attempt = max(attempt + 1, announced)
-            # (a staged merge's plan is drawn from its members: take a member that trained late
-            # too, as every member's fresh read will, so that all draw the same plan)
-            expected = ((trained | state.trained if staged else trained) & self.peer.alive_peers()) - state.left | {self.me}
+            if staged:  # its plan is drawn from its members: leave out only who every member will
+                members = trained | state.trained  # (one that trained late too: every fresh read has it)
+                expected = members - self._dead_members(members) - state.left | {self.me}
+            else:
+                expected = (trained & self.peer.alive_peers()) - state.left | {self.me}
             if attempt >= MAX_ATTEMPTS or len(expected) < 2:
                 break
             logger.warning(f"job {self.job.job_id}: round {r} all-reduce failed, trying again with "
@@ -842,6 +845,20 @@ class JobRunner:
             logger.info(f"job {self.job.job_id}: round {r}: the group merged with our update in it")
             return list(their_group), agreed
         return sorted(p.peer_id for p in on_agreed), agreed
+
+    def _merges_in_stages(self, members: int) -> bool:
+        """A round of this many members averages in stages of small groups (``aggregation.groups``):
+        more than ``aggregation.group_size``, with the mean in the clear (the rest is one group)."""
+        aggregation = self.spec.aggregation
+        return aggregation.reducer == "mean" and not self.secure and members > aggregation.largest_group
+
+    def _dead_members(self, members: set[str]) -> frozenset[str]:
+        """Those of ``members`` whose heartbeat has been gone for a heartbeat period (not one missed read)."""
+        from peer.runtime import HEARTBEAT_S  # (runtime imports this module)
+
+        self.dead_since, dead = schedule.confirmed_dead(members, self.peer.alive_peers(), self.me, self.dead_since,
+                                                        time.monotonic(), hold=HEARTBEAT_S)
+        return dead
 
     def _merge_private(self, r, model, update, averager, trained: set[str], samples: int,
                        base_model_id: str) -> tuple[list[str], str | None]:
@@ -1081,12 +1098,16 @@ class JobRunner:
         majority trained, those that did by the straggler deadline (``schedule.straggler_wait``;
         not for federated owners, whose rows nobody else can train)."""
         majority_since = None  # when we first saw a majority of the roster trained
+        staged, self.dead_since = self._merges_in_stages(len(roster)), {}
 
         def done():
             nonlocal majority_since
             progress = self.records.read(progress_key(self.job.job_id, r), ProgressRecord)
             state = self._state_of(progress)
-            if schedule.barrier_ready(roster, state.trained, self.peer.alive_peers(), state.left):
+            # a staged round's plan is drawn from who trained: every peer must wait for the same
+            # ones, so a member only counts as dead once its heartbeat has been gone a while
+            alive = roster - self._dead_members(set(roster)) if staged else self.peer.alive_peers()
+            if schedule.barrier_ready(roster, state.trained, alive, state.left):
                 return state
             wait = None if self.federated else schedule.straggler_wait(roster, {
                 p.author: p.body.seconds_training for p in progress if p.body.phase in ("trained", "merged")})

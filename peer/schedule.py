@@ -178,6 +178,22 @@ def members_gone(expected: Iterable[str], alive: Iterable[str], me: str, missing
     return since, trusted and any(now - t >= hold for t in since.values())
 
 
+def confirmed_dead(members: Iterable[str], alive: Iterable[str], me: str, missing_since: Mapping[str, float],
+                   now: float, hold: float) -> tuple[dict[str, float], frozenset[str]]:
+    """``(missing_since, dead)``: the members missing from the live peers for ``hold`` seconds.
+
+    A staged merge's plan is drawn from its members on every peer (``aggregation.groups``), so
+    every peer must leave out the same ones: one missed heartbeat read on a loaded box is not a
+    death, and a view with no other member alive is a failed read, not the swarm gone (the
+    clocks already running are kept, no new one starts)."""
+    others = set(members) - {me}
+    missing = others - set(alive)
+    if others and missing == others:
+        return {p: t for p, t in missing_since.items() if p in missing}, frozenset()
+    since = {peer: missing_since.get(peer, now) for peer in missing}
+    return since, frozenset(p for p, t in since.items() if now - t >= hold)
+
+
 def records_settled(group: Iterable[str], present: Iterable[str], alive: Iterable[str],
                     missing_since: Mapping[str, float], now: float, hold: float) -> tuple[dict[str, float], bool]:
     """While a round's merged records are read, after the first wait: ``(missing_since, settled)``.

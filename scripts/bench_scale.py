@@ -19,10 +19,14 @@ Measured, per size:
 - submit -> all leased: from the same moment until every peer holds a shard lease of round 1
   (``gpuflex_leases_held``): the job's roster settled, every peer dealt in;
 - round time of one job with all N peers as participants (``min_peers = max_peers = N``: tiny
-  MLP on the digits, 3 rounds of 5 steps, 32-row shards, re-execution off); the job's merge is
-  ONE all-reduce group of N (there is no group averaging over small groups yet); and its final
+  MLP on the digits, 3 rounds of 5 steps, 32-row shards, re-execution off); up to 16 peers (the
+  default ``aggregation.group_size``) the job's merge is one all-reduce group of N; and its final
   validation accuracy;
-- DHT lookups per second per peer while the job runs.
+- DHT lookups per second per peer while the job runs;
+- with ``--group-sizes 4 ...``: the same job again in the same swarm, right after, with
+  ``aggregation.group_size`` set to each, so the round averages in stages of small groups
+  (``aggregation.groups``): its round time as a ratio to the one-group round, its smallest round
+  group and its accuracy.
 
 Prints a table and writes it, with this command, to docs/benchmarks.md ("## Scale").
 """
@@ -90,7 +94,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 def run_size(n: int, job_file: Path, work: Path, start_timeout: float, job_timeout: float,
-             run_job: bool = True, per_peer_hint: int = 0) -> dict:
+             run_job: bool = True, per_peer_hint: int = 0, group_sizes: tuple[int, ...] = ()) -> dict:
     import psutil
 
     from local_swarm import LocalSwarm
@@ -172,33 +176,55 @@ def run_size(n: int, job_file: Path, work: Path, start_timeout: float, job_timeo
         if not run_job:
             row["job"] = "(not timed)"
             return row
-        def finished() -> bool:
-            try:
-                return swarm.status(job_id)["state"] == "finished"
-            except (subprocess.TimeoutExpired, RuntimeError):  # a status call on a saturated box: ask again
-                return False
-
-        try:
-            swarm.wait_for(finished, timeout=job_timeout, what=f"the {n}-peer job to finish", poll=2.0)
-        except TimeoutError:
-            row["job"] = f"did not finish within {job_timeout:.0f}s"
+        row.update(finish_job(swarm, job_id, n, submit_started, job_timeout, work / f"result-{n}"))
+        if "round_s" not in row:
             return row
-        job_seconds = time.time() - submit_started
+        job_seconds = row["job_s"]
         reads_after = [scrape(u).get("gpuflex_dht_reads_total", 0.0) for u in urls]
         row["job_reads_per_s"] = statistics.median((a - b) / job_seconds for a, b in zip(reads_after, reads_before))
-        out = work / f"result-{n}"
-        fetched = swarm.cli("job", "result", job_id, "--peer", swarm.maddrs[0], "-o", str(out), timeout=300,
-                            check=False)
-        if fetched.returncode != 0:  # measured all the same: what the result check refused is a finding
-            row["job"] = f"finished in {job_seconds:.0f}s, result refused: {fetched.stderr.strip()[:160]}"
-            return row
-        report = json.loads((out / "report.json").read_text())
-        rounds = report["rounds"]
-        ends = [r["finished_at"] for r in rounds]
-        row["round_s"] = statistics.median(b - a for a, b in zip(ends, ends[1:])) if len(ends) > 1 else None
-        row["group"] = min(len(r["peers_done"]) for r in rounds)
-        row["accuracy"] = report["final"].get("val_accuracy")
+
+        # the same job again in the same swarm, averaged in stages of small groups (Moshpit):
+        # the ratio to the one-group round above is what staging costs or saves on this box
+        import yaml
+
+        for size in (g for g in group_sizes if g < n):
+            staged = yaml.safe_load(job_file.read_text())
+            staged["name"] = f"{staged['name']}-groups-of-{size}"
+            staged["aggregation"] = {"group_size": size}
+            staged_file = work / f"scale-{n}-groups-of-{size}.yaml"
+            staged_file.write_text(yaml.safe_dump(staged))
+            started = time.time()
+            staged_id = swarm.cli("job", "submit", str(staged_file), "--peer", swarm.maddrs[0], timeout=300).stdout.strip()
+            result = finish_job(swarm, staged_id, n, started, job_timeout, work / f"result-{n}-groups-of-{size}")
+            row.setdefault("staged", []).append({"group_size": size, **result})
+            print(f"    groups of {size}: {result}", flush=True)
     return row
+
+
+def finish_job(swarm, job_id: str, n: int, started: float, job_timeout: float, out: Path) -> dict:
+    """Wait for the job, fetch and verify its result: its median round time, smallest round group
+    and final accuracy (or, under ``job``, why there are none)."""
+    def finished() -> bool:
+        try:
+            return swarm.status(job_id)["state"] == "finished"
+        except (subprocess.TimeoutExpired, RuntimeError):  # a status call on a saturated box: ask again
+            return False
+
+    try:
+        swarm.wait_for(finished, timeout=job_timeout, what=f"the {n}-peer job to finish", poll=2.0)
+    except TimeoutError:
+        return {"job": f"did not finish within {job_timeout:.0f}s"}
+    job_seconds = time.time() - started
+    fetched = swarm.cli("job", "result", job_id, "--peer", swarm.maddrs[0], "-o", str(out), timeout=300,
+                        check=False)
+    if fetched.returncode != 0:  # measured all the same: what the result check refused is a finding
+        return {"job": f"finished in {job_seconds:.0f}s, result refused: {fetched.stderr.strip()[:160]}"}
+    report = json.loads((out / "report.json").read_text())
+    rounds = report["rounds"]
+    ends = [r["finished_at"] for r in rounds]
+    return {"round_s": statistics.median(b - a for a, b in zip(ends, ends[1:])) if len(ends) > 1 else None,
+            "group": min(len(r["peers_done"]) for r in rounds), "accuracy": report["final"].get("val_accuracy"),
+            "job_s": job_seconds}
 
 
 def fmt(value, spec: str = ".1f") -> str:
@@ -212,6 +238,8 @@ def main() -> None:
     parser.add_argument("--job-timeout", type=float, default=600.0)
     parser.add_argument("--job-max-peers", type=int, default=16,
                         help="above this size, measure the job's spread and leases but do not time its rounds")
+    parser.add_argument("--group-sizes", type=int, nargs="*", default=[],
+                        help="run the job again in the same swarm with aggregation.group_size set to each")
     parser.add_argument("--write", default=str(ROOT / "docs" / "benchmarks.md"), help="'' to skip writing")
     args = parser.parse_args()
 
@@ -234,7 +262,7 @@ def main() -> None:
         print(f"--- {n} peers", flush=True)
         hint = int(rows[-1]["uss_mib"] * 2**20) if rows and "uss_mib" in rows[-1] else 0
         row = run_size(n, job_file, work, args.start_timeout, args.job_timeout, run_job=n <= args.job_max_peers,
-                       per_peer_hint=hint)
+                       per_peer_hint=hint, group_sizes=tuple(args.group_sizes))
         print(row, flush=True)
         rows.append(row)
         write_table(rows, args.write)  # after every size: a run stopped later keeps what it measured
@@ -263,6 +291,19 @@ def write_table(rows: list[dict], write: str) -> None:
     lines += ["", f"{psutil.cpu_count()} CPU cores, {memory:.0f} GiB memory, one machine, 127.0.0.1; every peer a "
                   f"real `gpuflex peer` (its own DHT process and p2pd). The job: digits MLP (hidden 32), 3 rounds of 5 "
                   f"steps, 32-row shards, re-execution off, min_peers = max_peers = N."]
+    staged = [(r, s) for r in rows for s in r.get("staged", [])]
+    if staged:
+        lines += ["", "The same job again in the same swarm, right after, averaged in stages of small groups "
+                      "(`aggregation.group_size`):", "",
+                  "| peers | groups | round time (s) | x one group's round | smallest round group | val accuracy | job (s) |",
+                  "|---:|---|---:|---:|---:|---:|---:|",
+                  *(f"| {r['peers']} | one of {r['peers']} | {fmt(r.get('round_s'))} | 1.00 | {r.get('group', '-')} | "
+                    f"{fmt(r.get('accuracy'), '.3f')} | {fmt(r.get('job_s'), '.0f')} |" for r in rows if r.get("staged"))]
+        for r, s in staged:
+            ratio = s["round_s"] / r["round_s"] if s.get("round_s") and r.get("round_s") else None
+            lines.append(f"| {r['peers']} | of at most {s['group_size']} | {fmt(s.get('round_s'))} {s.get('job', '')} | "
+                         f"{fmt(ratio, '.2f')} | {s.get('group', '-')} | {fmt(s.get('accuracy'), '.3f')} | "
+                         f"{fmt(s.get('job_s'), '.0f')} |")
     print("\n".join(lines))
     if write:
         command = "python scripts/bench_scale.py " + " ".join(sys.argv[1:])

@@ -280,6 +280,29 @@ def test_six_peers_in_groups_of_two_end_bit_identical_at_the_weighted_mean(six_d
             averager.shutdown()
 
 
+def test_three_peers_in_groups_of_two_a_row_of_one_and_a_column_with_a_passenger(six_dhts):
+    from aggregation.groups import plan_stages
+
+    dhts = six_dhts[:3]
+    models = [_model(seed) for seed in range(3)]
+    ids = [str(dht.peer_id) for dht in dhts]
+    weights = [3.0, 1.0, 4.0]
+    expected = [sum(w * p for w, p in zip(weights, params)) / sum(weights)
+                for params in zip(*[_params(m) for m in models])]
+    stages = plan_stages(ids, 2, seed="0:2:0")
+    assert sorted(len(g.members) for g in stages[0]) == [1, 2] and [len(g.members) for g in stages[1]] == [3]
+    averagers = [_averager(m, dht, "p") for m, dht in zip(models, dhts)]
+    try:
+        results = _merge_in_stages(averagers, ids, weights, stages, present=range(3))
+        assert all(results[i] is not None for i in range(3)), results
+        assert_bit_identical(models)
+        for got, want in zip(models[0].parameters(), expected):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+
+
 def test_a_staged_merge_missing_a_member_fails_everywhere_and_leaves_the_tensors_alone(six_dhts):
     from aggregation.groups import plan_stages
 

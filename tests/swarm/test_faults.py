@@ -54,9 +54,13 @@ def run_with_a_faulty_third(local_swarm, job_file, tmp_path, fault: str, at_roun
     return job_id, finish_and_fetch(local_swarm, job_id, tmp_path / "out")
 
 
-@pytest.mark.parametrize("fault", ["KILL_IN_TRAINING", "KILL_IN_ALLREDUCE"])
-def test_a_peer_crashing_mid_round_does_not_stop_the_job(local_swarm, digits_job, tmp_path, fault):
-    job_file = digits_job(training={"rounds": 8}, swarm={"min_peers": 2})
+@pytest.mark.parametrize("fault, aggregation", [
+    ("KILL_IN_TRAINING", {}),
+    ("KILL_IN_ALLREDUCE", {}),
+    ("KILL_IN_ALLREDUCE", {"group_size": 2}),  # three peers average in two stages: it dies in one of them
+], ids=["in-training", "in-allreduce", "in-a-staged-allreduce"])
+def test_a_peer_crashing_mid_round_does_not_stop_the_job(local_swarm, digits_job, tmp_path, fault, aggregation):
+    job_file = digits_job(training={"rounds": 8}, swarm={"min_peers": 2}, aggregation=aggregation)
     # SIGKILLs its whole process group in round 3+
     job_id, report = run_with_a_faulty_third(local_swarm, job_file, tmp_path, fault, 3)
 

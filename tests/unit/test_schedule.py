@@ -268,3 +268,20 @@ def test_a_round_waits_for_its_stragglers_only_once_a_majority_trained():
     assert straggler_wait(roster, {"a": 1.0, "b": 1.0, "c": 1.0}) == MIN_STRAGGLER_WAIT_S
     assert straggler_wait(["a", "b"], {"a": 1.0}) is None  # a pair waits for both
     assert straggler_wait(["a", "b", "c"], {"a": 2.0, "x": 1.0}) is None  # only the roster counts
+
+
+def test_a_member_is_confirmed_dead_only_after_its_heartbeat_is_gone_for_the_hold():
+    from peer.schedule import confirmed_dead
+
+    members = {"me", "a", "b", "c"}
+    since, dead = confirmed_dead(members, {"me", "a", "b"}, "me", {}, now=100.0, hold=12.0)
+    assert since == {"c": 100.0} and dead == frozenset()  # one missed read is not a death
+    since, dead = confirmed_dead(members, {"me", "a", "b"}, "me", since, now=111.0, hold=12.0)
+    assert dead == frozenset()
+    since, dead = confirmed_dead(members, {"me", "a", "b"}, "me", since, now=112.5, hold=12.0)
+    assert dead == {"c"}
+    since, dead = confirmed_dead(members, {"me", "a", "b", "c"}, "me", since, now=113.0, hold=12.0)
+    assert since == {} and dead == frozenset()  # back: its clock starts over
+    # a read that shows none of the others is a failed read: clocks kept, none started
+    since, dead = confirmed_dead(members, {"me"}, "me", {"a": 90.0}, now=120.0, hold=12.0)
+    assert since == {"a": 90.0} and dead == frozenset()
