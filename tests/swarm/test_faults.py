@@ -80,6 +80,8 @@ def test_a_peer_crashing_mid_round_does_not_stop_the_job(local_swarm, digits_job
     assert any(n < train_shards for n in per_round)  # the crash cost a round some shards...
     assert sum(per_round) == len(rounds) * train_shards  # ...and later rounds made every one of them up
     assert report["final"]["val_accuracy"] >= 0.9
+    if aggregation:  # the rounds before the crash really averaged in stages
+        assert "3 peers averaged in 2 stages" in (local_swarm.root / "peer0.log").read_text()
 
 
 def test_a_crash_in_the_last_round_is_made_up_in_a_make_up_round(local_swarm, digits_job, tmp_path):
