@@ -16,20 +16,41 @@ def _model(seed: int) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(37, 53), torch.nn.ReLU(), torch.nn.Linear(53, 7))
 
 
-@pytest.fixture
-def dhts():
+def _dht_nodes(count):
+    """``count`` DHT nodes on 127.0.0.1, all bootstrapped from the first; shut down afterwards."""
     first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     nodes = [first] + [
         hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=first.get_visible_maddrs())
-        for _ in range(3)
+        for _ in range(count - 1)
     ]
     yield nodes
     for node in nodes:
         node.shutdown()
 
 
+@pytest.fixture
+def dhts():
+    yield from _dht_nodes(4)
+
+
+@pytest.fixture
+def six_dhts():
+    yield from _dht_nodes(6)
+
+
 def _params(model):
     return [p.detach().clone() for p in model.parameters()]
+
+
+def _weighted_mean_of(models, weights):
+    return [sum(w * p for w, p in zip(weights, params)) / sum(weights) for params in zip(*map(_params, models))]
+
+
+def assert_all_at(models, expected, **tolerance):
+    """Every model bit-identical (not just close), and at ``expected``."""
+    assert_bit_identical(models)
+    for got, want in zip(models[0].parameters(), expected):
+        torch.testing.assert_close(got, want, **(tolerance or dict(rtol=1e-5, atol=1e-6)))
 
 
 def assert_bit_identical(models):
@@ -63,10 +84,7 @@ def test_group_ends_bit_identical_at_the_weighted_mean(dhts):
     models = [_model(seed) for seed in range(3)]
     dhts = dhts[:3]
     weights = [1.0, 2.0, 5.0]
-    expected = [
-        sum(w * p for w, p in zip(weights, params)) / sum(weights)
-        for params in zip(*[[p.detach().clone() for p in m.parameters()] for m in models])
-    ]
+    expected = _weighted_mean_of(models, weights)
     averagers = [_averager(m, dht, "t") for m, dht in zip(models, dhts)]
     try:
         results = _merge_all(averagers, weights, round_no=1)
@@ -75,9 +93,7 @@ def test_group_ends_bit_identical_at_the_weighted_mean(dhts):
         for averager in averagers:  # the merge's seconds, split where the group formed
             timings = averager.last_timings
             assert timings.matchmaking > 0 and timings.allreduce >= 0
-        assert_bit_identical(models)  # not just close
-        for got, want in zip(models[0].parameters(), expected):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert_all_at(models, expected)
     finally:
         for averager in averagers:
             averager.shutdown()
@@ -226,18 +242,6 @@ def test_masked_integers_cross_the_all_reduce_and_sum_exactly(dhts):
 # ---------------------------------------------------------------------------- a staged merge
 
 
-@pytest.fixture
-def six_dhts():
-    first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    nodes = [first] + [
-        hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=first.get_visible_maddrs())
-        for _ in range(5)
-    ]
-    yield nodes
-    for node in nodes:
-        node.shutdown()
-
-
 def _merge_in_stages(averagers, ids, weights, stages, present, timeout=30.0):
     results = {}
 
@@ -254,50 +258,29 @@ def _merge_in_stages(averagers, ids, weights, stages, present, timeout=30.0):
     return results
 
 
-@pytest.mark.parametrize("compression", ["none", "fp16"])
-def test_six_peers_in_groups_of_two_end_bit_identical_at_the_weighted_mean(six_dhts, compression):
-    """Groups of 2 for 6 peers: three stages (rows of 2; 3 nodes, so a block of 2 and one sitting
-    out; then columns with a passenger). Nobody averages with more than 3 others, and all end equal."""
+@pytest.mark.parametrize("count, compression", [(6, "none"), (6, "fp16"), (3, "none")],
+                         ids=["six", "six-fp16", "three"])
+def test_a_staged_merge_ends_bit_identical_at_the_weighted_mean(six_dhts, count, compression):
+    """Groups of 2. Six peers: three stages (rows of 2; 3 nodes, so a block of 2 and one sitting
+    out; then columns with a passenger), nobody averaging with more than 2 others. Three peers: a
+    row of one (it skips the stage) and then one column of 3 with a passenger. All end equal."""
     from aggregation.groups import plan_stages
 
-    models = [_model(seed) for seed in range(6)]
-    ids = [str(dht.peer_id) for dht in six_dhts]
-    weights = [1.0, 2.0, 5.0, 3.0, 1.0, 7.0]
-    expected = [sum(w * p for w, p in zip(weights, params)) / sum(weights)
-                for params in zip(*[_params(m) for m in models])]
-    stages = plan_stages(ids, 2, seed="0:2:0")
-    assert len(stages) == 3 and any(len(g.members) == 3 for g in stages[2])  # a passenger rides along
-    averagers = [_averager(m, dht, "s", compression=compression) for m, dht in zip(models, six_dhts)]
-    try:
-        results = _merge_in_stages(averagers, ids, weights, stages, present=range(6))
-        assert all(results[i] is not None and sorted(results[i]) == sorted(ids) for i in range(6)), results
-        assert_bit_identical(models)
-        tolerance = dict(rtol=1e-5, atol=1e-6) if compression == "none" else dict(rtol=0, atol=5e-3)
-        for got, want in zip(models[0].parameters(), expected):
-            torch.testing.assert_close(got, want, **tolerance)
-    finally:
-        for averager in averagers:
-            averager.shutdown()
-
-
-def test_three_peers_in_groups_of_two_a_row_of_one_and_a_column_with_a_passenger(six_dhts):
-    from aggregation.groups import plan_stages
-
-    dhts = six_dhts[:3]
-    models = [_model(seed) for seed in range(3)]
+    dhts = six_dhts[:count]
+    models = [_model(seed) for seed in range(count)]
     ids = [str(dht.peer_id) for dht in dhts]
-    weights = [3.0, 1.0, 4.0]
-    expected = [sum(w * p for w, p in zip(weights, params)) / sum(weights)
-                for params in zip(*[_params(m) for m in models])]
+    weights = [1.0, 2.0, 5.0, 3.0, 1.0, 7.0][:count]
+    expected = _weighted_mean_of(models, weights)
     stages = plan_stages(ids, 2, seed="0:2:0")
-    assert sorted(len(g.members) for g in stages[0]) == [1, 2] and [len(g.members) for g in stages[1]] == [3]
-    averagers = [_averager(m, dht, "p") for m, dht in zip(models, dhts)]
+    if count == 6:
+        assert len(stages) == 3 and any(len(g.members) == 3 for g in stages[2])  # a passenger rides along
+    else:
+        assert sorted(len(g.members) for g in stages[0]) == [1, 2] and [len(g.members) for g in stages[1]] == [3]
+    averagers = [_averager(m, dht, "s", compression=compression) for m, dht in zip(models, dhts)]
     try:
-        results = _merge_in_stages(averagers, ids, weights, stages, present=range(3))
-        assert all(results[i] is not None for i in range(3)), results
-        assert_bit_identical(models)
-        for got, want in zip(models[0].parameters(), expected):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        results = _merge_in_stages(averagers, ids, weights, stages, present=range(count))
+        assert all(results[i] is not None and sorted(results[i]) == sorted(ids) for i in range(count)), results
+        assert_all_at(models, expected, **({} if compression == "none" else dict(rtol=0, atol=5e-3)))
     finally:
         for averager in averagers:
             averager.shutdown()
