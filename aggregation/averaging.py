@@ -159,6 +159,7 @@ class RoundAverager(DecentralizedAverager):
             self._parent_pid = None  # hivemind's __del__ reads it; the averager never started
             raise
         self._reducer, self._reducer_options = reducer, dict(reducer_options or {})
+        self._stage_ranks: dict[str, int] | None = None  # a staged merge's later stage: its summing order
         self.last_timings: MergeTimings | None = None  # of the last merge (None before the first)
         tensors = [t.detach().to("cpu", torch.float32, copy=True) for t in template]
         kwargs.setdefault("compression", make_compression(compression))
@@ -242,7 +243,7 @@ class RoundAverager(DecentralizedAverager):
         runner = ExactAllReduceRunner(
             reducer=self._reducer,
             reducer_options=self._reducer_options,
-            ranks=getattr(self, "_stage_ranks", None),
+            ranks=self._stage_ranks,
             p2p=self._p2p,
             servicer_type=type(self),
             prefix=self.prefix,

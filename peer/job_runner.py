@@ -1098,7 +1098,8 @@ class JobRunner:
         majority trained, those that did by the straggler deadline (``schedule.straggler_wait``;
         not for federated owners, whose rows nobody else can train)."""
         majority_since = None  # when we first saw a majority of the roster trained
-        staged, self.dead_since = self._merges_in_stages(len(roster)), {}
+        staged = self._merges_in_stages(len(roster))
+        self.dead_since = {}  # this round's clocks (_dead_members): its retries go on with them
 
         def done():
             nonlocal majority_since
