@@ -246,6 +246,10 @@ class Peer:
         """Live peers whose heartbeat says they work on ``job_id`` (joining it, or in it)."""
         return self._heartbeats()[1].get(job_id, frozenset())
 
+    def peers_on_any_job(self) -> frozenset[str]:
+        """Live peers whose heartbeat says they work on some job (the rest are idle)."""
+        return frozenset().union(*self._heartbeats()[1].values())
+
     def _heartbeats(self) -> tuple[frozenset[str], dict[str, frozenset[str]]]:
         with self._lock:
             fetched_at, alive, by_job = self._alive

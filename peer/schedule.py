@@ -371,6 +371,27 @@ def roster_known(joined: frozenset[str], previous_group: Iterable[str], me: str,
     return joined == group
 
 
+FIRST_ROUND_WAIT_S = 10.0  # a job's first round waits at most this long for live peers still picking it up
+
+
+def first_round_waits_for(
+    previous_group: Iterable[str], me: str, joined: frozenset[str], *, alive: Iterable[str],
+    on_this_job: Iterable[str], on_any_job: Iterable[str],
+) -> frozenset[str]:
+    """The live peers a job's first round still waits for (up to ``FIRST_ROUND_WAIT_S``): those
+    whose heartbeat says they are on this job but have not joined (loading its model and data),
+    and those on no job at all (idle peers pick a new job within a poll or two). Later rounds wait
+    for none of them: a newcomer there is dealt in the round after it joins.
+
+    Without this, on a busy box, a consumer submitting to three idle peers could see round 1 start
+    with the two that found the job first, ``ROSTER_SETTLE`` after they joined.
+    """
+    if set(previous_group) - {me}:
+        return frozenset()
+    idle = set(alive) - set(on_any_job)
+    return frozenset((set(on_this_job) | idle) - joined - {me})
+
+
 STRAGGLER_FACTOR = 3.0  # once a majority trained, the rest get this many times their median training time
 MIN_STRAGGLER_WAIT_S = 10.0  # ... and never less than this (a busy box's noise is not a straggler)
 

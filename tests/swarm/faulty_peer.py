@@ -32,6 +32,7 @@ class Fault(enum.Enum):
     SLOW_TRAINING = "in round N only, train at a tenth of its speed or less (a second a step): a straggler"
     FORGE_PREDICTIONS = "inference: publish made-up outputs for every shard it takes (re-runs others' honestly)"
     KILL_PREDICTING = "inference: die in the middle of predicting its Nth shard, holding its lease"
+    SLOW_TO_JOIN = "a slow box: takes N seconds to load a job it picked before it joins the job's round"
     MISS_A_MERGED_RECORD = "round N: its DHT reads miss another (live) member's merged record for 75 s (a loaded DHT)"
 
 
@@ -190,6 +191,14 @@ def install(fault: Fault, at_round: int) -> None:
                 self.records = ForgetfulReads(self.records, job.job_id)
 
         job_runner.JobRunner = ForgetfulRunner
+        return
+    if fault is Fault.SLOW_TO_JOIN:
+        class SlowLoadingRunner(job_runner.JobRunner):
+            def __init__(self, peer, job):
+                time.sleep(at_round)  # the fault itself: its heartbeat says it is on the job, it is still loading
+                super().__init__(peer, job)
+
+        job_runner.JobRunner = SlowLoadingRunner
         return
     if fault is Fault.SIGTERM_AFTER_MERGE:
         class LeavingRunner(job_runner.JobRunner):

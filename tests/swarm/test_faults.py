@@ -126,6 +126,18 @@ def test_a_straggler_does_not_hold_the_round_and_its_shards_go_to_the_next(local
     assert report["final"]["val_accuracy"] >= 0.85
 
 
+def test_a_jobs_first_round_waits_for_a_peer_still_loading_it(local_swarm, digits_job, tmp_path):
+    """A consumer submits to three idle peers; one takes 5 s to load the job (a busy box). The two
+    quick ones would settle a roster of two 1.5 s after they joined (ROSTER_SETTLE); the first round
+    waits for a live peer that is on the job or idle (schedule.first_round_waits_for), so all three
+    train from round 1."""
+    job_file = digits_job(training={"rounds": 2}, swarm={"min_peers": 2})
+    job_id, report = run_with_a_faulty_third(local_swarm, job_file, tmp_path, "SLOW_TO_JOIN", 5)
+
+    assert [len(r["peers_done"]) for r in report["rounds"]] == [3, 3]
+    assert sum(report["rounds"][0]["shards"].values()) == count_train_shards(job_file)
+
+
 def test_a_live_members_merged_record_read_late_is_waited_for_not_made_up(local_swarm, digits_job, tmp_path):
     """On a loaded DHT one peer's reads of the last round miss a live member's merged record for
     75 s (two 30 s waits used to give up on it). Read without it, the round misses that member's

@@ -130,6 +130,18 @@ def test_the_roster_is_known_when_last_rounds_group_is_back_whole_and_alone():
     assert not schedule.roster_known(frozenset("a"), previous_group="", me="a", max_peers=1)  # alone: settle
 
 
+def test_a_first_round_waits_for_peers_loading_the_job_and_for_idle_ones_not_for_busy_ones():
+    waits = schedule.first_round_waits_for
+    # c is on this job (loading it), d is idle, e works on another job: a and b wait for c and d
+    assert waits("", "a", frozenset("ab"), alive="abcde", on_this_job="abc", on_any_job="abce") == frozenset("cd")
+    assert waits("", "a", frozenset("abcd"), alive="abcde", on_this_job="abcd", on_any_job="abcde") == frozenset()
+    # a later round (a last group) waits for no newcomer: it is dealt in next round
+    assert waits("ab", "a", frozenset("ab"), alive="abcd", on_this_job="abc", on_any_job="abc") == frozenset()
+    # a peer whose heartbeat is gone is not waited for: only live ones are idle
+    assert waits("", "a", frozenset("ab"), alive="ab", on_this_job="ab", on_any_job="ab") == frozenset()
+    assert waits("", "a", frozenset("a"), alive="a", on_this_job="a", on_any_job="") == frozenset()  # we are not idle
+
+
 def test_barrier_waits_for_live_roster_peers_only():
     assert not schedule.barrier_ready("abc", frozenset("ab"), alive="abc")
     assert schedule.barrier_ready("abc", frozenset("ab"), alive="ab")
