@@ -1059,7 +1059,8 @@ class JobRunner:
 
     def _wait_for_roster(self, r: int, previous_group: list[str], min_peers: int) -> frozenset[str]:
         """Wait until the round has enough peers, everyone from last round is back, and the set settles."""
-        seen = {"roster": None, "since": time.time(), "cancel_checked": time.time(), "started": time.time()}
+        seen = {"roster": None, "since": time.time(), "cancel_checked": time.time()}
+        waiting_since = time.time()  # a first round waits for peers still picking the job up, for a while
         banned = verification_banned(self.rejections, self.spec.verification.max_faults)
         if self.me in banned:
             raise Banned(f"job {self.job.job_id}: this peer's work was rejected in rounds "
@@ -1089,7 +1090,7 @@ class JobRunner:
             incoming = self.peer.peers_on(self.job.job_id) - joined - state.out - banned
             known = not incoming and schedule.roster_known(joined, expected, self.me,
                                                            max_peers=self.spec.swarm.max_peers)
-            if ready and not known and time.time() - seen["started"] < schedule.FIRST_ROUND_WAIT_S:
+            if ready and not known and time.time() - waiting_since < schedule.FIRST_ROUND_WAIT_S:
                 pending = schedule.first_round_waits_for(
                     previous_group, self.me, joined, alive=self.peer.alive_peers(),
                     on_this_job=incoming, on_any_job=self.peer.peers_on_any_job()) - state.out - banned
