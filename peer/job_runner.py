@@ -70,6 +70,7 @@ from peer.local_training import (
     evaluate,
     loss_fn,
     make_optimizer,
+    handover_generator,
     round_generator,
     train_local,
 )
@@ -158,6 +159,51 @@ def model_to_bytes(model: torch.nn.Module) -> bytes:
 
 def load_model_bytes(model: torch.nn.Module, data: bytes) -> None:
     model.load_state_dict(load_safetensors(data))
+
+
+class RoundWatch:
+    """What a peer reads about its round while it trains: one DHT read every ``every`` seconds
+    answers both questions it asks before each step.
+
+    ``left_behind()``: has the round merged without us (we were too slow even to be cut)? Then the
+    half-done work is dropped. ``__call__(steps_done)`` (``train_local``'s ``should_cut``): has the
+    round's straggler deadline passed while we still train? Then we stop where we are, keep the
+    steps done, and name the peers that finished as ``takers`` of the steps left
+    (``schedule.handover``). The deadline comes from the same records, by the same function, as
+    the one the waiting peers keep (``JobRunner.finished_training``).
+    """
+
+    def __init__(self, runner: "JobRunner", r: int, roster: frozenset[str], every: float = 2.0):
+        self.runner, self.r, self.roster, self.every = runner, r, roster, every
+        self.read_at = time.monotonic()
+        self.outrun, self.deadline, self.finished = False, None, frozenset()
+        self.cut_at: int | None = None
+        self.takers: list[str] = []
+
+    def _read(self) -> None:
+        if time.monotonic() - self.read_at < self.every:
+            return
+        self.read_at = time.monotonic()
+        runner = self.runner
+        progress = runner.records.read(progress_key(runner.job.job_id, self.r), ProgressRecord)
+        merged = runner._state_of(progress).merged
+        self.outrun = runner.me not in merged and schedule.majority_model(merged) is not None
+        finished = runner.finished_training(progress)
+        self.deadline = schedule.straggler_deadline(self.roster, finished)
+        self.finished = frozenset(finished) & self.roster - {runner.me}
+
+    def left_behind(self) -> bool:
+        self._read()
+        return self.outrun
+
+    def __call__(self, steps_done: int) -> bool:
+        if self.deadline is None or time.time() < self.deadline:
+            return False
+        takers = sorted(self.finished & self.runner.peer.alive_peers())
+        if not takers:
+            return False
+        self.cut_at, self.takers = steps_done, takers
+        return True
 
 
 class JobRunner:
@@ -433,13 +479,13 @@ class JobRunner:
         optimizer_state_id = self._keep(optimizer_state_bytes(optimizer), r) if verifying else None
         started = time.time()
         sample_dp = self.dp_plan if self.dp_plan is not None and self.dp_plan.level == "sample" else None
-        self._outrun_checked = time.monotonic()
+        watch = None if self.federated else RoundWatch(self, r, roster)  # nobody else can train an owner's rows
         try:
             train_loss, samples = train_local(
                 model, optimizer, data, steps=steps, batch_size=t.batch_size,
                 generator=round_generator(t.seed, r, [self.me] if self.federated else mine), loss=self.loss,
-                should_stop=lambda: self.peer.stopping.is_set() or (not self.federated and self._outrun(r)),
-                proximal_mu=self.spec.aggregation.proximal_mu,
+                should_stop=lambda: self.peer.stopping.is_set() or (watch is not None and watch.left_behind()),
+                should_cut=watch or (lambda steps_done: False), proximal_mu=self.spec.aggregation.proximal_mu,
                 dp=(sample_dp.noise_multiplier, sample_dp.max_grad_norm, private_generator()) if sample_dp else None,
             )
         except TrainingStopped:
@@ -454,9 +500,13 @@ class JobRunner:
             self.rounds_trained += 1
         epsilon = self.dp_plan.epsilon_after(self.rounds_trained) if self.dp_plan is not None else None
         seconds_training = time.time() - started
-        update = model_to_bytes(model)  # our update, named in the history (kept for re-execution)
-        update_id = self._keep(update, r) if verifying else hashlib.sha256(update).hexdigest()
+        update_id = self._commit_update(model, r, verifying)
         train_loss = train_loss if samples else None  # more peers than shards: this one had no rows
+        cut = {}
+        if watch is not None and watch.cut_at is not None:  # the others finished: they take over the rest
+            cut = dict(steps_done=watch.cut_at, steps_handed=steps - watch.cut_at, handed_to=watch.takers)
+            logger.info(f"job {self.job.job_id}: round {r}: cut at the straggler deadline after {watch.cut_at} of "
+                        f"{steps} steps; {steps - watch.cut_at} handed to {len(watch.takers)} peer(s) that finished")
         metrics, job = self.peer.metrics, self.job.job_id
         metrics.samples.labels(job).inc(samples)
         if samples:
@@ -467,8 +517,25 @@ class JobRunner:
             samples=samples, train_loss=train_loss, base_model_id=base_model_id, shards=mine,
             carried=carried, started=round_started, roster=sorted(roster), speeds=speeds, update_id=update_id,
             prev_round=prev_round, optimizer_state_id=optimizer_state_id, lr=lr, epsilon_spent=epsilon,
+            trained_at=time.time(), took_from={}, **cut,
         )
         self._publish_progress(r, "trained", **self.trained_fields)
+
+        def take_over(straggler: str, share: int) -> None:
+            """Train ``share`` of a cut straggler's steps on its shards, on top of our own work,
+            and republish our trained record with the new update and samples."""
+            fields = self.trained_fields
+            taken_loss, taken = self._train_handover(r, model, optimizer, straggler, self.me, share,
+                                                     carried=carried, roster=sorted(roster), speeds=speeds,
+                                                     device=self.peer.device)
+            total = fields["samples"] + taken
+            fields["train_loss"] = ((fields["train_loss"] or 0.0) * fields["samples"] + taken_loss * taken) / total \
+                if total else None
+            fields["samples"], fields["took_from"] = total, {**fields["took_from"], straggler: share}
+            fields["update_id"] = self._commit_update(model, r, verifying)
+            metrics.samples.labels(job).inc(taken)
+            logger.info(f"job {self.job.job_id}: round {r}: took over {share} steps of {straggler[:12]}'s")
+            self._publish_progress(r, "trained", **fields)
 
         # a peer that arrived as the round was being dealt may only now see that it was dealt
         # without it: catch up now rather than wait for a group that will never form
@@ -478,7 +545,12 @@ class JobRunner:
 
         # all-reduce with everyone on the roster that is still alive and done training
         wait_started = time.time()
-        trained = self._wait_for_trained(r, roster, deadline=time.time() + max(120.0, 20 * seconds_training))
+        trained = self._wait_for_trained(r, roster, deadline=time.time() + max(120.0, 20 * seconds_training),
+                                         take_over=take_over)
+        # what we merge is our own work and whatever we took over from a straggler
+        samples, train_loss, update_id = (self.trained_fields[k] for k in ("samples", "train_loss", "update_id"))
+        stolen = {k: self.trained_fields.get(k) for k in ("trained_at", "steps_done", "steps_handed", "handed_to",
+                                                          "took_from") if k in self.trained_fields}
         merge_started = time.time()
         metrics.barrier_seconds.observe(merge_started - wait_started)
         if self.federated:  # each owner's update, clipped (and noised, masked) as its privacy asks
@@ -511,6 +583,7 @@ class JobRunner:
         seconds_matchmaking = timings.matchmaking if timings else 0.0
         if adopted and self.me not in group:  # our update is not in the model we adopted: our shards
             mine, samples, update_id = [], 0, None  # are owed to the next round
+            stolen.update(took_from={}, steps_done=None, steps_handed=0, handed_to=[])
         if len(group) > 1:
             metrics.allreduce_seconds.observe(seconds_merging)
             metrics.matchmaking_seconds.observe(seconds_matchmaking)
@@ -547,7 +620,7 @@ class JobRunner:
             seconds_training=seconds_training, started=round_started, lr=lr,
             seconds_merging=seconds_merging, seconds_waiting=seconds_waiting, seconds_matchmaking=seconds_matchmaking,
             epsilon_spent=epsilon, credit_update_id=self.credit_update_id if not adopted or self.me in group else None,
-            **sums,
+            **stolen, **sums,
         )
         metrics.rounds.labels(job).inc()
         self.last_merged = (r, model_id, group)
@@ -582,8 +655,9 @@ class JobRunner:
         """
         if len(group) < 2:
             return set()
-        contributions = {p.peer_id: p for p in self._agreed_records(r) if p.samples > 0}
-        false_claims, plan = self._round_checks(r, contributions, model_id, prev_round)
+        records = self._agreed_records(r)
+        contributions = {p.peer_id: p for p in records if p.samples > 0}
+        false_claims, plan = self._round_checks(r, records, model_id, prev_round)
         for target, why in sorted(false_claims.items()):
             logger.warning(f"job {self.job.job_id}: round {r}: rejected {target}'s contribution: {why}")
         key = verdict_key(self.job.job_id, r)
@@ -609,12 +683,14 @@ class JobRunner:
         self.rejections[r] = rejected_targets(plan, verdicts) | set(false_claims)
         return self.rejections[r]
 
-    def _round_checks(self, r: int, contributions: dict[str, ProgressRecord], model_id: str,
+    def _round_checks(self, r: int, records: list[ProgressRecord], model_id: str,
                       prev_round: str | None) -> tuple[dict[str, str], dict[str, list[str]]]:
         """Round ``r``'s false claims (checked against the deal, no re-run) and its verification
-        plan (target -> the peers drawn to re-run it), the same on every member."""
+        plan (target -> the peers drawn to re-run it), the same on every member. ``records``: the
+        group's; those with samples are its contributions."""
         v, t = self.spec.verification, self.spec.training
-        false_claims = claim_problems(list(contributions.values()), self.train_ids, seed=t.seed, round_no=r,
+        contributions = {p.peer_id: p for p in records if p.samples > 0}
+        false_claims = claim_problems(records, self.train_ids, seed=t.seed, round_no=r,
                                       local_steps=t.local_steps, batch_size=t.batch_size, owner_steps=self.federated,
                                       rounds=t.rounds)
         plan = verification_plan(f"{prev_round}|{model_id}", list(contributions), v.fraction, v.verifiers,
@@ -645,8 +721,8 @@ class JobRunner:
         if len(merged) < len(group):
             logger.info(f"job {self.job.job_id}: leaving round {r} unsigned: its group's records did not all arrive")
             return
-        contributions = {p.peer_id: p for p in merged if p.model_id == model_id and p.samples > 0}
-        false_claims, plan = self._round_checks(r, contributions, model_id, prev_round)
+        false_claims, plan = self._round_checks(r, [p for p in merged if p.model_id == model_id], model_id,
+                                                prev_round)
         if set(plan) - {self.me}:
             logger.info(f"job {self.job.job_id}: leaving round {r} unsigned: others' work is still to be re-run")
             return
@@ -656,7 +732,7 @@ class JobRunner:
     def _past_rejections(self, r: int) -> set[str]:
         """Round ``r``'s rejected contributions, recomputed from its records (for a peer joining later)."""
         v, t = self.spec.verification, self.spec.training
-        agreed = [p for p in self._agreed_records(r) if p.samples > 0]
+        agreed = self._agreed_records(r)
         verdicts = [(s.author, s.body) for s in self.records.read(verdict_key(self.job.job_id, r), VerdictRecord)]
         return round_rejections(agreed, verdicts, fraction=v.fraction, verifiers=v.verifiers, train_ids=self.train_ids,
                                 seed=t.seed, round_no=r, local_steps=t.local_steps, batch_size=t.batch_size,
@@ -699,10 +775,17 @@ class JobRunner:
         data = Batches.from_arrays(parts, device)
         _, steps = schedule.round_work(claim.peer_id, self.train_ids, claim.carried, claim.roster, seed=t.seed,
                                        round_no=r, rounds=t.rounds, local_steps=t.local_steps, speeds=claim.speeds)
-        _, samples = train_local(model, optimizer, data, steps=steps, batch_size=t.batch_size,
-                                 generator=round_generator(t.seed, r, claim.shards), loss=self.loss,
-                                 should_stop=self.peer.stopping.is_set,  # a re-run is as long as a round
+        _, samples = train_local(model, optimizer, data, steps=steps if claim.steps_done is None else claim.steps_done,
+                                 batch_size=t.batch_size, generator=round_generator(t.seed, r, claim.shards),
+                                 loss=self.loss, should_stop=self.peer.stopping.is_set,  # as long as a round
                                  proximal_mu=self.spec.aggregation.proximal_mu)
+        try:  # then the steps it took over from cut stragglers, in the order it says it did
+            for straggler, share in sorted(claim.took_from.items()):
+                samples += self._train_handover(r, model, optimizer, straggler, claim.peer_id, share,
+                                                carried=claim.carried, roster=claim.roster, speeds=claim.speeds,
+                                                device=device)[1]
+        except GPUFlexError as e:
+            return verdict(False, f"the shards it took over can not be fetched: {e}")
         rerun = {k: w.detach().cpu() for k, w in model.state_dict().items()}
         distance = update_distance(rerun, claimed, base_state)
         if samples != claim.samples:
@@ -1100,47 +1183,70 @@ class JobRunner:
 
         return self._wait_for(settled, timeout=None)  # a job short of min_peers waits until peers come
 
-    def _wait_for_trained(self, r: int, roster: frozenset[str], deadline: float) -> set[str]:
-        """The roster peers to merge with: all that are alive once they trained, or, once a
-        majority trained, those that did by the straggler deadline (``schedule.straggler_wait``;
-        not for federated owners, whose rows nobody else can train)."""
-        majority_since = None  # when we first saw a majority of the roster trained
+    def _wait_for_trained(self, r: int, roster: frozenset[str], deadline: float,
+                          take_over: Callable[[str, int], None]) -> set[str]:
+        """The roster peers to merge with: all that are alive once they trained (and took over
+        what a cut straggler handed them: ``take_over(straggler, steps)`` trains it, here, before
+        we merge), or, ``schedule.CUT_GRACE_S`` past the straggler deadline, those that trained by
+        then (``schedule.straggler_deadline``; not for federated owners, whose rows nobody else
+        can train). A straggler cuts itself at the deadline (``RoundWatch``), so the grace only
+        runs out on one that could not even do that."""
         staged = self._merges_in_stages(len(roster))
         self.dead_since = {}  # this round's clocks (_dead_members): its retries go on with them
 
         def done():
-            nonlocal majority_since
             progress = self.records.read(progress_key(self.job.job_id, r), ProgressRecord)
             state = self._state_of(progress)
+            records = [p.body for p in progress if p.body.phase in ("trained", "merged") and p.author in roster]
+            for cut in sorted(records, key=lambda c: c.peer_id):  # a straggler cut itself and handed us some of its steps: train them first
+                share = schedule.handover(cut.steps_handed, cut.handed_to).get(self.me)
+                if share and cut.peer_id not in self.trained_fields["took_from"]:
+                    take_over(cut.peer_id, share)
+                    return None
             # a staged round's plan is drawn from who trained: every peer must wait for the same
             # ones, so a member only counts as dead once its heartbeat has been gone a while
             alive = roster - self._dead_members(set(roster)) if staged else self.peer.alive_peers()
+            if not schedule.handovers_done(records, alive):
+                return None
             if schedule.barrier_ready(roster, state.trained, alive, state.left):
                 return state
-            wait = None if self.federated else schedule.straggler_wait(roster, {
-                p.author: p.body.seconds_training for p in progress if p.body.phase in ("trained", "merged")})
-            if wait is None:
-                return None
-            majority_since = majority_since or time.time()
-            if time.time() - majority_since < wait:
+            cutoff = None if self.federated else \
+                schedule.straggler_deadline(roster, self.finished_training(progress))
+            if cutoff is None or time.time() < cutoff + schedule.CUT_GRACE_S:
                 return None
             late = sorted(roster - state.trained - state.left)
-            logger.info(f"job {self.job.job_id}: round {r} merges without {len(late)} peer(s) still training after "
-                        f"{wait:.0f}s ({', '.join(p[:12] for p in late)}); their shards go to the next round")
+            logger.info(f"job {self.job.job_id}: round {r} merges without {len(late)} peer(s) still training "
+                        f"{schedule.CUT_GRACE_S:.0f}s past the straggler deadline ({', '.join(p[:12] for p in late)});"
+                        f" their shards go to the next round")
             return state
 
         state = self._wait_for(done, timeout=max(0.0, deadline - time.time())) or self._state(r)
         return set(state.trained & roster) | {self.me}
 
-    def _outrun(self, r: int, every: float = 2.0) -> bool:
-        """While training: has round ``r`` merged without us (we are its straggler)? Asked at most
-        every ``every`` seconds (one DHT read)."""
-        now = time.monotonic()
-        if now - self._outrun_checked < every:
-            return False
-        self._outrun_checked = now
-        merged = self._state(r).merged
-        return self.me not in merged and schedule.majority_model(merged) is not None
+    @staticmethod
+    def finished_training(progress) -> dict[str, tuple[float, float]]:
+        """peer -> (when it finished training, for how long), from a round's trained records: what
+        the straggler deadline runs on, read alike by the straggler and the peers waiting for it."""
+        return {p.author: (p.body.trained_at, p.body.seconds_training) for p in progress
+                if p.body.phase in ("trained", "merged")}
+
+    def _commit_update(self, model, r: int, verifying: bool) -> str:
+        """Our update's id, named in the history; kept (a blob) for re-execution when verifying."""
+        update = model_to_bytes(model)
+        return self._keep(update, r) if verifying else hashlib.sha256(update).hexdigest()
+
+    def _train_handover(self, r: int, model, optimizer, straggler: str, taker: str, share: int, *,
+                        carried: list[str], roster: list[str], speeds: dict[str, float],
+                        device: torch.device) -> tuple[float, int]:
+        """``share`` steps on a cut straggler's shards (its part of the deal), in the order of the
+        take-over's own generator: what a taker trains, and what its verifier re-runs."""
+        t = self.spec.training
+        shards, _ = schedule.round_work(straggler, self.train_ids, carried, roster, seed=t.seed, round_no=r,
+                                        rounds=t.rounds, local_steps=t.local_steps, speeds=speeds)
+        return train_local(model, optimizer, Batches.from_arrays(self._shard_arrays(shards), device), steps=share,
+                           batch_size=t.batch_size, generator=handover_generator(t.seed, r, straggler, taker),
+                           loss=self.loss, should_stop=self.peer.stopping.is_set,
+                           proximal_mu=self.spec.aggregation.proximal_mu)
 
     def _wait_for_merged_records(self, r: int, group: list[str]) -> list[ProgressRecord]:
         """The group's merged records of round ``r``: all of them, or those of the members alive."""

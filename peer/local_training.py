@@ -42,6 +42,13 @@ def round_generator(seed: int, round_no: int, shard_ids: list[str]) -> torch.Gen
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
+def handover_generator(seed: int, round_no: int, straggler: str, taker: str) -> torch.Generator:
+    """The batch order of the steps ``taker`` took over from ``straggler`` (schedule.handover):
+    its own, so a verifier re-runs the take-over as it re-runs the taker's own steps."""
+    digest = hashlib.sha256(f"{seed}|{round_no}|handover|{straggler}|{taker}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
 def loss_fn(task: str, target_mean: float | None, target_std: float | None):
     if task == "classification":
         return lambda out, y: F.cross_entropy(out, y)
@@ -60,6 +67,7 @@ def train_local(
     generator: torch.Generator,
     loss,
     should_stop: Callable[[], bool] = lambda: False,
+    should_cut: Callable[[int], bool] = lambda steps_done: False,
     dp: tuple[float, float, torch.Generator] | None = None,
     proximal_mu: float = 0.0,
 ) -> tuple[float, int]:
@@ -67,7 +75,10 @@ def train_local(
 
     Returns (mean training loss, samples processed). ``should_stop`` is asked before every step:
     a peer told to shut down leaves mid-round (raising ``TrainingStopped``) instead of finishing
-    a round that may take minutes.
+    a round that may take minutes. ``should_cut(steps_done)``, asked too, ends the round's training
+    early but keeps it: the straggler deadline has passed and the steps not done are handed to
+    peers that finished (``schedule.handover``). The first ``k`` steps of a cut run are exactly
+    those of the full run, so a verifier re-runs a cut claim with ``steps=k``.
 
     ``dp``: (noise multiplier, per-sample clipping norm, noise generator) makes this DP-SGD with
     Opacus: every example's gradient is clipped, the batch's sum gets Gaussian noise
@@ -92,7 +103,7 @@ def train_local(
         try:
             with warnings.catch_warnings():  # Opacus's hooks on a first layer whose input needs no grad
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                return _steps(wrapped, private, data, steps, batch_size, generator, loss, should_stop,
+                return _steps(wrapped, private, data, steps, batch_size, generator, loss, should_stop, should_cut,
                               _Proximal(model, proximal_mu, after_noise=True) if proximal_mu else None)
         finally:
             wrapped._close()  # hooks off, per-sample gradients dropped: the model is plain again
@@ -101,7 +112,7 @@ def train_local(
     devices = [data.features.device] if data.features.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-        return _steps(model, optimizer, data, steps, batch_size, generator, loss, should_stop,
+        return _steps(model, optimizer, data, steps, batch_size, generator, loss, should_stop, should_cut,
                       _Proximal(model, proximal_mu) if proximal_mu else None)
 
 
@@ -123,13 +134,15 @@ class _Proximal:
                 p.grad.add_(p - a, alpha=self.mu)
 
 
-def _steps(model, optimizer, data, steps, batch_size, generator, loss, should_stop,
+def _steps(model, optimizer, data, steps, batch_size, generator, loss, should_stop, should_cut,
            proximal: _Proximal | None = None) -> tuple[float, int]:
     order = torch.randperm(len(data), generator=generator)
     cursor, total_loss, samples = 0, 0.0, 0
-    for _ in range(steps):
+    for step in range(steps):
         if should_stop():
             raise TrainingStopped(f"stopped after {samples} samples")
+        if should_cut(step):
+            break
         if cursor + batch_size > len(order):  # start a new pass over this peer's rows
             order, cursor = torch.randperm(len(data), generator=generator), 0
         index = order[cursor : cursor + batch_size].to(data.features.device)

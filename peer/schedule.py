@@ -410,6 +410,47 @@ def straggler_wait(roster: Iterable[str], seconds_training: Mapping[str, float])
     return max(MIN_STRAGGLER_WAIT_S, STRAGGLER_FACTOR * median)
 
 
+def straggler_deadline(roster: Iterable[str], finished: Mapping[str, tuple[float, float]]) -> float | None:
+    """When a round's straggler deadline falls (a wall-clock time), from ``finished``: peer ->
+    (when it finished training, how long it trained), as their trained records say. It runs from
+    the moment a strict majority of the roster (two at least) had trained, for
+    :func:`straggler_wait` of that majority's training times. Only the first majority counts, so
+    the deadline does not move as more peers finish, and the straggler (which reads the same
+    records while it trains, to cut itself) and the peers waiting for it compute the same time.
+    None: no majority has trained yet."""
+    roster = set(roster)
+    done = sorted((at, seconds, p) for p, (at, seconds) in finished.items() if p in roster)
+    majority = max(2, len(roster) // 2 + 1)
+    if len(done) < majority or majority > len(roster):
+        return None
+    first = done[:majority]
+    return first[-1][0] + straggler_wait(roster, {p: seconds for _, seconds, p in first})
+
+
+CUT_GRACE_S = 10.0  # past the deadline, how long the others wait for a straggler's cut record
+
+
+def handover(steps_left: int, takers: Sequence[str]) -> dict[str, int]:
+    """A straggler cut at the deadline hands the steps it did not reach to the peers that finished
+    (work stealing): split evenly over ``takers`` in sorted order, the remainder to the first;
+    a taker given no step is left out."""
+    takers = sorted(set(takers))
+    if steps_left <= 0 or not takers:
+        return {}
+    counts = _apportion(steps_left, [1.0] * len(takers))
+    return {t: c for t, c in zip(takers, counts) if c}
+
+
+def handovers_done(records: Iterable, alive: Iterable[str]) -> bool:
+    """Has every live taker named in a straggler's cut taken over its steps? ``records``: the
+    round's trained (or merged) records; a cut names ``handed_to`` and ``steps_handed``, a taker
+    that trained its share says so in ``took_from``. A dead taker's share is lost, not waited for."""
+    records = list(records)
+    alive, took = set(alive), {r.peer_id: r.took_from for r in records}
+    return all(r.peer_id in took.get(taker, {}) or taker not in alive
+               for r in records for taker in handover(r.steps_handed, r.handed_to))
+
+
 def barrier_ready(
     roster: Iterable[str], trained: frozenset[str], alive: Iterable[str], left: frozenset[str] = frozenset()
 ) -> bool:

@@ -24,7 +24,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from dht.records import ProgressRecord, VerdictRecord
-from peer.schedule import MAX_SPEED_SKEW, round_work
+from peer.schedule import MAX_SPEED_SKEW, handover, round_work
 
 
 def _rank(*parts: object) -> bytes:
@@ -76,7 +76,7 @@ def rejected_targets(plan: Mapping[str, Sequence[str]], verdicts: Iterable[tuple
     return {t for t, authors in against.items() if 2 * len(authors) > len(plan[t])}
 
 
-def claim_problems(contributions: Sequence[ProgressRecord], train_ids: Sequence[str], *, seed: int,
+def claim_problems(records: Sequence[ProgressRecord], train_ids: Sequence[str], *, seed: int,
                    round_no: int, local_steps: int, batch_size: int, owner_steps: bool = False,
                    rounds: int | None = None) -> dict[str, str]:
     """``{peer: why}`` for contributions whose claim is false on its face, checked by everyone.
@@ -97,7 +97,15 @@ def claim_problems(contributions: Sequence[ProgressRecord], train_ids: Sequence[
 
     ``rounds``: the job file's; a round after them is a make-up round, which deals only the
     shards carried in, for :func:`peer.schedule.makeup_steps` (None: no make-up rounds).
+
+    ``records``: the agreed group's records; those with samples are the contributions checked,
+    the others count as what a taker took over from (a straggler cut before its first step).
+    Work stealing is checked on its face too: a cut straggler's steps done and handed must add
+    up to its deal's, and a taker may claim only the share of a cut that the cut gave it
+    (:func:`peer.schedule.handover`), whose samples it may add.
     """
+    contributions = [p for p in records if p.samples > 0]
+    by_peer = {p.peer_id: p for p in records}
     views = {(tuple(p.roster), tuple(sorted(p.speeds.items()))) for p in contributions}
     roster, speeds = (list(views.pop()[0]), contributions[0].speeds) if len(views) == 1 else ([], {})
     carried = Counter(tuple(p.carried) for p in contributions).most_common(1)[0][0] if contributions else ()
@@ -112,8 +120,23 @@ def claim_problems(contributions: Sequence[ProgressRecord], train_ids: Sequence[
         elif not roster:  # no agreed deal: a speed deal gives one peer at most the whole swarm's steps,
             # a make-up round's peer at most a round's
             steps = local_steps * max(1, len(p.roster)) if p.speeds and round_no <= rounds else local_steps
-        max_samples = steps * batch_size
-        if p.samples > max_samples:
+        taken, cut = 0, p.steps_done is not None
+        for straggler, share in sorted(p.took_from.items()):
+            given = handover(by_peer[straggler].steps_handed, by_peer[straggler].handed_to).get(p.peer_id, 0) \
+                if straggler in by_peer else 0
+            if share != given:
+                problems[p.peer_id] = (f"claims to have taken over {share} of {straggler[:12]}'s steps, "
+                                       f"its cut gave it {given}")
+            taken += given
+        if p.peer_id in problems:
+            continue
+        max_samples = ((min(p.steps_done, steps) if cut else steps) + taken) * batch_size
+        if cut and roster and p.steps_done + p.steps_handed != steps:
+            problems[p.peer_id] = (f"claims it was cut after {p.steps_done} steps and handed {p.steps_handed}, "
+                                   f"its deal was {steps} steps")
+        elif cut and p.steps_handed and not handover(p.steps_handed, p.handed_to):
+            problems[p.peer_id] = f"claims to have handed {p.steps_handed} steps to nobody"
+        elif p.samples > max_samples:
             problems[p.peer_id] = f"claims {p.samples} samples, a round holds at most {max_samples}"
         elif roster and sorted(p.shards) != sorted(dealt):
             problems[p.peer_id] = (f"claims {len(p.shards)} shards, {len(set(p.shards) - set(dealt))} of them "
@@ -121,19 +144,21 @@ def claim_problems(contributions: Sequence[ProgressRecord], train_ids: Sequence[
     return problems
 
 
-def round_rejections(contributions: Sequence[ProgressRecord], verdicts: Iterable[tuple[str, VerdictRecord]], *,
+def round_rejections(records: Sequence[ProgressRecord], verdicts: Iterable[tuple[str, VerdictRecord]], *,
                      fraction: float, verifiers: int, train_ids: Sequence[str], seed: int, round_no: int,
                      local_steps: int, batch_size: int, owner_steps: bool = False,
                      rounds: int | None = None) -> set[str]:
     """The round's rejected contributors: false claims (:func:`claim_problems`, every contribution)
-    and contributions a strict majority of their drawn verifiers rejected. ``contributions``: the
-    agreed group's merged records with samples; the same answer on every peer and for the consumer."""
+    and contributions a strict majority of their drawn verifiers rejected. ``records``: the agreed
+    group's merged records (those with samples are its contributions); the same answer on every
+    peer and for the consumer."""
+    contributions = [p for p in records if p.samples > 0]
     if not contributions:
         return set()
     first = contributions[0]
     plan = verification_plan(f"{first.prev_round}|{first.model_id}", [p.peer_id for p in contributions], fraction,
                              verifiers, devices={p.peer_id: p.device for p in contributions})
-    problems = claim_problems(contributions, train_ids, seed=seed, round_no=round_no, local_steps=local_steps,
+    problems = claim_problems(records, train_ids, seed=seed, round_no=round_no, local_steps=local_steps,
                               batch_size=batch_size, owner_steps=owner_steps, rounds=rounds)
     return rejected_targets(plan, verdicts) | set(problems)
 

@@ -729,8 +729,8 @@ class Client:
 
         spec = JobSpec.from_dict(job.spec, source=f"job {job.job_id}")
         model_id = agreed_model(merged)
-        agreed = [p for p in merged if p.model_id == model_id and p.samples > 0]
-        if not agreed:
+        agreed = [p for p in merged if p.model_id == model_id]
+        if not any(p.samples for p in agreed):
             return set()
         v, t = spec.verification, spec.training
         verdicts = [(s.author, s.body) for s in self.records.read(verdict_key(job.job_id, r), VerdictRecord)]

@@ -10,7 +10,7 @@ from collections import Counter
 from typing import Iterable
 
 from dht.records import JobRecord, ProgressRecord, ResultRecord
-from peer.schedule import majority_model
+from peer.schedule import handover, majority_model
 
 
 def val_metrics(task: str, records: Iterable[ProgressRecord]) -> dict:
@@ -59,6 +59,11 @@ def round_summary(round_no: int, progress: list[ProgressRecord], task: str) -> d
         "seconds_matchmaking": max((p.seconds_matchmaking for p in progress), default=0.0),
         "seconds_waiting": max((p.seconds_waiting for p in progress), default=0.0),
         "finished_at": max((p.time for p in progress if p.phase == "merged"), default=None),
+        # work stealing: a straggler cut at the deadline (its steps done, and handed to whom),
+        # and the steps each taker trained on its shards
+        **({"cut": cut} if (cut := {p.peer_id: {"steps_done": p.steps_done, "handed": handover(p.steps_handed, p.handed_to)}
+                                    for p in worked if p.steps_done is not None}) else {}),
+        **({"taken_over": taken} if (taken := {p.peer_id: dict(p.took_from) for p in worked if p.took_from}) else {}),
         # federated DP: the privacy each owner had spent by the end of this round
         **({"epsilon_by_peer": eps} if (eps := {p.peer_id: p.epsilon_spent for p in worked
                                                 if p.epsilon_spent is not None}) else {}),

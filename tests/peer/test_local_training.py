@@ -36,6 +36,34 @@ def test_same_round_inputs_replay_bit_identically_whatever_the_shard_order():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
+def test_a_run_cut_after_k_steps_is_exactly_the_first_k_steps_of_the_full_run():
+    """A straggler cut at the deadline keeps its steps done; a verifier re-runs the claim as
+    ``steps=k`` and must land on the same weights, bit for bit."""
+    def run(steps, should_cut=lambda steps_done: False):
+        model = _model()
+        opt = make_optimizer("adam", model.parameters(), lr=0.01, weight_decay=0.0, momentum=0.0)
+        _, samples = train_local(model, opt, _data(), steps=steps, batch_size=16, should_cut=should_cut,
+                                 generator=round_generator(3, 2, ["s1"]), loss=loss_fn("classification", None, None))
+        return model, samples
+
+    asked = []
+    cut, samples = run(20, lambda steps_done: asked.append(steps_done) or steps_done == 8)
+    assert samples == 8 * 16 and asked == list(range(9))  # asked before every step, none after the cut
+    replay, _ = run(8)
+    assert all(torch.equal(p, q) for p, q in zip(cut.parameters(), replay.parameters()))
+    full, _ = run(20)
+    assert not all(torch.equal(p, q) for p, q in zip(cut.parameters(), full.parameters()))
+
+
+def test_a_take_overs_batch_order_is_its_own_and_replays():
+    from peer.local_training import handover_generator
+
+    a = torch.randperm(50, generator=handover_generator(0, 2, "straggler", "taker"))
+    assert torch.equal(a, torch.randperm(50, generator=handover_generator(0, 2, "straggler", "taker")))
+    assert not torch.equal(a, torch.randperm(50, generator=handover_generator(0, 2, "straggler", "other")))
+    assert not torch.equal(a, torch.randperm(50, generator=round_generator(0, 2, ["straggler"])))
+
+
 def test_more_steps_than_rows_make_several_passes():
     model = _model()
     opt = make_optimizer("sgd", model.parameters(), lr=0.1, weight_decay=0.0, momentum=0.9)

@@ -171,6 +171,38 @@ def test_claims_of_shards_dealt_to_another_or_of_impossible_samples_are_false_on
                               local_steps=10, batch_size=64)) == {"pc"}
 
 
+def test_a_cut_and_its_take_overs_must_add_up_to_the_deal_and_the_handover():
+    """pc was cut after 4 of its 10 steps and handed 6 to pa and pb (3 each), who trained them on
+    top of their own 10 steps: honest, each claim passes. A taker claiming more than its share, a
+    share of a cut that never happened, or a cut whose steps do not add up, is false on its face."""
+    handed = {"steps_done": 4, "steps_handed": 6, "handed_to": ["pa", "pb"], "samples": 4 * 64}
+    honest = _claims(pc=handed, pa={"took_from": {"pc": 3}, "samples": 13 * 64},
+                     pb={"took_from": {"pc": 3}, "samples": 13 * 64})
+    assert claim_problems(honest, SHARDS, seed=0, round_no=3, local_steps=10, batch_size=64) == {}
+    greedy = _claims(pc=handed, pa={"took_from": {"pc": 6}, "samples": 16 * 64},
+                     pb={"took_from": {"pc": 3}, "samples": 13 * 64})
+    assert claim_problems(greedy, SHARDS, seed=0, round_no=3, local_steps=10, batch_size=64) == {
+        "pa": "claims to have taken over 6 of pc's steps, its cut gave it 3"}
+    invented = _claims(pa={"took_from": {"pc": 3}, "samples": 13 * 64})  # pc was never cut
+    assert set(claim_problems(invented, SHARDS, seed=0, round_no=3, local_steps=10, batch_size=64)) == {"pa"}
+    # a take-over's samples count only for the share the cut gave
+    padded = _claims(pc=handed, pa={"took_from": {"pc": 3}, "samples": 16 * 64},
+                     pb={"took_from": {"pc": 3}, "samples": 13 * 64})
+    assert "at most 832" in claim_problems(padded, SHARDS, seed=0, round_no=3, local_steps=10, batch_size=64)["pa"]
+    # a cut claims the samples of the steps it did, and hands away the rest of its deal, no more
+    uneven = _claims(pc={**handed, "steps_handed": 8, "handed_to": ["pa", "pb"]},
+                     pa={"took_from": {"pc": 4}, "samples": 14 * 64}, pb={"took_from": {"pc": 4}, "samples": 14 * 64})
+    assert "its deal was 10 steps" in claim_problems(uneven, SHARDS, seed=0, round_no=3, local_steps=10,
+                                                     batch_size=64)["pc"]
+    overclaim = _claims(pc={**handed, "samples": 10 * 64}, pa={"took_from": {"pc": 3}, "samples": 13 * 64},
+                        pb={"took_from": {"pc": 3}, "samples": 13 * 64})
+    assert "at most 256" in claim_problems(overclaim, SHARDS, seed=0, round_no=3, local_steps=10, batch_size=64)["pc"]
+    # cut before its first step: no samples, no contribution, but its handover still counts
+    nothing_done = _claims(pc={**handed, "steps_done": 0, "steps_handed": 10, "samples": 0},
+                           pa={"took_from": {"pc": 5}, "samples": 15 * 64}, pb={"took_from": {"pc": 5}, "samples": 15 * 64})
+    assert claim_problems(nothing_done, SHARDS, seed=0, round_no=3, local_steps=10, batch_size=64) == {}
+
+
 def test_round_rejections_joins_false_claims_and_the_verifiers_majority():
     deal = assign_shards(SHARDS, ROSTER, seed=0, round_no=3)
     claims = _claims(pc={"shards": deal["pc"] + deal["pa"]})

@@ -104,25 +104,35 @@ def test_a_crash_in_the_last_round_is_made_up_in_a_make_up_round(local_swarm, di
     assert "5 rounds, chain intact, finished" in audit
 
 
-def test_a_straggler_does_not_hold_the_round_and_its_shards_go_to_the_next(local_swarm, digits_job, tmp_path):
-    """One peer of three trains round 2 at a second a step (20 s where the others take about one):
-    the two merge without it once the straggler deadline passes (schedule.straggler_wait), it
-    drops its half-done work and catches up, and round 3 takes up its shards."""
-    job_file = digits_job(training={"rounds": 4}, swarm={"min_peers": 2})
+def test_a_straggler_is_cut_at_the_deadline_and_the_peers_that_finished_take_over_its_steps(
+        local_swarm, digits_job, tmp_path):
+    """One peer of three trains round 2 at a second a step (20 s where the others take about one).
+    At the straggler deadline (schedule.straggler_deadline: 10 s after the two finished) it cuts
+    itself, keeps the steps it did and hands the rest to the two (schedule.handover), who train
+    them on its shards before the round merges with all three: no shard waits for the next round.
+    Every contribution is re-run (the cut one with its steps done, the takers' with their
+    take-over) and all pass."""
+    job_file = digits_job(training={"rounds": 4}, swarm={"min_peers": 2}, verification={"fraction": 1.0})
     # `job result` verifies the history
     job_id, report = run_with_a_faulty_third(local_swarm, job_file, tmp_path, "SLOW_TRAINING", 2)
 
     rounds = report["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
-    assert len(rounds[0]["peers_done"]) == 3 and len(rounds[1]["shards"]) == 2  # round 2 merged without it
-    straggler = (set(rounds[0]["peers_done"]) - set(rounds[1]["shards"])).pop()
-    assert straggler in rounds[3]["shards"]  # back by the last round (round 3 may be dealt before it is)
+    assert all(len(r["peers_done"]) == 3 for r in rounds)  # the straggler merged in round 2 too
+    (straggler, cut), = rounds[1]["cut"].items()
+    done, handed = cut["steps_done"], cut["handed"]
+    assert 0 < done < 20 and sum(handed.values()) == 20 - done and set(handed) == set(rounds[1]["peers_done"]) - {
+        straggler}
+    assert rounds[1]["taken_over"] == {taker: {straggler: steps} for taker, steps in handed.items()}
+    assert rounds[1]["samples_by_peer"] == {straggler: 32 * done, **{t: 32 * (20 + s) for t, s in handed.items()}}
+    assert rounds[1]["samples"] == 3 * 20 * 32  # the round did all its steps
     train_shards = count_train_shards(job_file)
-    per_round = [sum(r["shards"].values()) for r in rounds]
-    assert per_round[1] < train_shards and sum(per_round) == 4 * train_shards  # round 3 made up its shards
+    assert all(sum(r["shards"].values()) == train_shards for r in rounds)  # no shard carried over
+    assert not any("cut" in r for r in rounds[:1] + rounds[2:])
     assert rounds[1]["seconds_waiting"] < 20  # the others waited the deadline, not the straggler's 20 s
-    assert "still training" in (local_swarm.root / "peer0.log").read_text()
-    assert "merged while this peer was still training" in (local_swarm.root / "peer2.log").read_text()
+    logs = [(local_swarm.root / f"peer{i}.log").read_text() for i in range(3)]
+    assert "cut at the straggler deadline" in logs[2] and all("took over" in log for log in logs[:2])
+    assert report["faults"] == {} and not any("never came" in log for log in logs)  # every re-run matched
     assert report["final"]["val_accuracy"] >= 0.85
 
 

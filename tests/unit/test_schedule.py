@@ -282,6 +282,44 @@ def test_a_round_waits_for_its_stragglers_only_once_a_majority_trained():
     assert straggler_wait(["a", "b", "c"], {"a": 2.0, "x": 1.0}) is None  # only the roster counts
 
 
+def test_the_straggler_deadline_runs_from_the_first_majority_and_does_not_move():
+    from peer.schedule import straggler_deadline
+
+    roster = ["a", "b", "c", "d"]
+    assert straggler_deadline(roster, {"a": (100.0, 5.0), "b": (101.0, 6.0)}) is None  # half: no deadline yet
+    # the third to finish makes the majority: its time plus 3x the majority's median (6 s)
+    first = {"a": (100.0, 5.0), "b": (101.0, 6.0), "c": (102.0, 7.0)}
+    assert straggler_deadline(roster, first) == 102.0 + 18.0
+    # a later finisher (or a stranger) changes nothing: straggler and waiters agree on one time
+    assert straggler_deadline(roster, {**first, "d": (150.0, 50.0), "x": (90.0, 1.0)}) == 120.0
+    assert straggler_deadline(["a", "b"], {"a": (100.0, 1.0)}) is None  # a pair waits for both
+
+
+def test_a_cut_stragglers_steps_are_split_evenly_over_the_peers_that_finished():
+    from peer.schedule import handover
+
+    assert handover(10, ["c", "a"]) == {"a": 5, "c": 5}
+    assert handover(7, ["b", "a", "c"]) == {"a": 3, "b": 2, "c": 2}  # the remainder to the first
+    assert handover(1, ["b", "a"]) == {"a": 1}  # a taker given nothing is not one
+    assert handover(0, ["a"]) == {} and handover(5, []) == {}
+
+
+def test_a_round_waits_until_every_live_taker_has_taken_over_its_share():
+    from dht.records import ProgressRecord
+    from peer.schedule import handovers_done
+
+    def rec(peer, **fields):
+        return ProgressRecord(peer_id=peer, job_id="0" * 24, round=2, phase="trained", **fields)
+
+    cut = rec("s", steps_done=4, steps_handed=6, handed_to=["a", "b"])
+    assert handovers_done([rec("a"), rec("b")], alive={"a", "b", "s"})  # no cut, nothing to wait for
+    assert not handovers_done([cut, rec("a"), rec("b")], alive={"a", "b", "s"})
+    half = [cut, rec("a", took_from={"s": 3}), rec("b")]
+    assert not handovers_done(half, alive={"a", "b", "s"})
+    assert handovers_done(half, alive={"a", "s"})  # b died: its share is lost, not waited for
+    assert handovers_done([cut, rec("a", took_from={"s": 3}), rec("b", took_from={"s": 3})], alive={"a", "b", "s"})
+
+
 def test_a_member_is_confirmed_dead_only_after_its_heartbeat_is_gone_for_the_hold():
     from peer.schedule import confirmed_dead
 
