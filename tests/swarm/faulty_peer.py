@@ -30,6 +30,7 @@ class Fault(enum.Enum):
     SIGTERM_AFTER_MERGE = "SIGTERM itself the moment its merged record is out, before the round is settled"
     KILL_SWEEP_LEADER = "lead a sweep, and die the moment it has started trial number N (N: the round argument)"
     SLOW_TRAINING = "in round N only, train at a tenth of its speed or less (a second a step): a straggler"
+    DEAF_STRAGGLER = "in round N only, train at two seconds a step and never cut itself at the deadline"
     FORGE_PREDICTIONS = "inference: publish made-up outputs for every shard it takes (re-runs others' honestly)"
     KILL_PREDICTING = "inference: die in the middle of predicting its Nth shard, holding its lease"
     SLOW_TO_JOIN = "a slow box: takes N seconds to load a job it picked before it joins the job's round"
@@ -130,17 +131,20 @@ def install(fault: Fault, at_round: int) -> None:
 
         inference_runner.InferenceRunner = CheatingRunner
         return
-    if fault is Fault.SLOW_TRAINING:
+    if fault in (Fault.SLOW_TRAINING, Fault.DEAF_STRAGGLER):
         train_local = job_runner.train_local
         SlowRunner, now = round_tracking_runner()
+        deaf = fault is Fault.DEAF_STRAGGLER
 
         def train_slowly(model, optimizer, data, *, should_stop, **kwargs):
-            def a_second_a_step():
-                time.sleep(1.0)  # the fault itself: this box is slow, not a wait on anything
+            def slow_step():
+                time.sleep(2.0 if deaf else 1.0)  # the fault itself: this box is slow, not a wait on anything
                 return should_stop()
 
             slow = now["round"] == at_round and "should_cut" in kwargs  # its own round's training, not re-runs
-            return train_local(model, optimizer, data, should_stop=a_second_a_step if slow else should_stop, **kwargs)
+            if slow and deaf:
+                kwargs["should_cut"] = lambda steps_done: False
+            return train_local(model, optimizer, data, should_stop=slow_step if slow else should_stop, **kwargs)
 
         job_runner.train_local = train_slowly
         job_runner.JobRunner = SlowRunner
