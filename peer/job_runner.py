@@ -68,14 +68,14 @@ from peer.local_training import (
     Batches,
     TrainingStopped,
     evaluate,
+    handover_generator,
     loss_fn,
     make_optimizer,
-    handover_generator,
     round_generator,
     train_local,
 )
 from swarm.catalog import build_model
-from swarm.report import build_report, round_summary
+from swarm.report import build_report, genuine_results, round_summary
 from swarm.shards import DatasetManifest, decode_shard
 from swarm.spec import BLOB_REF, JobSpec, stop_condition_met
 
@@ -151,6 +151,18 @@ def consumer_cancelled(records, job: JobRecord, seen_forged: set[str]) -> bool:
         records.rejected += len(forged)
         logger.warning(f"job {job.job_id}: ignored {len(forged)} cancel record(s) not signed by its consumer")
     return genuine is not None
+
+
+def genuine_result(records, job: JobRecord, seen_forged: set[str]) -> ResultRecord | None:
+    """A training job's result, if one of its result records checks out against the signed
+    records of the round it names (``swarm.report.genuine_results``); None while none does."""
+    results = [s.body for s in records.read(result_key(job.job_id), ResultRecord)]
+    if not results:
+        return None
+    cancelled = any(r.cancelled for r in results) and consumer_cancelled(records, job, seen_forged)
+    genuine = genuine_results(job, results, lambda n: [s.body for s in records.read(progress_key(job.job_id, n),
+                                                                                    ProgressRecord)], cancelled)
+    return genuine[0] if genuine else None
 
 
 def model_to_bytes(model: torch.nn.Module) -> bytes:
@@ -877,7 +889,8 @@ class JobRunner:
                 stages = plan_stages(expected, aggregation.largest_group, seed=f"{self.spec.training.seed}:{r}:{attempt}")
                 gathered = averager.merge_in_stages(
                     tensors, stages=stages, me=self.me, round_no=r, attempt=attempt, weight=samples, gather=gather,
-                    timeout=30.0, stop=self.peer.stopping, give_up=lambda: self._merge_went_on(r, attempt, expected))
+                    timeout=30.0, stop=self.peer.stopping,
+                    give_up=lambda: self._merge_went_on(r, attempt, expected, staged=True))
                 if gathered is not None:
                     largest = max(len(g.members) for stage in stages for g in stage)
                     logger.info(f"job {self.job.job_id}: round {r}: {len(expected)} peers averaged in {len(stages)} "
@@ -1059,22 +1072,31 @@ class JobRunner:
         announced = max((p.body.merge_attempt for p in progress if p.body.phase == "trained"), default=0)
         return self._state_of(progress), announced
 
-    def _merge_went_on(self, r: int, attempt: int, expected: frozenset[str] = frozenset()) -> bool:
+    def _merge_went_on(self, r: int, attempt: int, expected: frozenset[str] = frozenset(),
+                       staged: bool = False) -> bool:
         """While matchmaking: the round merged without us, its members moved to a later attempt,
-        or (in a retry) a member we wait for is gone. A retry's window is long, so that a member
-        that is late still joins it; one whose heartbeat lapses meanwhile is dead (it died in the
-        failed attempt before its heartbeat ran out), and waiting out the window for it would
-        cost the round seconds: the members move on to the next attempt without it at once."""
+        or (in a retry, or in any attempt of a staged merge) a member we wait for is gone.
+
+        A retry's window is long, so that a member that is late still joins it; one whose
+        heartbeat lapses meanwhile is dead (it died in the failed attempt before its heartbeat ran
+        out), and waiting out the window for it would cost the round seconds: the members move on
+        to the next attempt without it at once. In a staged merge a member that dies in one stage
+        leaves a group of a later stage (its own, or one its carrier is in) that can never form:
+        the others would wait out that stage's whole window, so they give up on it as soon as its
+        heartbeat is gone, in the first attempt too."""
         state, announced = self._merge_progress(r)
         if state.merged or announced > attempt:
             return True
-        if attempt == 0 or not expected:
+        if not expected or (attempt == 0 and not staged):
             return False
         from peer.runtime import HEARTBEAT_S  # (runtime imports this module)
 
-        self.missing_since, gone = schedule.members_gone(expected, self.peer.alive_peers() - state.left, self.me,
-                                                         self.missing_since, time.monotonic(), hold=HEARTBEAT_S)
-        return gone
+        self.missing_since, dead = schedule.confirmed_dead(expected, self.peer.alive_peers() - state.left, self.me,
+                                                           self.missing_since, time.monotonic(), hold=HEARTBEAT_S)
+        if dead and staged:
+            logger.warning(f"job {self.job.job_id}: round {r}: giving up on attempt {attempt + 1} of the staged merge: "
+                           f"{', '.join(p[:12] for p in sorted(dead))} died in it")
+        return bool(dead)
 
     # ---------------------------------------------------------------- the end of the job
     def _publish_result(self, model_id: str, last_group: list[str], last_round: int, cancelled: bool = False) -> None:
@@ -1156,13 +1178,13 @@ class JobRunner:
             joined = state.joined - state.out - banned
             if joined != seen["roster"]:
                 seen["roster"], seen["since"] = joined, time.time()
-            if results := self.records.read(result_key(self.job.job_id), ResultRecord):
-                if any(s.body.cancelled for s in results) and self._cancelled():
-                    raise JobCancelled(f"job {self.job.job_id}: cancelled by its consumer, the swarm "
-                                       "handed over its result")
-                raise FinishedElsewhere(self.job.job_id)  # stopped early without us: nothing left to do
             if time.time() - seen["cancel_checked"] > 2.0:  # a job short of peers may wait long: cancelable
                 seen["cancel_checked"] = time.time()
+                if (result := genuine_result(self.records, self.job, self._forged_cancels)) is not None:
+                    if result.cancelled:
+                        raise JobCancelled(f"job {self.job.job_id}: cancelled by its consumer, the swarm "
+                                           "handed over its result")
+                    raise FinishedElsewhere(self.job.job_id)  # stopped early without us: nothing left to do
                 if self._cancelled():
                     raise JobCancelled(f"job {self.job.job_id}: cancelled by its consumer while waiting for peers")
             # a peer that moved to another job (or was dealt out) is not waited for
@@ -1198,7 +1220,8 @@ class JobRunner:
             progress = self.records.read(progress_key(self.job.job_id, r), ProgressRecord)
             state = self._state_of(progress)
             records = [p.body for p in progress if p.body.phase in ("trained", "merged") and p.author in roster]
-            for cut in sorted(records, key=lambda c: c.peer_id):  # a straggler cut itself and handed us some of its steps: train them first
+            # a straggler cut itself and handed us some of its steps: train them before anything else
+            for cut in sorted(records, key=lambda c: c.peer_id):
                 share = schedule.handover(cut.steps_handed, cut.handed_to).get(self.me)
                 if share and cut.peer_id not in self.trained_fields["took_from"]:
                     take_over(cut.peer_id, share)

@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from dht.records import ProgressRecord
+from dht.records import ProgressRecord, ResultRecord
 
 
 def genesis(job_id: str, dataset_id: str) -> str:
@@ -32,6 +32,30 @@ def agreed_model(records: Iterable[ProgressRecord]) -> str | None:
     if (rest and rest[0][1] == count) or count * 2 <= sum(votes.values()):
         return None
     return model_id
+
+
+def result_problem(result: ResultRecord, final_round: Sequence[ProgressRecord], *, rounds: int, stop_met: bool,
+                   cancel_signed: bool) -> str | None:
+    """Why a training job's result record can not be the job's end (None: it can), from the
+    records of the round it names (``final_round``). Anyone can sign a result record, so a peer
+    takes one as the job's end only if a member of that round's agreed group wrote it, it names
+    the model the round agreed on, and the job really ended there: after its rounds (or make-up
+    rounds), at a round that meets its ``stop_when`` (``stop_met``), or at a cancel its consumer
+    signed (``cancel_signed``). Otherwise one forged record would end the job for every peer."""
+    n = result.rounds_completed
+    model_id = agreed_model(final_round)
+    if model_id is None:
+        return f"round {n} has no agreed model"
+    if result.model_id != model_id:
+        return f"it names model {result.model_id[:12]}, round {n} agreed on {model_id[:12]}"
+    groups = Counter(tuple(sorted(p.group)) for p in final_round if p.phase == "merged" and p.model_id == model_id)
+    if result.peer_id not in groups.most_common(1)[0][0]:
+        return f"its author was not in round {n}'s agreed group"
+    if result.cancelled and not cancel_signed:
+        return f"it says the job was cancelled after round {n}, but its consumer signed no cancel"
+    if n < rounds and not result.cancelled and not stop_met:
+        return f"it ends the job after round {n} of {rounds}, and that round does not meet the job's stop_when"
+    return None
 
 
 def round_digest(round_no: int, agreed: Sequence[ProgressRecord]) -> str:

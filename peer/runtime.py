@@ -72,6 +72,7 @@ class Peer:
         self._lock = threading.Lock()
         self._alive: tuple[float, frozenset[str], dict[str, frozenset[str]]] = (0.0, frozenset(), {})
         self._finished_jobs: set[str] = set()
+        self._forged_cancels: set[str] = set()  # cancel records not signed by their job's consumer, seen
         self._declined: set[str] = set()  # jobs this peer can not take (memory, price), logged once
         self._served: set[str] = set()
         self._announced_at = 0.0
@@ -186,6 +187,16 @@ class Peer:
             return free
         return self.config.max_memory if free is None else min(self.config.max_memory, free)
 
+    def _has_result(self, job: JobRecord) -> bool:
+        """The job is over: a training job's result checks out against the round it names (a forged
+        one would keep every newcomer off the job); an inference job's result record is taken as
+        it is here (its runner checks it against the predictions before it stops)."""
+        if job.spec.get("type") == "inference":
+            return bool(self.records.read(result_key(job.job_id), ResultRecord))
+        from peer.job_runner import genuine_result  # imports torch-heavy modules
+
+        return genuine_result(self.records, job, self._forged_cancels) is not None
+
     def job_views(self) -> tuple[dict[str, JobRecord], list[schedule.JobView]]:
         """The live jobs this peer could work on (funded, unfinished), as the scheduler sees them."""
         jobs = {s.body.job_id: s.body for s in self.records.read(JOBS_KEY, JobRecord)}
@@ -195,7 +206,7 @@ class Peer:
         for job in jobs.values():
             if is_sweep(job) or job.job_id in self._finished_jobs or self._escrow_problem(job):
                 continue  # a sweep is led (peer.sweep_leader), its trials are trained
-            if self.records.read(result_key(job.job_id), ResultRecord):
+            if self._has_result(job):
                 self._finished_jobs.add(job.job_id)
                 continue
             if job.trial is not None and (why := trial_problem(self.records, job, jobs)):

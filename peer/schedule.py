@@ -164,28 +164,15 @@ def round_work(peer: str, train_ids: Sequence[str], carried: Sequence[str], rost
     return shards, local_steps_for(peer, deal, local_steps, bool(speeds))
 
 
-def members_gone(expected: Iterable[str], alive: Iterable[str], me: str, missing_since: Mapping[str, float],
-                 now: float, hold: float) -> tuple[dict[str, float], bool]:
-    """While a retry waits for its members: ``(missing_since, gone)``, where ``missing_since``
-    maps each member missing from the live peers now to when it was first seen missing, and
-    ``gone`` says one has been missing for ``hold`` seconds. One read of the heartbeats can miss
-    a live peer (a DHT lookup that failed), so one miss is not a death; nor is a view with no
-    other member alive, which is what a failed read looks like."""
-    others = set(expected) - {me}
-    missing = others - set(alive)
-    since = {peer: missing_since.get(peer, now) for peer in missing}
-    trusted = len(missing) < len(others)
-    return since, trusted and any(now - t >= hold for t in since.values())
-
-
 def confirmed_dead(members: Iterable[str], alive: Iterable[str], me: str, missing_since: Mapping[str, float],
                    now: float, hold: float) -> tuple[dict[str, float], frozenset[str]]:
     """``(missing_since, dead)``: the members missing from the live peers for ``hold`` seconds.
 
-    A staged merge's plan is drawn from its members on every peer (``aggregation.groups``), so
-    every peer must leave out the same ones: one missed heartbeat read on a loaded box is not a
-    death, and a view with no other member alive is a failed read, not the swarm gone (the
-    clocks already running are kept, no new one starts)."""
+    A merge's retry gives up on a member once it is dead, not at its first missed heartbeat read
+    (a DHT lookup that failed). A staged merge's plan is drawn from its members on every peer
+    (``aggregation.groups``), so every peer must leave out the same ones: one missed heartbeat
+    read on a loaded box is not a death, and a view with no other member alive is a failed read,
+    not the swarm gone (the clocks already running are kept, no new one starts)."""
     others = set(members) - {me}
     missing = others - set(alive)
     if others and missing == others:

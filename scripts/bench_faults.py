@@ -13,13 +13,19 @@ chain, running the same paid job; the clean run is the baseline of the same invo
 - whole swarm restart: all three are SIGKILLed after round 3 and restarted from their data dirs.
 - grow and shrink: the job starts on 2 peers, a third joins after round 2, and one of the first
   two gets SIGTERM after round 5 (2 -> 3 -> 2).
+- straggler: one peer trains round 3 at a second a step (about 20x slower than the others): at
+  the straggler deadline it cuts itself and the two that finished take over its steps left
+  (work stealing inside the round).
+- uncut straggler: the same peer at two seconds a step that never cuts itself: the others wait
+  the deadline and the grace, merge without it, and round 4 carries its shards (the fallback).
 - cancel: the consumer cancels after round 3 (``gpuflex job cancel``, which itself takes a couple
   of rounds' time); the result is the last merged model, the refund everything not earned
   ("rounds completed" counts the rounds before the peers saw it).
 
 Columns: rounds completed; final validation accuracy and its difference from the clean run;
 recovery time (the slowest round's duration minus the clean run's median round); data lost
-(training shard-rounds dealt but never in an agreed model by the job's end: must be 0); wrong
+(training shard-rounds dealt but never in an agreed model by the job's end: must be 0); carried
+(shard-rounds a round left to the next: a dropped straggler's); wrong
 payouts (rounds whose on-chain contribution root is not the tree of the round's agreed work, plus
 GPUX that left the consumer without reaching a contributor: must be 0).
 
@@ -43,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 FAULTY_PEER = [sys.executable, str(ROOT / "tests" / "swarm" / "faulty_peer.py")]
 SCENARIOS = ["clean", "kill in training", "kill in all-reduce", "kill in the last round", "sigterm",
-             "whole swarm restart", "grow and shrink", "cancel"]
+             "whole swarm restart", "grow and shrink", "straggler", "uncut straggler", "cancel"]
 
 
 def run_scenario(name: str, rounds: int, job_file: Path, work: Path) -> dict:
@@ -57,7 +63,8 @@ def run_scenario(name: str, rounds: int, job_file: Path, work: Path) -> dict:
         ledger, consumer = swarm.ledger, keyfile_address(chain["consumer"])
         for index in range(2 if name == "grow and shrink" else 3):
             fault, at_round = {"kill in training": ("KILL_IN_TRAINING", 3), "kill in all-reduce": (
-                "KILL_IN_ALLREDUCE", 3), "kill in the last round": ("KILL_IN_TRAINING", rounds)}.get(name, (None, 0))
+                "KILL_IN_ALLREDUCE", 3), "kill in the last round": ("KILL_IN_TRAINING", rounds), "straggler": ("SLOW_TRAINING", 3),
+                "uncut straggler": ("DEAF_STRAGGLER", 3)}.get(name, (None, 0))
             if fault and index == 2:
                 swarm.start_peer(command=[*FAULTY_PEER, fault, str(at_round)])
             else:
@@ -124,6 +131,9 @@ def run_scenario(name: str, rounds: int, job_file: Path, work: Path) -> dict:
             "accuracy": report["final"]["val_accuracy"],
             "durations": durations,
             "lost": len(full_rounds) * train_shards - sum(sum(r["shards"].values()) for r in report["rounds"]),
+            "carried": sum(max(0, sum(r["shards"].values()) - train_shards) for r in full_rounds),
+            "stolen": sum(steps for r in report["rounds"] for took in r.get("taken_over", {}).values()
+                          for steps in took.values()),
             "wrong_rounds": wrong_rounds,
             "unaccounted_gpux": (spent - paid) / GPUX,
             "wall": wall,
@@ -160,8 +170,8 @@ def main() -> None:
     typical = statistics.median(clean["durations"])
     lines = [
         "| scenario | rounds completed | accuracy | vs clean (points) | recovery time (s) | data lost (shard-rounds) "
-        "| wrong payouts (rounds / GPUX) | wall time (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| carried (shard-rounds) | steps taken over | wrong payouts (rounds / GPUX) | wall time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, res in results.items():
         recovery = max(res["durations"][1:]) - typical if name != "clean" else 0.0
@@ -169,6 +179,7 @@ def main() -> None:
             f"| {name} | {res['rounds']}/{args.rounds}{f' + {n} make-up' if (n := res['makeup_rounds']) else ''} "
             f"| {res['accuracy']:.3f} "
             f"| {100 * (res['accuracy'] - clean['accuracy']):+.1f} | {recovery:.1f} | {res['lost']} "
+            f"| {res['carried']} | {res['stolen']} "
             f"| {res['wrong_rounds']} / {res['unaccounted_gpux']:.6f} | {res['wall']:.0f} |"
         )
     lines.append("")

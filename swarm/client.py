@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from dht.errors import GPUFlexError
 from dht.identity import load_or_create_identity
@@ -52,7 +53,7 @@ from dht.ratings import MAX_COMMENT, consumer_cancel, latest_rating, public_key_
 from peer.runtime import PEER_TTL
 from peer.transfer import BlobUnavailable, download_blob
 from swarm.consumer_key import consumer_key_path, load_consumer_key, load_or_create_consumer_key
-from swarm.report import job_status, round_summary
+from swarm.report import genuine_results, job_status, round_summary
 from swarm.report_files import write_report_files
 from swarm.spec import BLOB_REF, JobSpec, load_job_file, stop_condition_met
 from swarm.tracking import track_result
@@ -491,9 +492,11 @@ class Client:
             if not progress:
                 break
             rounds.append(round_summary(r, progress, job.spec["task"]))
-        results = [s.body for s in self.records.read(result_key(job_id), ResultRecord)]
+        cancelled = self.cancelled(job_id, job)
+        results = genuine_results(job, [s.body for s in self.records.read(result_key(job_id), ResultRecord)],
+                                  self._progress_of(job_id), cancelled)  # a forged one does not finish it
         peers = {s.author: s for s in self.records.read(PEERS_KEY, PeerRecord)}
-        status = job_status(job, rounds, results, len(peers), cancelled=self.cancelled(job_id, job))
+        status = job_status(job, rounds, results, len(peers), cancelled=cancelled)
         status["rating"] = self.rating(job_id, job)
         # one row per peer of the current round: what it is, how fast, how much data, last heartbeat
         shards = {}
@@ -853,6 +856,9 @@ class Client:
                      rejected_records=self.records.rejected - rejected_before)
 
     # ---------------------------------------------------------------- helpers
+    def _progress_of(self, job_id: str) -> Callable[[int], list[ProgressRecord]]:
+        return lambda r: [s.body for s in self.records.read(progress_key(job_id, r), ProgressRecord)]
+
     def _agreed_model_id(self, job_id: str) -> str:
         """The final model of a finished job: the hash a majority of its last round signed."""
         job = self._job(job_id)
@@ -861,7 +867,11 @@ class Client:
         results = self.records.read(result_key(job_id), ResultRecord)
         if not results:
             raise ResultNotReady(f"job {job_id} has no result yet (see `gpuflex job status {job_id}`)")
-        final_round = Counter(s.body.rounds_completed for s in results).most_common(1)[0][0]
+        # the round the genuine results name (one forged early must not outvote them); if none is
+        # genuine, the most named round, and the checks below say what is wrong with it
+        genuine = genuine_results(job, [s.body for s in results], self._progress_of(job_id),
+                                  self.cancelled(job_id, job))
+        final_round = Counter(r.rounds_completed for r in genuine or [s.body for s in results]).most_common(1)[0][0]
         merged = [s.body for s in self.records.read(progress_key(job_id, final_round), ProgressRecord)]
         cancelled = any(s.body.cancelled and s.body.rounds_completed == final_round for s in results)
         if cancelled and not self.cancelled(job_id, job):

@@ -7,9 +7,10 @@ job's status compute the same numbers from the same records.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable
+from typing import Callable, Iterable
 
 from dht.records import JobRecord, ProgressRecord, ResultRecord
+from peer.provenance import result_problem
 from peer.schedule import handover, majority_model
 
 
@@ -131,6 +132,25 @@ def build_report(job: JobRecord, manifest, rounds: list[dict], *, model_id: str,
         "finished_at": finished_at,
         "wall_time_s": finished_at - job.submitted_at,
     }
+
+
+def genuine_results(job: JobRecord, results: Iterable[ResultRecord],
+                    progress_of: Callable[[int], list[ProgressRecord]], cancel_signed: bool) -> list[ResultRecord]:
+    """A training job's result records that check out against the round each names
+    (``peer.provenance.result_problem``), lowest author first. Anyone can sign a result record:
+    a forged one must end the job for no peer, and show no consumer a finished job.
+    ``progress_of(n)``: round n's progress records; ``cancel_signed``: its consumer signed a cancel."""
+    from swarm.spec import stop_condition_met
+
+    training, genuine = job.spec["training"], []
+    for result in sorted(results, key=lambda r: r.peer_id):
+        final_round = progress_of(result.rounds_completed)
+        stop_met = stop_condition_met(training.get("stop_when"),
+                                      round_summary(result.rounds_completed, final_round, job.spec["task"]))
+        if result_problem(result, final_round, rounds=training["rounds"], stop_met=stop_met,
+                          cancel_signed=cancel_signed) is None:
+            genuine.append(result)
+    return genuine
 
 
 def job_status(job: JobRecord, rounds: list[dict], results: list[ResultRecord], live_peers: int,

@@ -34,6 +34,7 @@ class Fault(enum.Enum):
     FORGE_PREDICTIONS = "inference: publish made-up outputs for every shard it takes (re-runs others' honestly)"
     KILL_PREDICTING = "inference: die in the middle of predicting its Nth shard, holding its lease"
     SLOW_TO_JOIN = "a slow box: takes N seconds to load a job it picked before it joins the job's round"
+    FORGE_RESULT = "after round N merges, publish a result record saying the job ended there (with the agreed model)"
     MISS_A_MERGED_RECORD = "round N: its DHT reads miss another (live) member's merged record for 75 s (a loaded DHT)"
 
 
@@ -203,6 +204,20 @@ def install(fault: Fault, at_round: int) -> None:
                 super().__init__(peer, job)
 
         job_runner.JobRunner = SlowLoadingRunner
+        return
+    if fault is Fault.FORGE_RESULT:
+        from dht.records import ResultRecord, result_key
+
+        class ForgingRunner(job_runner.JobRunner):
+            def _publish_progress(self, r, phase, **fields):
+                super()._publish_progress(r, phase, **fields)
+                if phase == "merged" and r == at_round:  # the fault itself: "the job is done", rounds early
+                    forged = ResultRecord(peer_id=self.me, job_id=self.job.job_id, rounds_completed=r,
+                                          model_id=fields["model_id"], report_id=fields["model_id"])
+                    self.records.publish(result_key(self.job.job_id), forged, ttl=job_runner.RECORD_TTL)
+                    print(f"forged a result after round {r}", file=sys.stderr, flush=True)
+
+        job_runner.JobRunner = ForgingRunner
         return
     if fault is Fault.SIGTERM_AFTER_MERGE:
         class LeavingRunner(job_runner.JobRunner):

@@ -158,6 +158,27 @@ def test_a_straggler_that_does_not_cut_itself_is_left_and_its_shards_go_to_the_n
     assert report["final"]["val_accuracy"] >= 0.85
 
 
+def test_a_forged_result_record_ends_the_job_for_nobody(local_swarm, digits_job, tmp_path):
+    """A member of the job's group publishes a result saying the job ended after round 2 of 10
+    (with round 2's real model: only its timing is false). The peers on the job go on to round 10,
+    and a peer that starts after the forgery still takes the job up (peer.provenance.result_problem)."""
+    job_file = digits_job(training={"rounds": 10}, swarm={"min_peers": 2})
+    for _ in range(2):
+        local_swarm.start_peer()
+    local_swarm.start_peer(command=[*FAULTY_PEER, "FORGE_RESULT", "2"])
+    job_id = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0]).stdout.strip()
+    local_swarm.wait_for(lambda: "forged a result after round 2" in (local_swarm.root / "peer2.log").read_text(),
+                         timeout=180, what="the forgery")
+    local_swarm.start_peer()  # a newcomer, after the forgery
+    report = finish_and_fetch(local_swarm, job_id, tmp_path / "out")
+
+    rounds = report["rounds"]
+    assert [r["round"] for r in rounds] == list(range(1, 11)) and len(rounds[1]["peers_done"]) == 3
+    assert "/10 done" in (local_swarm.root / "peer3.log").read_text()  # the newcomer trained rounds of it
+    assert len(set().union(*(r["peers_done"] for r in rounds))) == 4
+    assert report["final"]["val_accuracy"] >= 0.85
+
+
 def test_a_jobs_first_round_waits_for_a_peer_still_loading_it(local_swarm, digits_job, tmp_path):
     """A consumer submits to three idle peers; one takes 5 s to load the job (a busy box). The two
     quick ones would settle a roster of two 1.5 s after they joined (ROSTER_SETTLE); the first round

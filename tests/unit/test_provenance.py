@@ -62,3 +62,29 @@ def test_a_forged_minority_record_does_not_change_the_agreed_history():
     liar = rounds[1][0].model_copy(update={"peer_id": "mallory", "model_id": "9" * 64, "samples": 10**6})
     rounds[1].append(liar)
     assert breaks(rounds) == {}
+
+
+def test_only_a_result_from_the_agreed_group_at_the_jobs_real_end_ends_the_job():
+    """A result record anyone can sign: one peer's forgery must not end the job for the swarm."""
+    from dht.records import ResultRecord
+    from peer.provenance import result_problem
+
+    last = history(rounds=3)[2]
+
+    def problem(author="a", rounds_completed=3, model_id=model(3), cancelled=False, rounds=3, stop_met=False,
+                cancel_signed=False, final_round=last):
+        result = ResultRecord(peer_id=author, job_id=JOB, rounds_completed=rounds_completed, model_id=model_id,
+                              report_id="e" * 64, cancelled=cancelled)
+        return result_problem(result, final_round, rounds=rounds, stop_met=stop_met, cancel_signed=cancel_signed)
+
+    assert problem() is None and problem(rounds=3, rounds_completed=3, author="c") is None
+    # a stranger, even with a merged record of its own naming the agreed model (a minority vote)
+    stranger = last + [last[0].model_copy(update={"peer_id": "x", "group": ["x"]})]
+    assert "not in round 3's agreed group" in problem(author="x", final_round=stranger)
+    assert "agreed on" in problem(model_id="f" * 64)
+    assert "no agreed model" in problem(final_round=[])  # a round that has not merged (a future one)
+    # ending early: only at a round that meets stop_when, or at a cancel the consumer signed
+    assert "does not meet the job's stop_when" in problem(rounds=10)
+    assert problem(rounds=10, stop_met=True) is None
+    assert "signed no cancel" in problem(rounds=10, cancelled=True)
+    assert problem(rounds=10, cancelled=True, cancel_signed=True) is None

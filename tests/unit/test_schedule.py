@@ -188,18 +188,6 @@ def test_a_make_up_round_does_about_the_lost_work_not_a_round_per_peer():
     assert sorted(schedule.makeup_steps(p, deal, 20, 12) for p in ("pa", "pb")) == [0, 4]
 
 
-def test_a_retry_gives_up_on_a_member_only_once_it_stays_missing():
-    expected = {"me", "pa", "pb"}
-    since, gone = schedule.members_gone(expected, {"me", "pa"}, "me", {}, now=10.0, hold=3.0)
-    assert since == {"pb": 10.0} and not gone  # one read without it: maybe a failed lookup
-    since, gone = schedule.members_gone(expected, {"me", "pa"}, "me", since, now=13.5, hold=3.0)
-    assert since == {"pb": 10.0} and gone  # missing for a heartbeat's period: dead
-    since, gone = schedule.members_gone(expected, {"me", "pa", "pb"}, "me", since, now=14.0, hold=3.0)
-    assert since == {} and not gone  # back: forgotten
-    # a view with nobody else alive is a failed read, however long it lasts
-    assert not schedule.members_gone(expected, {"me"}, "me", {"pa": 0.0, "pb": 0.0}, now=60.0, hold=3.0)[1]
-
-
 def test_a_round_read_without_a_live_members_merged_record_is_not_settled():
     group = ["pa", "pb", "pc"]
     assert schedule.records_settled(group, group, set(), {}, now=0.0, hold=3.0) == ({}, True)  # all read
