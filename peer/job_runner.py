@@ -1187,6 +1187,10 @@ class JobRunner:
                     raise FinishedElsewhere(self.job.job_id)  # stopped early without us: nothing left to do
                 if self._cancelled():
                     raise JobCancelled(f"job {self.job.job_id}: cancelled by its consumer while waiting for peers")
+                # a pruned trial's results say "cancelled" with no consumer's signature, so none is
+                # genuine: the sweep's records say it ended
+                if self.job.trial is not None and (why := self._trial_problem()):
+                    raise TrialPruned(f"job {self.job.job_id}: {why}, while waiting for peers")
             # a peer that moved to another job (or was dealt out) is not waited for
             expected = [p for p in previous_group if p != self.me and p not in banned and p not in state.out]
             ready = schedule.roster_ready(joined, expected=expected, alive=self.peer.alive_peers(), min_peers=min_peers)
