@@ -155,11 +155,15 @@ def consumer_cancelled(records, job: JobRecord, seen_forged: set[str]) -> bool:
 
 def genuine_result(records, job: JobRecord, seen_forged: set[str]) -> ResultRecord | None:
     """A training job's result, if one of its result records checks out against the signed
-    records of the round it names (``swarm.report.genuine_results``); None while none does."""
+    records of the round it names (``swarm.report.genuine_results``); None while none does. A
+    "cancelled" one needs its consumer's signed cancel, or for a sweep's trial, its sweep's
+    records saying the trial ended (pruned)."""
+    from peer.sweep_leader import trial_ended
     results = [s.body for s in records.read(result_key(job.job_id), ResultRecord)]
     if not results:
         return None
-    cancelled = any(r.cancelled for r in results) and consumer_cancelled(records, job, seen_forged)
+    cancelled = any(r.cancelled for r in results) and (consumer_cancelled(records, job, seen_forged)
+                                                       or trial_ended(records, job))
     genuine = genuine_results(job, results, lambda n: [s.body for s in records.read(progress_key(job.job_id, n),
                                                                                     ProgressRecord)], cancelled)
     return genuine[0] if genuine else None

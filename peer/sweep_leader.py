@@ -113,6 +113,15 @@ def trial_problem(records: RecordStore, job: JobRecord, jobs: dict[str, JobRecor
     return None
 
 
+def trial_ended(records: RecordStore, job: JobRecord) -> bool:
+    """A sweep's trial job whose sweep's records say it is over (pruned, or another job now): its
+    peers' "cancelled" result is the leader's doing, as genuine as a consumer's signed cancel."""
+    if job.trial is None:
+        return False
+    jobs = {s.body.job_id: s.body for s in records.read(JOBS_KEY, JobRecord)}
+    return isinstance(trial_problem(records, job, jobs), TrialEnded)
+
+
 def round_metric(records: RecordStore, job_id: str, r: int, task: str, metric: str) -> float | None:
     """The sweep metric of round ``r``'s agreed model, once every member of its group merged it."""
     progress = [s.body for s in records.read(progress_key(job_id, r), ProgressRecord)]

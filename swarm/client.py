@@ -494,7 +494,7 @@ class Client:
             rounds.append(round_summary(r, progress, job.spec["task"]))
         cancelled = self.cancelled(job_id, job)
         results = genuine_results(job, [s.body for s in self.records.read(result_key(job_id), ResultRecord)],
-                                  self._progress_of(job_id), cancelled)  # a forged one does not finish it
+                                  self._progress_of(job_id), self._cancel_genuine(job))  # a forged one: not finished
         peers = {s.author: s for s in self.records.read(PEERS_KEY, PeerRecord)}
         status = job_status(job, rounds, results, len(peers), cancelled=cancelled)
         status["rating"] = self.rating(job_id, job)
@@ -856,6 +856,13 @@ class Client:
                      rejected_records=self.records.rejected - rejected_before)
 
     # ---------------------------------------------------------------- helpers
+    def _cancel_genuine(self, job: JobRecord) -> bool:
+        """A "cancelled" result may end the job: its consumer signed a cancel, or (a sweep's trial)
+        the sweep's records say the trial ended (its leader pruned it)."""
+        from peer.sweep_leader import trial_ended
+
+        return self.cancelled(job.job_id, job) or trial_ended(self.records, job)
+
     def _progress_of(self, job_id: str) -> Callable[[int], list[ProgressRecord]]:
         return lambda r: [s.body for s in self.records.read(progress_key(job_id, r), ProgressRecord)]
 
@@ -869,12 +876,11 @@ class Client:
             raise ResultNotReady(f"job {job_id} has no result yet (see `gpuflex job status {job_id}`)")
         # the round the genuine results name (one forged early must not outvote them); if none is
         # genuine, the most named round, and the checks below say what is wrong with it
-        genuine = genuine_results(job, [s.body for s in results], self._progress_of(job_id),
-                                  self.cancelled(job_id, job))
+        genuine = genuine_results(job, [s.body for s in results], self._progress_of(job_id), self._cancel_genuine(job))
         final_round = Counter(r.rounds_completed for r in genuine or [s.body for s in results]).most_common(1)[0][0]
         merged = [s.body for s in self.records.read(progress_key(job_id, final_round), ProgressRecord)]
         cancelled = any(s.body.cancelled and s.body.rounds_completed == final_round for s in results)
-        if cancelled and not self.cancelled(job_id, job):
+        if cancelled and not self._cancel_genuine(job):
             raise ResultUnverified(f"job {job_id}: the result says the job was cancelled after round {final_round}, "
                                    f"but its consumer signed no cancel")
         rounds = job.spec["training"]["rounds"]

@@ -70,6 +70,10 @@ def test_a_sweep_runs_its_trials_as_jobs_prunes_a_bad_one_and_returns_the_best_m
     status = local_swarm.cli("job", "status", sweep_id, "--peer", local_swarm.maddrs[1]).stdout
     assert "finished, 3/3 trials started" in status and "pruned" in status and "<- best" in status
     assert local_swarm.status(best["job_id"])["state"] == "finished"
+    # the pruned trial's own result: its last merged model, verified like any (the leader's prune
+    # is its cancel: swarm.client checks it against the sweep's records)
+    local_swarm.cli("job", "result", trials[2]["job_id"], "--peer", local_swarm.maddrs[0], "-o", str(tmp_path / "pr"))
+    assert 0 < len(json.loads((tmp_path / "pr" / "report.json").read_text())["rounds"]) < 5
 
 
 def test_when_the_sweep_leader_dies_another_peer_takes_the_lease_and_finishes_the_study(local_swarm, digits_job,
