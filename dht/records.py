@@ -36,7 +36,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
 
 ENVELOPE_VERSION = 1
 SHA256_HEX = r"^[0-9a-f]{64}$"
@@ -189,11 +189,12 @@ class ProgressRecord(_Body):
     trained_at: float = 0.0  # when its training ended (wall clock): the straggler deadline runs from a majority's
     # work stealing (peer.schedule.handover): a straggler cut at the round's deadline trained only
     # steps_done of its steps and handed the other steps_handed to the peers in handed_to, who
-    # trained them on its shards on top of their own and say so in took_from (straggler -> steps)
+    # trained them on its shards on top of their own, in the order they took them over, and say so
+    # in took_from: straggler -> (first step, steps) of the straggler's batch order
     steps_done: int | None = Field(default=None, ge=0)
     steps_handed: int = Field(default=0, ge=0)
     handed_to: list[str] = []
-    took_from: dict[str, PositiveInt] = {}
+    took_from: dict[str, tuple[NonNegativeInt, PositiveInt]] = {}
     seconds_merging: float = 0.0  # the merge: matchmaking, then the butterfly (transfer and reduce)
     seconds_matchmaking: float = 0.0  # the part of seconds_merging spent forming the group
     seconds_waiting: float = 0.0  # between its training and the merge: waiting for the others to finish

@@ -71,6 +71,7 @@ from peer.local_training import (
     handover_generator,
     loss_fn,
     make_optimizer,
+    resumed_batches,
     round_generator,
     train_local,
 )
@@ -204,9 +205,9 @@ class RoundWatch:
         progress = runner.records.read(progress_key(runner.job.job_id, self.r), ProgressRecord)
         merged = runner._state_of(progress).merged
         self.outrun = runner.me not in merged and schedule.majority_model(merged) is not None
-        finished = runner.finished_training(progress)
-        self.deadline = schedule.straggler_deadline(self.roster, finished)
-        self.finished = frozenset(finished) & self.roster - {runner.me}
+        self.deadline = schedule.straggler_deadline(self.roster, runner.finished_training(progress))
+        self.finished = frozenset(p.author for p in progress if p.body.phase in ("trained", "merged")
+                                  and p.body.steps_done is None) & self.roster - {runner.me}  # (not another cut)
 
     def left_behind(self) -> bool:
         self._read()
@@ -243,6 +244,8 @@ class JobRunner:
         self.models: set[str] = set()  # never dropped (an update can be byte-equal to a model)
         self.resume_state_id: str | None = None  # our latest checkpoint of the optimizer
         self.last_merged: tuple[int, str, list[str]] | None = None  # (round, model id, group) we ended last
+        self.last_roster: list[str] = []  # the peers the last round we were in was dealt among
+        self.declined_handovers: set[tuple[int, str]] = set()  # (round, straggler) we could not take over
         self._forged_cancels: set[str] = set()
         self.metric_history: dict[int, float | None] = {}  # round -> merged plateau metric (schedules)
         self.agreed_work: dict[int, list[ProgressRecord]] = {}  # round -> its agreed records with work (speeds)
@@ -465,6 +468,7 @@ class JobRunner:
             agreed = self._agreed_records(r - 1)  # (the same on every peer: a newcomer waits for them too)
             previous_group, min_peers = (sorted(agreed[0].group) if agreed else previous_group), 1
         roster = self._wait_for_roster(r, previous_group, min_peers)
+        self.last_roster = sorted(roster)
         if self.me not in (merged := self._state(r).merged or {}) and schedule.majority_model(merged):
             raise RoundMissed(r)  # the round is already merged (a peer back from an outage said so): move on
         leases = self.records.read(leases_key(self.job.job_id, r), LeaseRecord)
@@ -537,20 +541,27 @@ class JobRunner:
         )
         self._publish_progress(r, "trained", **self.trained_fields)
 
-        def take_over(straggler: str, share: int) -> None:
-            """Train ``share`` of a cut straggler's steps on its shards, on top of our own work,
-            and republish our trained record with the new update and samples."""
+        def take_over(straggler: str, steps: tuple[int, int]) -> None:
+            """Train a cut straggler's ``steps`` (first, count) on its shards, on top of our own
+            work, and republish our trained record with the new update and samples."""
             fields = self.trained_fields
-            taken_loss, taken = self._train_handover(r, model, optimizer, straggler, self.me, share,
-                                                     carried=carried, roster=sorted(roster), speeds=speeds,
-                                                     device=self.peer.device)
+            try:
+                taken_loss, taken = self._train_handover(r, model, optimizer, straggler, self.me, steps,
+                                                         carried=carried, roster=sorted(roster), speeds=speeds,
+                                                         device=self.peer.device)
+            except GPUFlexError as e:  # its shards can not be fetched: the others wait for us until
+                logger.warning(f"job {self.job.job_id}: round {r}: can not take over {straggler[:12]}'s steps: "
+                               f"{e}")  # the round's deadline, and its steps are lost
+                self.declined_handovers.add((r, straggler))
+                return
             total = fields["samples"] + taken
             fields["train_loss"] = ((fields["train_loss"] or 0.0) * fields["samples"] + taken_loss * taken) / total \
                 if total else None
-            fields["samples"], fields["took_from"] = total, {**fields["took_from"], straggler: share}
+            # in the order we took them over: a verifier replays them so
+            fields["samples"], fields["took_from"] = total, {**fields["took_from"], straggler: steps}
             fields["update_id"] = self._commit_update(model, r, verifying)
             metrics.samples.labels(job).inc(taken)
-            logger.info(f"job {self.job.job_id}: round {r}: took over {share} steps of {straggler[:12]}'s")
+            logger.info(f"job {self.job.job_id}: round {r}: took over {steps[1]} steps of {straggler[:12]}'s")
             self._publish_progress(r, "trained", **fields)
 
         # a peer that arrived as the round was being dealt may only now see that it was dealt
@@ -599,7 +610,7 @@ class JobRunner:
         seconds_matchmaking = timings.matchmaking if timings else 0.0
         if adopted and self.me not in group:  # our update is not in the model we adopted: our shards
             mine, samples, update_id = [], 0, None  # are owed to the next round
-            stolen.update(took_from={}, steps_done=None, steps_handed=0, handed_to=[])
+            stolen["took_from"] = {}  # (a cut says what it handed over all the same: takers cite it)
         if len(group) > 1:
             metrics.allreduce_seconds.observe(seconds_merging)
             metrics.matchmaking_seconds.observe(seconds_matchmaking)
@@ -795,9 +806,9 @@ class JobRunner:
                                  batch_size=t.batch_size, generator=round_generator(t.seed, r, claim.shards),
                                  loss=self.loss, should_stop=self.peer.stopping.is_set,  # as long as a round
                                  proximal_mu=self.spec.aggregation.proximal_mu)
-        try:  # then the steps it took over from cut stragglers, in the order it says it did
-            for straggler, share in sorted(claim.took_from.items()):
-                samples += self._train_handover(r, model, optimizer, straggler, claim.peer_id, share,
+        try:  # then the steps it took over from cut stragglers, in the order it took them over
+            for straggler, steps_taken in claim.took_from.items():
+                samples += self._train_handover(r, model, optimizer, straggler, claim.peer_id, steps_taken,
                                                 carried=claim.carried, roster=claim.roster, speeds=claim.speeds,
                                                 device=device)[1]
         except GPUFlexError as e:
@@ -1095,8 +1106,12 @@ class JobRunner:
             return False
         from peer.runtime import HEARTBEAT_S  # (runtime imports this module)
 
-        self.missing_since, dead = schedule.confirmed_dead(expected, self.peer.alive_peers() - state.left, self.me,
-                                                           self.missing_since, time.monotonic(), hold=HEARTBEAT_S)
+        if staged:  # the round's clocks, which the next attempt's plan is drawn with (_dead_members)
+            dead = self._dead_members(set(expected)) | (set(expected) & state.left) - {self.me}
+        else:
+            self.missing_since, dead = schedule.confirmed_dead(expected, self.peer.alive_peers() - state.left,
+                                                               self.me, self.missing_since, time.monotonic(),
+                                                               hold=HEARTBEAT_S)
         if dead and staged:
             logger.warning(f"job {self.job.job_id}: round {r}: giving up on attempt {attempt + 1} of the staged merge: "
                            f"{', '.join(p[:12] for p in sorted(dead))} died in it")
@@ -1169,7 +1184,7 @@ class JobRunner:
     def _wait_for_roster(self, r: int, previous_group: list[str], min_peers: int) -> frozenset[str]:
         """Wait until the round has enough peers, everyone from last round is back, and the set settles."""
         seen = {"roster": None, "since": time.time(), "cancel_checked": time.time()}
-        waiting_since = time.time()  # a first round waits for peers still picking the job up, for a while
+        waiting_since = time.time()  # a round waits for peers on their way into it, for a while
         banned = verification_banned(self.rejections, self.spec.verification.max_faults)
         if self.me in banned:
             raise Banned(f"job {self.job.job_id}: this peer's work was rejected in rounds "
@@ -1203,9 +1218,9 @@ class JobRunner:
             incoming = self.peer.peers_on(self.job.job_id) - joined - state.out - banned
             known = not incoming and schedule.roster_known(joined, expected, self.me,
                                                            max_peers=self.spec.swarm.max_peers)
-            if ready and not known and time.time() - waiting_since < schedule.FIRST_ROUND_WAIT_S:
-                pending = schedule.first_round_waits_for(
-                    previous_group, self.me, joined, alive=self.peer.alive_peers(),
+            if ready and not known and time.time() - waiting_since < schedule.JOIN_WAIT_S:
+                pending = schedule.join_waits_for(
+                    previous_group, self.last_roster, self.me, joined, alive=self.peer.alive_peers(),
                     on_this_job=incoming, on_any_job=self.peer.peers_on_any_job()) - state.out - banned
                 if pending:
                     return None
@@ -1228,16 +1243,18 @@ class JobRunner:
             progress = self.records.read(progress_key(self.job.job_id, r), ProgressRecord)
             state = self._state_of(progress)
             records = [p.body for p in progress if p.body.phase in ("trained", "merged") and p.author in roster]
+            handovers = self._handovers(r, records, roster)
             # a straggler cut itself and handed us some of its steps: train them before anything else
-            for cut in sorted(records, key=lambda c: c.peer_id):
-                share = schedule.handover(cut.steps_handed, cut.handed_to).get(self.me)
-                if share and cut.peer_id not in self.trained_fields["took_from"]:
-                    take_over(cut.peer_id, share)
+            for straggler, slices in sorted(handovers.items()):
+                if self.me in slices and straggler not in self.trained_fields["took_from"] \
+                        and (r, straggler) not in self.declined_handovers:
+                    take_over(straggler, slices[self.me])
                     return None
             # a staged round's plan is drawn from who trained: every peer must wait for the same
             # ones, so a member only counts as dead once its heartbeat has been gone a while
             alive = roster - self._dead_members(set(roster)) if staged else self.peer.alive_peers()
-            if not schedule.handovers_done(records, alive):
+            took = {p.peer_id: p.took_from for p in records}
+            if not schedule.handovers_done(handovers, took, waiting=set(alive) - state.left - set(state.merged)):
                 return None
             if schedule.barrier_ready(roster, state.trained, alive, state.left):
                 return state
@@ -1266,18 +1283,36 @@ class JobRunner:
         update = model_to_bytes(model)
         return self._keep(update, r) if verifying else hashlib.sha256(update).hexdigest()
 
-    def _train_handover(self, r: int, model, optimizer, straggler: str, taker: str, share: int, *,
+    def _train_handover(self, r: int, model, optimizer, straggler: str, taker: str, steps: tuple[int, int], *,
                         carried: list[str], roster: list[str], speeds: dict[str, float],
                         device: torch.device) -> tuple[float, int]:
-        """``share`` steps on a cut straggler's shards (its part of the deal), in the order of the
-        take-over's own generator: what a taker trains, and what its verifier re-runs."""
+        """A cut straggler's ``steps`` (first, count) on its shards (its part of the deal): the
+        batches of its own order it did not reach (``resumed_batches``), with dropout drawn from
+        the take-over's own generator. What a taker trains, and what its verifier re-runs."""
         t = self.spec.training
         shards, _ = schedule.round_work(straggler, self.train_ids, carried, roster, seed=t.seed, round_no=r,
                                         rounds=t.rounds, local_steps=t.local_steps, speeds=speeds)
-        return train_local(model, optimizer, Batches.from_arrays(self._shard_arrays(shards), device), steps=share,
-                           batch_size=t.batch_size, generator=handover_generator(t.seed, r, straggler, taker),
-                           loss=self.loss, should_stop=self.peer.stopping.is_set,
-                           proximal_mu=self.spec.aggregation.proximal_mu)
+        data = Batches.from_arrays(self._shard_arrays(shards), device)
+        first, count = steps
+        batches = resumed_batches(round_generator(t.seed, r, shards), len(data), t.batch_size, first, count)
+        return train_local(model, optimizer, data, steps=count, batch_size=t.batch_size, batches=batches,
+                           generator=handover_generator(t.seed, r, straggler, taker), loss=self.loss,
+                           should_stop=self.peer.stopping.is_set, proximal_mu=self.spec.aggregation.proximal_mu)
+
+    def _handovers(self, r: int, records: list[ProgressRecord], roster: frozenset[str]
+                   ) -> dict[str, dict[str, tuple[int, int]]]:
+        """straggler -> taker -> (first step, steps) of each cut in ``records`` that adds up to the
+        straggler's deal (``schedule.cut_handover``) on the same roster as ours: every member
+        reads the same cuts alike, and a forged one hands over nothing."""
+        t, handovers = self.spec.training, {}
+        for cut in records:
+            if cut.steps_done is None or sorted(cut.roster) != sorted(roster):
+                continue
+            _, steps = schedule.round_work(cut.peer_id, self.train_ids, cut.carried, cut.roster, seed=t.seed,
+                                           round_no=r, rounds=t.rounds, local_steps=t.local_steps, speeds=cut.speeds)
+            if slices := schedule.cut_handover(cut, steps):
+                handovers[cut.peer_id] = slices
+        return handovers
 
     def _wait_for_merged_records(self, r: int, group: list[str]) -> list[ProgressRecord]:
         """The group's merged records of round ``r``: all of them, or those of the members alive."""

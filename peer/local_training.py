@@ -6,9 +6,10 @@ Kept apart from the runtime so it can be read top to bottom and tested on its ow
 from __future__ import annotations
 
 import hashlib
+import itertools
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -43,10 +44,28 @@ def round_generator(seed: int, round_no: int, shard_ids: list[str]) -> torch.Gen
 
 
 def handover_generator(seed: int, round_no: int, straggler: str, taker: str) -> torch.Generator:
-    """The batch order of the steps ``taker`` took over from ``straggler`` (schedule.handover):
+    """The dropout draws of the steps ``taker`` took over from ``straggler`` (schedule.handover):
     its own, so a verifier re-runs the take-over as it re-runs the taker's own steps."""
     digest = hashlib.sha256(f"{seed}|{round_no}|handover|{straggler}|{taker}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def batch_order(rows: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """The row indices of each step's batch: passes over the rows without replacement, each pass
+    in a fresh order drawn from ``generator`` (a short last batch starts the next pass)."""
+    while True:
+        order = torch.randperm(rows, generator=generator)
+        for cursor in range(0, rows - batch_size + 1 if rows >= batch_size else 1, batch_size):
+            yield order[cursor : cursor + batch_size]
+
+
+def resumed_batches(generator: torch.Generator, rows: int, batch_size: int, start: int,
+                    count: int) -> list[torch.Tensor]:
+    """Steps ``start`` to ``start + count`` of the batch order a round's ``train_local`` drew from
+    ``generator`` (a fresh ``round_generator``): the batches a straggler cut at ``start`` did not
+    reach, for the peer that takes them over."""
+    torch.randint(0, 2**62, (1,), generator=generator)  # train_local's first draw: the dropout seed
+    return list(itertools.islice(batch_order(rows, batch_size, generator), start, start + count))
 
 
 def loss_fn(task: str, target_mean: float | None, target_std: float | None):
@@ -68,6 +87,7 @@ def train_local(
     loss,
     should_stop: Callable[[], bool] = lambda: False,
     should_cut: Callable[[int], bool] = lambda steps_done: False,
+    batches: Sequence[torch.Tensor] | None = None,
     dp: tuple[float, float, torch.Generator] | None = None,
     proximal_mu: float = 0.0,
 ) -> tuple[float, int]:
@@ -78,7 +98,8 @@ def train_local(
     a round that may take minutes. ``should_cut(steps_done)``, asked too, ends the round's training
     early but keeps it: the straggler deadline has passed and the steps not done are handed to
     peers that finished (``schedule.handover``). The first ``k`` steps of a cut run are exactly
-    those of the full run, so a verifier re-runs a cut claim with ``steps=k``.
+    those of the full run, so a verifier re-runs a cut claim with ``steps=k``. ``batches``: the
+    steps' batches are these (``resumed_batches``: a take-over), not drawn from ``generator``.
 
     ``dp``: (noise multiplier, per-sample clipping norm, noise generator) makes this DP-SGD with
     Opacus: every example's gradient is clipped, the batch's sum gets Gaussian noise
@@ -92,6 +113,8 @@ def train_local(
     model.train()
     if len(data) == 0:
         return 0.0, 0
+    # lazy: its first pass is drawn at the first step, after the dropout seed below
+    order = batch_order(len(data), batch_size, generator) if batches is None else iter(batches)
     if dp is not None:
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
@@ -103,7 +126,7 @@ def train_local(
         try:
             with warnings.catch_warnings():  # Opacus's hooks on a first layer whose input needs no grad
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                return _steps(wrapped, private, data, steps, batch_size, generator, loss, should_stop, should_cut,
+                return _steps(wrapped, private, data, steps, order, loss, should_stop, should_cut,
                               _Proximal(model, proximal_mu, after_noise=True) if proximal_mu else None)
         finally:
             wrapped._close()  # hooks off, per-sample gradients dropped: the model is plain again
@@ -112,7 +135,7 @@ def train_local(
     devices = [data.features.device] if data.features.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-        return _steps(model, optimizer, data, steps, batch_size, generator, loss, should_stop, should_cut,
+        return _steps(model, optimizer, data, steps, order, loss, should_stop, should_cut,
                       _Proximal(model, proximal_mu) if proximal_mu else None)
 
 
@@ -134,19 +157,15 @@ class _Proximal:
                 p.grad.add_(p - a, alpha=self.mu)
 
 
-def _steps(model, optimizer, data, steps, batch_size, generator, loss, should_stop, should_cut,
+def _steps(model, optimizer, data, steps, batches, loss, should_stop, should_cut,
            proximal: _Proximal | None = None) -> tuple[float, int]:
-    order = torch.randperm(len(data), generator=generator)
-    cursor, total_loss, samples = 0, 0.0, 0
-    for step in range(steps):
+    total_loss, samples = 0.0, 0
+    for step, index in zip(range(steps), batches):
         if should_stop():
             raise TrainingStopped(f"stopped after {samples} samples")
         if should_cut(step):
             break
-        if cursor + batch_size > len(order):  # start a new pass over this peer's rows
-            order, cursor = torch.randperm(len(data), generator=generator), 0
-        index = order[cursor : cursor + batch_size].to(data.features.device)
-        cursor += batch_size
+        index = index.to(data.features.device)
         optimizer.zero_grad(set_to_none=True)
         batch_loss = loss(model(data.features[index]), data.targets[index])
         if proximal is not None and not proximal.after_noise:

@@ -358,23 +358,28 @@ def roster_known(joined: frozenset[str], previous_group: Iterable[str], me: str,
     return joined == group
 
 
-FIRST_ROUND_WAIT_S = 10.0  # a job's first round waits at most this long for live peers still picking it up
+JOIN_WAIT_S = 10.0  # a round waits at most this long for live peers still on their way into it
 
 
-def first_round_waits_for(
-    previous_group: Iterable[str], me: str, joined: frozenset[str], *, alive: Iterable[str],
-    on_this_job: Iterable[str], on_any_job: Iterable[str],
+def join_waits_for(
+    previous_group: Iterable[str], previous_roster: Iterable[str], me: str, joined: frozenset[str], *,
+    alive: Iterable[str], on_this_job: Iterable[str], on_any_job: Iterable[str],
 ) -> frozenset[str]:
-    """The live peers a job's first round still waits for (up to ``FIRST_ROUND_WAIT_S``): those
-    whose heartbeat says they are on this job but have not joined (loading its model and data),
-    and those on no job at all (idle peers pick a new job within a poll or two). Later rounds wait
-    for none of them: a newcomer there is dealt in the round after it joins.
+    """The live peers a round still waits for (up to ``JOIN_WAIT_S``) before it is dealt.
 
-    Without this, on a busy box, a consumer submitting to three idle peers could see round 1 start
-    with the two that found the job first, ``ROSTER_SETTLE`` after they joined.
+    A job's first round: those whose heartbeat says they are on this job but have not joined
+    (loading its model and data), and those on no job at all (idle peers pick a new job within a
+    poll or two). Without this, on a busy box, a consumer submitting to three idle peers could
+    see round 1 start with the two that found the job first, ``ROSTER_SETTLE`` after they joined.
+
+    A later round: the peers dealt into the last round (``previous_roster``) that are still on
+    this job but not in its group: a straggler the last round merged without is catching up and
+    joins within seconds. Dealing without it while it joins is how two members end up with two
+    rosters (and train some shards twice). A newcomer is not waited for: it is dealt in the round
+    after it joins.
     """
     if set(previous_group) - {me}:
-        return frozenset()
+        return frozenset((set(previous_roster) & set(on_this_job)) - set(previous_group) - joined - {me})
     idle = set(alive) - set(on_any_job)
     return frozenset((set(on_this_job) | idle) - joined - {me})
 
@@ -417,25 +422,40 @@ def straggler_deadline(roster: Iterable[str], finished: Mapping[str, tuple[float
 CUT_GRACE_S = 10.0  # past the deadline, how long the others wait for a straggler's cut record
 
 
-def handover(steps_left: int, takers: Sequence[str]) -> dict[str, int]:
-    """A straggler cut at the deadline hands the steps it did not reach to the peers that finished
-    (work stealing): split evenly over ``takers`` in sorted order, the remainder to the first;
-    a taker given no step is left out."""
+def handover(steps_done: int, steps_left: int, takers: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """A straggler cut at the deadline after ``steps_done`` steps hands the ``steps_left`` it did
+    not reach to the peers that finished (work stealing): ``{taker: (first step, steps)}``, its
+    steps split evenly over ``takers`` in sorted order (the remainder to the first), each a run of
+    the straggler's own batch order, so together they train exactly the batches it did not. A
+    taker given no step is left out."""
     takers = sorted(set(takers))
     if steps_left <= 0 or not takers:
         return {}
-    counts = _apportion(steps_left, [1.0] * len(takers))
-    return {t: c for t, c in zip(takers, counts) if c}
+    slices, start = {}, steps_done
+    for taker, count in zip(takers, _apportion(steps_left, [1.0] * len(takers))):
+        if count:
+            slices[taker], start = (start, count), start + count
+    return slices
 
 
-def handovers_done(records: Iterable, alive: Iterable[str]) -> bool:
-    """Has every live taker named in a straggler's cut taken over its steps? ``records``: the
-    round's trained (or merged) records; a cut names ``handed_to`` and ``steps_handed``, a taker
-    that trained its share says so in ``took_from``. A dead taker's share is lost, not waited for."""
-    records = list(records)
-    alive, took = set(alive), {r.peer_id: r.took_from for r in records}
-    return all(r.peer_id in took.get(taker, {}) or taker not in alive
-               for r in records for taker in handover(r.steps_handed, r.handed_to))
+def cut_handover(cut, deal_steps: int) -> dict[str, tuple[int, int]]:
+    """What a straggler's record hands over (:func:`handover`), if its cut adds up to its deal:
+    steps done and handed are ``deal_steps`` between them. Anything else hands over nothing: a
+    forged cut (a billion steps, say) is nobody's work."""
+    if cut.steps_done is None or cut.steps_done + cut.steps_handed != deal_steps:
+        return {}
+    return handover(cut.steps_done, cut.steps_handed, cut.handed_to)
+
+
+def handovers_done(handovers: Mapping[str, Mapping[str, tuple[int, int]]], took: Mapping[str, Iterable[str]],
+                   waiting: Iterable[str]) -> bool:
+    """Has every taker we still wait for taken over its share? ``handovers``: straggler -> taker ->
+    slice (:func:`cut_handover`); ``took``: taker -> the stragglers its record says it took over
+    from; ``waiting``: the takers still to wait for (alive, and neither merged nor left: one that
+    died takes its share with it, one that merged without taking over will not)."""
+    waiting = set(waiting)
+    return all(straggler in took.get(taker, ()) or taker not in waiting
+               for straggler, slices in handovers.items() for taker in slices)
 
 
 def barrier_ready(

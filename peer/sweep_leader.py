@@ -40,7 +40,7 @@ from dht.records import (
 from dht.store import RecordStore
 from peer import schedule
 from swarm import sweep
-from swarm.report import round_summary
+from swarm.report import genuine_results, round_summary
 from swarm.spec import JobSpec
 
 logger = logging.getLogger(__name__)
@@ -136,11 +136,12 @@ def round_metric(records: RecordStore, job_id: str, r: int, task: str, metric: s
     return sweep.metric_of(round_summary(r, progress, task), metric)
 
 
-def trial_outcome(records: RecordStore, trial_job: str, spec: JobSpec,
-                  known: dict[int, float] | None = None) -> tuple[str, float | None, dict[int, float]]:
+def trial_outcome(records: RecordStore, trial_job: str, spec: JobSpec, known: dict[int, float] | None = None,
+                  pruned: bool = False) -> tuple[str, float | None, dict[int, float]]:
     """(state, value, metric by round) of a trial, from its job's signed round and result records:
     running until a result; then its value is the metric of the round the result's peers agree it
-    ended with (pruned: they stopped it at the leader's word; failed: that round has no value)."""
+    ended with (pruned: they stopped it at the leader's word, which ``pruned`` says the sweep's
+    records hold; failed: that round has no value)."""
     metric, task, known = spec.search.metric, spec.task, dict(known or {})
     r = max(known, default=0) + 1
     while r <= spec.training.rounds + schedule.MAKEUP_ROUNDS:
@@ -150,6 +151,12 @@ def trial_outcome(records: RecordStore, trial_job: str, spec: JobSpec,
         known[r] = value
         r += 1
     results = [s.body for s in records.read(result_key(trial_job), ResultRecord)]
+    job = next((s.body for s in records.read(JOBS_KEY, JobRecord) if s.body.job_id == trial_job), None) \
+        if results else None
+    # only results that check out against the round each names (a forged one, a "cancelled" one
+    # the sweep's records did not prune, ends no trial)
+    results = genuine_results(job, results, lambda n: [s.body for s in records.read(
+        progress_key(trial_job, n), ProgressRecord)], cancel_signed=pruned) if job is not None else []
     if not results:
         return "running", None, known
     final = Counter(x.rounds_completed for x in results).most_common(1)[0][0]
@@ -257,7 +264,8 @@ class SweepLeader:
         if trial.job_id in self._ended:
             state, value, intermediate = self._ended[trial.job_id]
         else:
-            state, value, intermediate = trial_outcome(self.records, trial.job_id, spec, trial.intermediate)
+            state, value, intermediate = trial_outcome(self.records, trial.job_id, spec, trial.intermediate,
+                                                       pruned=trial.state == "pruned")
             if trial.state == "pruned" and state == "running":
                 state = "pruned"  # pruned by us (or the leader before us): its peers stop at their next boundary
             if state == "running":

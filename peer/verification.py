@@ -24,7 +24,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from dht.records import ProgressRecord, VerdictRecord
-from peer.schedule import MAX_SPEED_SKEW, handover, round_work
+from peer.schedule import MAX_SPEED_SKEW, cut_handover, round_work
 
 
 def _rank(*parts: object) -> bytes:
@@ -111,6 +111,11 @@ def claim_problems(records: Sequence[ProgressRecord], train_ids: Sequence[str], 
     carried = Counter(tuple(p.carried) for p in contributions).most_common(1)[0][0] if contributions else ()
     rounds = round_no if rounds is None else rounds
     problems = {}
+
+    def deal_steps(peer: str) -> int | None:  # its steps in the agreed deal (None: there is none)
+        return round_work(peer, train_ids, carried, roster, seed=seed, round_no=round_no, rounds=rounds,
+                          local_steps=local_steps, speeds=speeds)[1] if roster else None
+
     for p in contributions:
         # the deal every member computes (round_work: the peers' own rule)
         dealt, steps = round_work(p.peer_id, train_ids, carried, roster, seed=seed, round_no=round_no,
@@ -120,28 +125,37 @@ def claim_problems(records: Sequence[ProgressRecord], train_ids: Sequence[str], 
         elif not roster:  # no agreed deal: a speed deal gives one peer at most the whole swarm's steps,
             # a make-up round's peer at most a round's
             steps = local_steps * max(1, len(p.roster)) if p.speeds and round_no <= rounds else local_steps
-        taken, cut = 0, p.steps_done is not None
-        for straggler, share in sorted(p.took_from.items()):
-            given = handover(by_peer[straggler].steps_handed, by_peer[straggler].handed_to).get(p.peer_id, 0) \
-                if straggler in by_peer else 0
-            if share != given:
-                problems[p.peer_id] = (f"claims to have taken over {share} of {straggler[:12]}'s steps, "
-                                       f"its cut gave it {given}")
-            taken += given
-        if p.peer_id in problems:
+        if why := _handover_problems(p, by_peer, steps if roster else None, deal_steps):
+            problems[p.peer_id] = why
             continue
+        cut = p.steps_done is not None
+        taken = sum(count for _, count in p.took_from.values())
+        taken = taken if roster else min(taken, steps)  # no agreed deal: no more than a round's again
         max_samples = ((min(p.steps_done, steps) if cut else steps) + taken) * batch_size
-        if cut and roster and p.steps_done + p.steps_handed != steps:
-            problems[p.peer_id] = (f"claims it was cut after {p.steps_done} steps and handed {p.steps_handed}, "
-                                   f"its deal was {steps} steps")
-        elif cut and p.steps_handed and not handover(p.steps_handed, p.handed_to):
-            problems[p.peer_id] = f"claims to have handed {p.steps_handed} steps to nobody"
-        elif p.samples > max_samples:
+        if p.samples > max_samples:
             problems[p.peer_id] = f"claims {p.samples} samples, a round holds at most {max_samples}"
         elif roster and sorted(p.shards) != sorted(dealt):
             problems[p.peer_id] = (f"claims {len(p.shards)} shards, {len(set(p.shards) - set(dealt))} of them "
                                    f"not dealt to it")
     return problems
+
+
+def _handover_problems(p: ProgressRecord, by_peer: Mapping[str, ProgressRecord], steps: int | None,
+                       deal_steps_of) -> str | None:
+    """Why ``p``'s cut or take-overs are false on their face (None: they are not, or can not be
+    told without an agreed deal). ``steps``: its own deal's; ``deal_steps_of(peer)``: another's."""
+    if p.steps_done is not None and steps is not None and p.steps_done + p.steps_handed != steps:
+        return f"claims it was cut after {p.steps_done} steps and handed {p.steps_handed}, its deal was {steps} steps"
+    for straggler, (first, count) in p.took_from.items():
+        cut, deal = by_peer.get(straggler), deal_steps_of(straggler)
+        if cut is not None and deal is not None:  # what that straggler's cut handed to this taker
+            given = cut_handover(cut, deal).get(p.peer_id)
+            if (first, count) != given:
+                return (f"claims to have taken over steps {first}-{first + count - 1} of {straggler[:12]}'s, "
+                        f"its cut gave it {'none' if given is None else f'{given[0]}-{sum(given) - 1}'}")
+        elif deal is not None and first + count > deal:  # (the straggler's record is gone: its deal bounds it)
+            return f"claims to have taken over steps {first}-{first + count - 1} of {straggler[:12]}'s {deal}"
+    return None
 
 
 def round_rejections(records: Sequence[ProgressRecord], verdicts: Iterable[tuple[str, VerdictRecord]], *,

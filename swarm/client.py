@@ -692,7 +692,7 @@ class Client:
                     spec.trial(trial.params).to_dict() != trial_job.spec or trial_job.dataset_id != sweep_job.dataset_id:
                 raise ResultUnverified(f"sweep {job_id}: trial {number}'s job {trial.job_id} is not the sweep's job "
                                        f"with its parameters")
-            state, value, curve = trial_outcome(self.records, trial.job_id, spec)
+            state, value, curve = trial_outcome(self.records, trial.job_id, spec, pruned=trial.state == "pruned")
             if state == "running" and trial.state in ("pruned", "failed"):
                 state = trial.state  # stopped by the leader before its peers published a result
             trials[number] = TrialView(number=number, job_id=trial.job_id, params=trial.params, state=state,

@@ -10,7 +10,7 @@ from collections import Counter
 from typing import Callable, Iterable
 
 from dht.records import JobRecord, ProgressRecord, ResultRecord
-from peer.provenance import result_problem
+from peer.provenance import agreed_model, result_problem
 from peer.schedule import handover, majority_model
 
 
@@ -62,9 +62,11 @@ def round_summary(round_no: int, progress: list[ProgressRecord], task: str) -> d
         "finished_at": max((p.time for p in progress if p.phase == "merged"), default=None),
         # work stealing: a straggler cut at the deadline (its steps done, and handed to whom),
         # and the steps each taker trained on its shards
-        **({"cut": cut} if (cut := {p.peer_id: {"steps_done": p.steps_done, "handed": handover(p.steps_handed, p.handed_to)}
-                                    for p in worked if p.steps_done is not None}) else {}),
-        **({"taken_over": taken} if (taken := {p.peer_id: dict(p.took_from) for p in worked if p.took_from}) else {}),
+        **({"cut": cut} if (cut := {p.peer_id: {"steps_done": p.steps_done, "handed": {
+            taker: count for taker, (_, count) in handover(p.steps_done, p.steps_handed, p.handed_to).items()}}
+            for p in worked if p.steps_done is not None}) else {}),
+        **({"taken_over": taken} if (taken := {p.peer_id: {s: count for s, (_, count) in p.took_from.items()}
+                                               for p in worked if p.took_from}) else {}),
         # federated DP: the privacy each owner had spent by the end of this round
         **({"epsilon_by_peer": eps} if (eps := {p.peer_id: p.epsilon_spent for p in worked
                                                 if p.epsilon_spent is not None}) else {}),
@@ -145,8 +147,10 @@ def genuine_results(job: JobRecord, results: Iterable[ResultRecord],
     training, genuine = job.spec["training"], []
     for result in sorted(results, key=lambda r: r.peer_id):
         final_round = progress_of(result.rounds_completed)
+        model_id = agreed_model(final_round)  # the metric the group stopped on: its merged records only
+        group = [p for p in final_round if p.phase == "merged" and p.model_id == model_id]
         stop_met = stop_condition_met(training.get("stop_when"),
-                                      round_summary(result.rounds_completed, final_round, job.spec["task"]))
+                                      round_summary(result.rounds_completed, group, job.spec["task"]))
         if result_problem(result, final_round, rounds=training["rounds"], stop_met=stop_met,
                           cancel_signed=cancel_signed) is None:
             genuine.append(result)

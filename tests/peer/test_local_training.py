@@ -55,13 +55,30 @@ def test_a_run_cut_after_k_steps_is_exactly_the_first_k_steps_of_the_full_run():
     assert not all(torch.equal(p, q) for p, q in zip(cut.parameters(), full.parameters()))
 
 
-def test_a_take_overs_batch_order_is_its_own_and_replays():
-    from peer.local_training import handover_generator
+def test_a_take_over_trains_exactly_the_batches_the_straggler_did_not_reach():
+    """Rows numbered by their target: the rows each step's loss sees are the batch order. A
+    straggler cut after 4 of 10 steps, and two takers resuming its order at steps 4 and 7, train
+    between them exactly the batches of its full run."""
+    from peer.local_training import handover_generator, resumed_batches
 
-    a = torch.randperm(50, generator=handover_generator(0, 2, "straggler", "taker"))
-    assert torch.equal(a, torch.randperm(50, generator=handover_generator(0, 2, "straggler", "taker")))
-    assert not torch.equal(a, torch.randperm(50, generator=handover_generator(0, 2, "straggler", "other")))
-    assert not torch.equal(a, torch.randperm(50, generator=round_generator(0, 2, ["straggler"])))
+    rows = 40
+    data = Batches(torch.randn(rows, 5), torch.arange(rows))
+
+    def rows_seen(steps, generator, **kw):
+        seen = []
+        model = _model()
+        opt = make_optimizer("sgd", model.parameters(), lr=0.01, weight_decay=0.0, momentum=0.0)
+        train_local(model, opt, data, steps=steps, batch_size=16, generator=generator,
+                    loss=lambda out, y: seen.append(y.tolist()) or out.sum() * 0.0, **kw)
+        return seen
+
+    full = rows_seen(10, round_generator(3, 2, ["s1"]))
+    assert len(full) == 10 and all(len(b) == 16 for b in full)  # passes of two batches (8 rows left over)
+    cut = rows_seen(10, round_generator(3, 2, ["s1"]), should_cut=lambda steps_done: steps_done == 4)
+    taken = [rows_seen(n, handover_generator(3, 2, "s1", taker),
+                       batches=resumed_batches(round_generator(3, 2, ["s1"]), rows, 16, start, n))
+             for taker, start, n in (("ta", 4, 3), ("tb", 7, 3))]
+    assert cut + taken[0] + taken[1] == full
 
 
 def test_more_steps_than_rows_make_several_passes():

@@ -172,35 +172,35 @@ def test_claims_of_shards_dealt_to_another_or_of_impossible_samples_are_false_on
 
 
 def test_a_cut_and_its_take_overs_must_add_up_to_the_deal_and_the_handover():
-    """pc was cut after 4 of its 10 steps and handed 6 to pa and pb (3 each), who trained them on
-    top of their own 10 steps: honest, each claim passes. A taker claiming more than its share, a
-    share of a cut that never happened, or a cut whose steps do not add up, is false on its face."""
+    """pc was cut after 4 of its 10 steps and handed 6 to pa (steps 4-6) and pb (7-9), who trained
+    them on top of their own 10 steps: honest, each claim passes. A taker claiming other steps
+    than its share, a share of a cut that never happened, or a cut whose steps do not add up, is
+    false on its face."""
+    def check(claims):
+        return claim_problems(claims, SHARDS, seed=0, round_no=3, local_steps=10, batch_size=64)
+
     handed = {"steps_done": 4, "steps_handed": 6, "handed_to": ["pa", "pb"], "samples": 4 * 64}
-    honest = _claims(pc=handed, pa={"took_from": {"pc": 3}, "samples": 13 * 64},
-                     pb={"took_from": {"pc": 3}, "samples": 13 * 64})
-    assert claim_problems(honest, SHARDS, seed=0, round_no=3, local_steps=10, batch_size=64) == {}
-    greedy = _claims(pc=handed, pa={"took_from": {"pc": 6}, "samples": 16 * 64},
-                     pb={"took_from": {"pc": 3}, "samples": 13 * 64})
-    assert claim_problems(greedy, SHARDS, seed=0, round_no=3, local_steps=10, batch_size=64) == {
-        "pa": "claims to have taken over 6 of pc's steps, its cut gave it 3"}
-    invented = _claims(pa={"took_from": {"pc": 3}, "samples": 13 * 64})  # pc was never cut
-    assert set(claim_problems(invented, SHARDS, seed=0, round_no=3, local_steps=10, batch_size=64)) == {"pa"}
-    # a take-over's samples count only for the share the cut gave
-    padded = _claims(pc=handed, pa={"took_from": {"pc": 3}, "samples": 16 * 64},
-                     pb={"took_from": {"pc": 3}, "samples": 13 * 64})
-    assert "at most 832" in claim_problems(padded, SHARDS, seed=0, round_no=3, local_steps=10, batch_size=64)["pa"]
+    pa, pb = {"took_from": {"pc": (4, 3)}, "samples": 13 * 64}, {"took_from": {"pc": (7, 3)}, "samples": 13 * 64}
+    assert check(_claims(pc=handed, pa=pa, pb=pb)) == {}
+    greedy = {"took_from": {"pc": (4, 6)}, "samples": 16 * 64}
+    assert check(_claims(pc=handed, pa=greedy, pb=pb)) == {
+        "pa": "claims to have taken over steps 4-9 of pc's, its cut gave it 4-6"}
+    assert "its cut gave it none" in check(_claims(pa=pa))["pa"]  # pc was never cut
+    # a take-over's samples count only for the steps the cut gave
+    assert "at most 832" in check(_claims(pc=handed, pa={**pa, "samples": 16 * 64}, pb=pb))["pa"]
     # a cut claims the samples of the steps it did, and hands away the rest of its deal, no more
-    uneven = _claims(pc={**handed, "steps_handed": 8, "handed_to": ["pa", "pb"]},
-                     pa={"took_from": {"pc": 4}, "samples": 14 * 64}, pb={"took_from": {"pc": 4}, "samples": 14 * 64})
-    assert "its deal was 10 steps" in claim_problems(uneven, SHARDS, seed=0, round_no=3, local_steps=10,
-                                                     batch_size=64)["pc"]
-    overclaim = _claims(pc={**handed, "samples": 10 * 64}, pa={"took_from": {"pc": 3}, "samples": 13 * 64},
-                        pb={"took_from": {"pc": 3}, "samples": 13 * 64})
-    assert "at most 256" in claim_problems(overclaim, SHARDS, seed=0, round_no=3, local_steps=10, batch_size=64)["pc"]
+    uneven = {**handed, "steps_handed": 8}
+    assert "its deal was 10 steps" in check(_claims(pc=uneven, pa=pa, pb=pb))["pc"]
+    assert "at most 256" in check(_claims(pc={**handed, "samples": 10 * 64}, pa=pa, pb=pb))["pc"]
     # cut before its first step: no samples, no contribution, but its handover still counts
-    nothing_done = _claims(pc={**handed, "steps_done": 0, "steps_handed": 10, "samples": 0},
-                           pa={"took_from": {"pc": 5}, "samples": 15 * 64}, pb={"took_from": {"pc": 5}, "samples": 15 * 64})
-    assert claim_problems(nothing_done, SHARDS, seed=0, round_no=3, local_steps=10, batch_size=64) == {}
+    nothing_done = {**handed, "steps_done": 0, "steps_handed": 10, "samples": 0}
+    assert check(_claims(pc=nothing_done, pa={"took_from": {"pc": (0, 5)}, "samples": 15 * 64},
+                         pb={"took_from": {"pc": (5, 5)}, "samples": 15 * 64})) == {}
+    # the straggler's record is gone (it died after its cut): its deal bounds what a taker claims
+    gone = [c for c in _claims(pa=pa, pb=pb) if c.peer_id != "pc"]
+    assert check(gone) == {}
+    assert "of pc's 10" in check([gone[0].model_copy(update={"took_from": {"pc": (4, 9)}, "samples": 19 * 64}),
+                                  gone[1]])["pa"]
 
 
 def test_round_rejections_joins_false_claims_and_the_verifiers_majority():

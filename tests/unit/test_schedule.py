@@ -131,7 +131,9 @@ def test_the_roster_is_known_when_last_rounds_group_is_back_whole_and_alone():
 
 
 def test_a_first_round_waits_for_peers_loading_the_job_and_for_idle_ones_not_for_busy_ones():
-    waits = schedule.first_round_waits_for
+    def waits(group, me, joined, **kw):
+        return schedule.join_waits_for(group, "", me, joined, **kw)
+
     # c is on this job (loading it), d is idle, e works on another job: a and b wait for c and d
     assert waits("", "a", frozenset("ab"), alive="abcde", on_this_job="abc", on_any_job="abce") == frozenset("cd")
     assert waits("", "a", frozenset("abcd"), alive="abcde", on_this_job="abcd", on_any_job="abcde") == frozenset()
@@ -140,6 +142,15 @@ def test_a_first_round_waits_for_peers_loading_the_job_and_for_idle_ones_not_for
     # a peer whose heartbeat is gone is not waited for: only live ones are idle
     assert waits("", "a", frozenset("ab"), alive="ab", on_this_job="ab", on_any_job="ab") == frozenset()
     assert waits("", "a", frozenset("a"), alive="a", on_this_job="a", on_any_job="") == frozenset()  # we are not idle
+
+
+def test_a_later_round_waits_for_the_straggler_the_last_round_left_behind_not_for_newcomers():
+    waits = schedule.join_waits_for
+    # round r-1 was dealt among a, b, c and merged without c (a straggler): c is still on the job
+    assert waits("ab", "abc", "a", frozenset("ab"), alive="abcd", on_this_job="abcd", on_any_job="abcd") == {"c"}
+    assert waits("ab", "abc", "a", frozenset("abc"), alive="abcd", on_this_job="abcd", on_any_job="abcd") == set()
+    # gone from the job (or dead: its heartbeat says nothing): not waited for
+    assert waits("ab", "abc", "a", frozenset("ab"), alive="abd", on_this_job="abd", on_any_job="abd") == set()
 
 
 def test_barrier_waits_for_live_roster_peers_only():
@@ -286,26 +297,37 @@ def test_the_straggler_deadline_runs_from_the_first_majority_and_does_not_move()
 def test_a_cut_stragglers_steps_are_split_evenly_over_the_peers_that_finished():
     from peer.schedule import handover
 
-    assert handover(10, ["c", "a"]) == {"a": 5, "c": 5}
-    assert handover(7, ["b", "a", "c"]) == {"a": 3, "b": 2, "c": 2}  # the remainder to the first
-    assert handover(1, ["b", "a"]) == {"a": 1}  # a taker given nothing is not one
-    assert handover(0, ["a"]) == {} and handover(5, []) == {}
+    # cut after 4 steps: steps 4-13 go to a (4-8) and c (9-13), runs of the straggler's own order
+    assert handover(4, 10, ["c", "a"]) == {"a": (4, 5), "c": (9, 5)}
+    assert handover(0, 7, ["b", "a", "c"]) == {"a": (0, 3), "b": (3, 2), "c": (5, 2)}  # the remainder to the first
+    assert handover(9, 1, ["b", "a"]) == {"a": (9, 1)}  # a taker given nothing is not one
+    assert handover(3, 0, ["a"]) == {} and handover(3, 5, []) == {}
 
 
-def test_a_round_waits_until_every_live_taker_has_taken_over_its_share():
+def test_a_cut_that_does_not_add_up_to_its_deal_hands_over_nothing():
     from dht.records import ProgressRecord
+    from peer.schedule import cut_handover
+
+    def cut(done, handed):
+        return ProgressRecord(peer_id="s", job_id="0" * 24, round=2, phase="trained", steps_done=done,
+                              steps_handed=handed, handed_to=["a", "b"])
+
+    assert cut_handover(cut(4, 6), deal_steps=10) == {"a": (4, 3), "b": (7, 3)}
+    assert cut_handover(cut(4, 10**9), deal_steps=10) == {}  # a forged cut: a billion steps for the others
+    assert cut_handover(cut(4, 6).model_copy(update={"steps_done": None}), deal_steps=10) == {}
+
+
+def test_a_round_waits_until_every_taker_it_still_waits_for_has_taken_over_its_share():
     from peer.schedule import handovers_done
 
-    def rec(peer, **fields):
-        return ProgressRecord(peer_id=peer, job_id="0" * 24, round=2, phase="trained", **fields)
-
-    cut = rec("s", steps_done=4, steps_handed=6, handed_to=["a", "b"])
-    assert handovers_done([rec("a"), rec("b")], alive={"a", "b", "s"})  # no cut, nothing to wait for
-    assert not handovers_done([cut, rec("a"), rec("b")], alive={"a", "b", "s"})
-    half = [cut, rec("a", took_from={"s": 3}), rec("b")]
-    assert not handovers_done(half, alive={"a", "b", "s"})
-    assert handovers_done(half, alive={"a", "s"})  # b died: its share is lost, not waited for
-    assert handovers_done([cut, rec("a", took_from={"s": 3}), rec("b", took_from={"s": 3})], alive={"a", "b", "s"})
+    handovers = {"s": {"a": (4, 3), "b": (7, 3)}}
+    assert handovers_done({}, {}, waiting={"a", "b"})  # no cut, nothing to wait for
+    assert not handovers_done(handovers, {"a": {}, "b": {}}, waiting={"a", "b"})
+    half = {"a": {"s": (4, 3)}, "b": {}}
+    assert not handovers_done(handovers, half, waiting={"a", "b"})
+    # b died, left, or merged without taking over (it read the cut too late): not waited for
+    assert handovers_done(handovers, half, waiting={"a"})
+    assert handovers_done(handovers, {"a": {"s": (4, 3)}, "b": {"s": (7, 3)}}, waiting={"a", "b"})
 
 
 def test_a_member_is_confirmed_dead_only_after_its_heartbeat_is_gone_for_the_hold():
