@@ -659,6 +659,8 @@ class JobRunner:
                 self._sign_before_leaving(r, group, model_id, prev_round)
             except Exception as e:  # leaving must not fail: the others settle the round without us
                 logger.warning(f"job {self.job.job_id}: could not sign round {r} before leaving: {e}")
+            if r < t.rounds:  # we are not coming to the next round: it must not wait for our heartbeat to lapse
+                self._publish_progress(r + 1, "left", out_of_round=True)
             raise JobStopped(f"job {self.job.job_id}: stopped after round {r}")
         if self.spec.aggregation.credit == "leave_one_out" and len(group) > 1 and self.me in group:
             self._score_members(r, group, model, base_params)

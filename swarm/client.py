@@ -494,7 +494,7 @@ class Client:
             rounds.append(round_summary(r, progress, job.spec["task"]))
         cancelled = self.cancelled(job_id, job)
         results = genuine_results(job, [s.body for s in self.records.read(result_key(job_id), ResultRecord)],
-                                  self._progress_of(job_id), self._cancel_genuine(job))  # a forged one: not finished
+                                  self._progress_of(job_id), self._cancel_genuine(job, cancelled))  # forged: ignored
         peers = {s.author: s for s in self.records.read(PEERS_KEY, PeerRecord)}
         status = job_status(job, rounds, results, len(peers), cancelled=cancelled)
         status["rating"] = self.rating(job_id, job)
@@ -856,12 +856,13 @@ class Client:
                      rejected_records=self.records.rejected - rejected_before)
 
     # ---------------------------------------------------------------- helpers
-    def _cancel_genuine(self, job: JobRecord) -> bool:
-        """A "cancelled" result may end the job: its consumer signed a cancel, or (a sweep's trial)
-        the sweep's records say the trial ended (its leader pruned it)."""
+    def _cancel_genuine(self, job: JobRecord, cancelled: bool | None = None) -> bool:
+        """A "cancelled" result may end the job: its consumer signed a cancel (``cancelled``, if
+        already read), or (a sweep's trial) the sweep's records say the trial ended (its leader
+        pruned it)."""
         from peer.sweep_leader import trial_ended
 
-        return self.cancelled(job.job_id, job) or trial_ended(self.records, job)
+        return (self.cancelled(job.job_id, job) if cancelled is None else cancelled) or trial_ended(self.records, job)
 
     def _progress_of(self, job_id: str) -> Callable[[int], list[ProgressRecord]]:
         return lambda r: [s.body for s in self.records.read(progress_key(job_id, r), ProgressRecord)]
