@@ -41,10 +41,11 @@ def expected_labels(model_file: Path, spec_model: dict, digits_csv: Path) -> tup
     return [str(v) for v in labels], truth
 
 
-def inference_file(tmp_path: Path, digits_csv: Path, model: dict, classes: int | None = None, **extra) -> str:
+def inference_file(tmp_path: Path, digits_csv: Path, model: dict, classes: int | None = None, shard_rows: int = 128,
+                   **extra) -> str:
     """A digits inference job: ``model`` names a training job or a weights file (then ``classes``)."""
     job = {"name": "digits-predict", "type": "inference", "model": model,
-           "data": {"path": str(digits_csv), "format": "csv", "label_column": "label", "shard_rows": 128,
+           "data": {"path": str(digits_csv), "format": "csv", "label_column": "label", "shard_rows": shard_rows,
                     **({"classes": classes} if classes else {})},
            "swarm": {"min_peers": 1, "max_peers": 8}, **extra}
     path = tmp_path / "predict.yaml"
@@ -120,7 +121,9 @@ def test_a_peer_that_forges_predictions_is_caught_and_its_shards_are_predicted_a
     local_swarm.start_peer(command=[*FAULTY_PEER, "FORGE_PREDICTIONS", "1"])
     local_swarm.start_peer()
     local_swarm.start_peer()
-    job_file = inference_file(tmp_path, digits_csv, {**spec_model, "init_from": str(weights)},
+    # 113 shards of 16 rows: the forger predicts many of them (with 14, two quick peers could take
+    # them all, or its few be taken again by another and never checked: nothing to catch)
+    job_file = inference_file(tmp_path, digits_csv, {**spec_model, "init_from": str(weights)}, shard_rows=16,
                               classes=10, task="classification", swarm={"min_peers": 4, "max_peers": 8})
     job_id = local_swarm.cli("job", "submit", job_file, "--peer", local_swarm.maddrs[0]).stdout.strip()
     local_swarm.wait_for(lambda: local_swarm.status(job_id)["state"] == "finished", timeout=240,
@@ -159,7 +162,9 @@ def test_a_peer_that_dies_holding_a_shard_loses_no_rows(local_swarm, digits_csv,
     local_swarm.start_peer()
     local_swarm.start_peer(command=[*FAULTY_PEER, "KILL_PREDICTING", "2"])  # dies in its second shard
     local_swarm.start_peer()
-    job_file = inference_file(tmp_path, digits_csv, {**spec_model, "init_from": str(weights)},
+    # 113 shards of 16 rows: the faulty peer gets its second before the two others have taken them
+    # all (with 14 of 128 rows, a quick peer could predict 11 of them before it had its second)
+    job_file = inference_file(tmp_path, digits_csv, {**spec_model, "init_from": str(weights)}, shard_rows=16,
                               classes=10, task="classification", swarm={"min_peers": 3, "max_peers": 8})
     from swarm.client import Client
 
